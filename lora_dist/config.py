@@ -1,0 +1,509 @@
+"""The run configuration: typed dataclasses per section, loaded from YAML, dotted overrides, whole validation.
+
+A YAML file mirrors the dataclasses one to one:
+
+    model:        {path, bits, quant_type, double_quant, compute_dtype, gradient_checkpointing, attn_implementation}
+    lora:         LoRAConfig (lora_dist.model)
+    data:         DataConfig (lora_dist.data)
+    train:        TrainConfig
+    distributed:  DistributedConfig
+    wandb:        WandbConfig
+
+`load_config(path, overrides)` reads it with `yaml.safe_load`, applies `section.key=value` overrides
+(values are YAML: `lora.target_modules=[q_proj,v_proj]`, `model.bits=null`), checks every key and type,
+builds the sections and raises one `ConfigError` listing every problem at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_dist.data import DataConfig
+from lora_dist.model import LoRAConfig
+
+# Names of things shipped inside the package, usable where a path is expected.
+BUILTIN_MODEL = "builtin:tiny-llama"
+BUILTIN_DATASET = "builtin:tiny-instructions"
+
+DTYPES = ("fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+NAN_POLICIES = ("skip", "stop")
+ENGINES = ("auto", "deepspeed", "none")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message lists every problem on one line."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        where = f"{source}: " if source else ""
+        count = f"{len(problems)} problems: " if len(problems) > 1 else ""
+        super().__init__(f"{where}{count}{'; '.join(problems)}")
+
+
+@dataclass
+class ModelConfig:
+    """The base model and how it is quantized."""
+
+    path: str = ""
+    """Local folder or hub id of a causal LM; `builtin:tiny-llama` builds the embedded tiny Llama into
+    `<train.output_dir>/tiny-llama` and loads it back from there."""
+    bits: int | None = 4
+    """4 (QLoRA NF4/FP4), 8 (LLM.int8) or null for a dense base."""
+    quant_type: str = "nf4"
+    """"nf4" or "fp4" (4-bit only)."""
+    double_quant: bool = True
+    """Quantize the 4-bit absmax statistics too (QLoRA's double quantization)."""
+    compute_dtype: str = "bf16"
+    """Dtype the quantized matmuls and the dense parts of the model run in: fp32, bf16 or fp16."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: far less memory for about a third more compute."""
+    attn_implementation: str | None = None
+    """"sdpa", "eager", "flash_attention_2", ... (null: transformers' default)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.path:
+            out.append(f"model.path is empty; give a local folder, a hub id or {BUILTIN_MODEL}")
+        if self.bits not in (None, 4, 8):
+            out.append(f"model.bits must be 4, 8 or null, got {self.bits!r}")
+        if self.quant_type not in ("nf4", "fp4"):
+            out.append(f"model.quant_type must be nf4 or fp4, got {self.quant_type!r}")
+        if self.compute_dtype not in DTYPES:
+            out.append(f"model.compute_dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """The optimization: steps, batch, learning rate schedule, evaluation, checkpoints."""
+
+    seed: int = 0
+    """Seeds LoRA init, dropout and the data order."""
+    max_steps: int | None = None
+    """Optimizer steps to run; null: `epochs` passes over the training set."""
+    epochs: float = 1.0
+    """Passes over the training set when `max_steps` is null."""
+    micro_batch_size: int = 1
+    """Sequences per forward pass on each process."""
+    grad_accum: int | None = None
+    """Micro batches accumulated per optimizer step on each process; null: derived from global_batch_size."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all processes (= micro_batch_size * grad_accum * world size)."""
+    lr: float = 2e-4
+    """Peak learning rate (reached after warmup)."""
+    schedule: str = "cosine"
+    """Decay after warmup: cosine, linear or constant."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to `lr`."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decay as a fraction of `lr`."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay on lora_A / lora_B."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping)."""
+    eval_interval: int = 0
+    """Evaluate every this many optimizer steps (0: only at the start and the end)."""
+    eval_batches: int | None = None
+    """Micro batches per evaluation on each process (null: the whole eval split)."""
+    save_interval: int = 0
+    """Write a resumable checkpoint every this many steps (0: only at the end)."""
+    log_interval: int = 1
+    """Console progress every this many steps (W&B gets every step)."""
+    output_dir: str = "runs/lora"
+    """Where the adapter, checkpoints, metrics.jsonl and the W&B run go."""
+    resume: str | None = None
+    """"auto" (the latest checkpoint under output_dir, if any), a checkpoint folder, or null."""
+    nan_policy: str = "skip"
+    """On a non-finite loss: "skip" the optimizer step and count it, or "stop" (last good checkpoint kept)."""
+    max_skipped_steps: int = 10
+    """With nan_policy "skip": stop after this many skipped steps."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_steps is not None and self.max_steps < 1:
+            out.append(f"train.max_steps must be >= 1 (or null to use epochs), got {self.max_steps}")
+        if self.max_steps is None and not self.epochs > 0:
+            out.append(f"train.epochs must be > 0 when train.max_steps is null, got {self.epochs}")
+        if self.micro_batch_size < 1:
+            out.append(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.grad_accum is not None and self.grad_accum < 1:
+            out.append(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.global_batch_size is not None:
+            if self.grad_accum is not None:
+                out.append("set one of train.grad_accum and train.global_batch_size, not both")
+            elif self.global_batch_size < 1 or self.global_batch_size % max(self.micro_batch_size, 1):
+                out.append(
+                    f"train.global_batch_size ({self.global_batch_size}) must be a positive multiple of "
+                    f"train.micro_batch_size ({self.micro_batch_size})"
+                )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            out.append(f"train.lr must be a positive number, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            out.append(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            out.append(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        elif self.max_steps is not None and self.warmup_steps >= self.max_steps > 1:
+            out.append(f"train.warmup_steps ({self.warmup_steps}) must be below train.max_steps ({self.max_steps})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            out.append(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            out.append(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            out.append(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            out.append(f"train.eps must be > 0, got {self.eps}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            out.append(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
+        for name in ("eval_interval", "save_interval"):
+            if getattr(self, name) < 0:
+                out.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_interval < 1:
+            out.append(f"train.log_interval must be >= 1, got {self.log_interval}")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            out.append(f"train.eval_batches must be >= 1 or null, got {self.eval_batches}")
+        if not self.output_dir:
+            out.append("train.output_dir is empty; give a folder for the adapter and checkpoints")
+        if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
+            out.append(f"train.resume: no checkpoint folder at {self.resume!r}; give a folder, auto or null")
+        if self.nan_policy not in NAN_POLICIES:
+            out.append(f"train.nan_policy must be skip or stop, got {self.nan_policy!r}")
+        if self.max_skipped_steps < 0:
+            out.append(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        return out
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro batches per optimizer step on each process, for `world_size` processes.
+
+        Raises:
+            ConfigError: global_batch_size is not a multiple of micro_batch_size * world_size.
+        """
+        if self.global_batch_size is None:
+            return self.grad_accum or 1
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError([
+                f"train.global_batch_size ({self.global_batch_size}) is not divisible by micro_batch_size "
+                f"({self.micro_batch_size}) x {world_size} processes; pick a multiple of {per_step}"
+            ])
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class DistributedConfig:
+    """DeepSpeed ZeRO settings; ignored when a run is a single process without DeepSpeed."""
+
+    engine: str = "auto"
+    """"auto": DeepSpeed when a launcher (deepspeed, torchrun) started this process; "deepspeed": always;
+    "none": never (a launched run then fails)."""
+    zero_stage: int = 2
+    """ZeRO stage 0-3 over the adapter parameters, gradients and optimizer state."""
+    offload_optimizer: bool = False
+    """Keep the optimizer state on the CPU (ZeRO 1-3)."""
+    precision: str = "fp32"
+    """Adapter / optimizer precision under DeepSpeed: fp32, bf16 or fp16."""
+    ds_config: str | None = None
+    """A DeepSpeed JSON merged over ours; a key that contradicts this config is an error."""
+    backend: str | None = None
+    """torch.distributed backend (null: nccl on GPUs, gloo on the CPU)."""
+    timeout_s: float = 1800
+    """Collective timeout in seconds."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.engine not in ENGINES:
+            out.append(f"distributed.engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            out.append(f"distributed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            out.append("distributed.offload_optimizer needs zero_stage 1, 2 or 3; set zero_stage or turn offload off")
+        if self.precision not in DTYPES:
+            out.append(f"distributed.precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
+        if self.ds_config is not None and not Path(self.ds_config).is_file():
+            out.append(f"distributed.ds_config: no file at {self.ds_config!r}")
+        if not self.timeout_s > 0:
+            out.append(f"distributed.timeout_s must be > 0, got {self.timeout_s}")
+        return out
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases reporting (rank 0 only)."""
+
+    mode: str | None = None
+    """online, offline or disabled; null: online when WANDB_API_KEY is set, else offline."""
+    project: str = "lora-dist"
+    """W&B project."""
+    entity: str | None = None
+    """W&B team or user (null: the key's default)."""
+    name: str | None = None
+    """Run name (null: W&B picks one)."""
+    tags: list[str] = field(default_factory=list)
+    """Run tags."""
+    log_adapter: bool = True
+    """Upload the final adapter as a W&B artifact."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.mode is not None and self.mode not in WANDB_MODES:
+            out.append(f"wandb.mode must be one of {', '.join(WANDB_MODES)} or null, got {self.mode!r}")
+        if not self.project:
+            out.append("wandb.project is empty")
+        return out
+
+    def resolved_mode(self) -> str:
+        """The mode W&B runs in: the configured one, else online with a key and offline without."""
+        if self.mode is not None:
+            return self.mode
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoRAConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "distributed": DistributedConfig,
+    "wandb": WandbConfig,
+}
+
+
+@dataclass
+class Config:
+    """A whole run: one field per YAML section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The resolved configuration as plain YAML-able data (what W&B records)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults when `path` is None), apply overrides, validate.
+
+    Args:
+        path: a YAML file whose top-level keys are the sections above.
+        overrides: `section.key=value` strings; the value is parsed as YAML.
+
+    Raises:
+        ConfigError: every problem found (unreadable file, unknown key, wrong type, bad value).
+    """
+    source = str(path) if path is not None else None
+    raw: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError([f"cannot read config file ({err.strerror})"], source) from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError([f"not valid YAML{where}: {getattr(err, 'problem', err)}"], source) from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], source)
+    problems: list[str] = []
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        problems.extend(_apply_override(raw, item))
+    config = config_from_dict(raw, problems, source)
+    return config
+
+
+def config_from_dict(raw: dict[str, Any], problems: list[str] | None = None, source: str | None = None) -> Config:
+    """Build and validate a Config from nested plain data; raises ConfigError with every problem."""
+    problems = list(problems or [])
+    sections: dict[str, Any] = {}
+    for key in raw:
+        if key not in SECTIONS:
+            problems.append(f"unknown section {key!r}{_did_you_mean(key, SECTIONS)}")
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            problems.append(f"section {name!r} must be a mapping of keys, got {type(values).__name__}")
+            values = {}
+        if name == "data" and values.get("path") == BUILTIN_DATASET:
+            from lora_dist.tiny import DEFAULT_DATASET  # resolved here so every later check sees a real file
+
+            values = {**values, "path": str(DEFAULT_DATASET)}
+        section, section_problems = _build_section(name, cls, values)
+        problems.extend(section_problems)
+        sections[name] = section
+    if not problems:
+        problems.extend(_cross_section_problems(sections))
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(**sections)
+
+
+def _cross_section_problems(s: dict[str, Any]) -> list[str]:
+    out = []
+    model, dist = s["model"], s["distributed"]
+    if model.bits is not None and dist.precision == "fp16" and model.compute_dtype == "bf16":
+        out.append("distributed.precision fp16 with model.compute_dtype bf16 mixes two half types; use bf16 for both")
+    return out
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> tuple[Any, list[str]]:
+    """(instance or None, problems) for one section: unknown keys, types, then the section's own checks."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    problems: list[str] = []
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            problems.append(f"unknown key {name}.{key}{_did_you_mean(key, fields)}")
+            continue
+        ok, coerced = _coerce(value, hints[key])
+        if not ok:
+            problems.append(
+                f"{name}.{key} must be {_type_name(hints[key])}, got {_show(value)} ({type(value).__name__})"
+            )
+            continue
+        kwargs[key] = coerced
+    try:  # with the well-typed keys only, so the value checks below still run
+        section = cls(**kwargs)
+    except (ValueError, TypeError) as err:  # LoRAConfig checks itself in __post_init__
+        return None, problems + [f"{name}: {err}"]
+    check = getattr(section, "problems", None)
+    if check is not None:
+        own = check()
+        # DataConfig's lines may not carry the section name; add it so the user finds the key.
+        problems.extend(p if p.startswith(f"{name}.") or p.startswith(f"{name}:") else f"{name}: {p}" for p in own)
+    return section, problems
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, value) with YAML's near misses fixed: `2e-4` (a string to PyYAML) is a float, ints widen."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            return type(None) in args, None
+        # Try the exact-type members first so "auto" stays a str in `str | None`.
+        for arg in sorted(args, key=lambda a: a is not str):
+            if arg is type(None):
+                continue
+            ok, out = _coerce(value, arg)
+            if ok:
+                return True, out
+        return False, value
+    if tp is Any:
+        return True, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp) for v in value]
+        if not all(ok for ok, _ in items):
+            return False, value
+        return True, [v for _, v in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        pairs = [(_coerce(k, key_tp), _coerce(v, val_tp)) for k, v in value.items()]
+        if not all(k[0] and v[0] for k, v in pairs):
+            return False, value
+        return True, {k[1]: v[1] for k, v in pairs}
+    return isinstance(value, tp) if isinstance(tp, type) else True, value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in typing.get_args(tp)]
+        return " or ".join(names)
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"a {origin.__name__}[{args}]" if origin in (list, dict) else str(tp)
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _did_you_mean(key: str, choices: Any) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f"; valid: {', '.join(sorted(choices))}"
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> list[str]:
+    """Set `section.key=value` in the raw mapping; returns problems (empty when applied)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or "." not in key or not key.split(".")[0] or not key.split(".")[-1]:
+        return [f"override {item!r} must read section.key=value, e.g. train.lr=2e-4"]
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return [f"override {item!r}: value is not valid YAML (quote it, or write lists as [a,b])"]
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        value = text.strip()  # YAML 1.1 reads off/no/yes/on as booleans; a user typing them means the word
+    section, *path, leaf = key.split(".")
+    node = raw.setdefault(section, {})
+    if not isinstance(node, dict):
+        return [f"override {item!r}: section {section!r} is not a mapping"]
+    for part in path:  # a nested dict field such as lora.rank_pattern.q_proj=4
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            return [f"override {item!r}: {part!r} is not a mapping"]
+    node[leaf] = value
+    return []
+
+
+def dump_config(config: Config) -> str:
+    """The resolved configuration as YAML (written next to every run)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,448 @@
+"""DeepSpeed in one place: ds_config from our typed settings, process-group init, the engine, gathers.
+
+This is the only module that imports deepspeed, and it does so lazily: a single-process run never
+pays for the import. DeepSpeed is handed a module that owns only the adapter parameters
+(`_AdapterModule`), while the frozen, possibly quantized, base is reached through a plain reference
+it cannot see. So under every ZeRO stage DeepSpeed partitions, casts, moves and checkpoints the
+adapters alone; the base stays whole and untouched on every rank (`shard_report` shows it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_dist.model import LoRAModel
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+ZERO_STAGES = (0, 1, 2, 3)
+
+# Our own keys inside a ds_config: the LR schedule, which we build ourselves (DeepSpeed's
+# WarmupCosineLR runs its first step at lr 0 and forces >= 2 warmup steps, so a single-process run
+# could not match it). `setup_engine` removes this section before DeepSpeed reads the config.
+OWN_SECTION = "lora_dist"
+
+# Keys we set only as defaults: a user's DeepSpeed JSON may change them without a conflict.
+_SOFT_DEFAULTS: dict[str, Any] = {
+    # torch's AdamW instead of DeepSpeed's fused/CPU Adam: no JIT build (~40 s), same math as the
+    # single-process path.
+    "optimizer": {"params": {"torch_adam": True}},
+    "zero_optimization": {
+        # Adapters are small (r*(in+out) each, often < DeepSpeed's 1e5 default): without 0 they
+        # would all be kept whole ("persistent") and ZeRO-3 would partition nothing.
+        "stage3_param_persistence_threshold": 0,
+    },
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 2**31 - 1,  # our logger reports the loss; keep DeepSpeed quiet
+    "wall_clock_breakdown": False,
+}
+
+
+def _problems_of(
+    zero_stage: Any,
+    micro_batch_size: Any,
+    grad_accum: Any,
+    world_size: Any,
+    grad_clip: Any,
+    precision: Any,
+    lr: Any,
+    weight_decay: Any,
+    warmup_steps: Any,
+    total_steps: Any,
+    schedule: Any,
+    offload_optimizer: bool,
+) -> list[str]:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    problems = []
+    if zero_stage not in ZERO_STAGES or not is_int(zero_stage):
+        problems.append(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}")
+    for name, value in (("micro_batch_size", micro_batch_size), ("grad_accum", grad_accum), ("world_size", world_size)):
+        if not is_int(value) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r}")
+    if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
+        problems.append(f"grad_clip must be a positive number or None (no clipping), got {grad_clip!r}")
+    if precision not in PRECISIONS:
+        problems.append(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        problems.append(f"lr must be positive, got {lr!r}")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        problems.append(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if schedule not in SCHEDULES:
+        problems.append(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not is_int(warmup_steps) or warmup_steps < 0:
+        problems.append(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    if total_steps is not None and (not is_int(total_steps) or total_steps < 1):
+        problems.append(f"total_steps must be a positive integer or None, got {total_steps!r}")
+    if schedule in ("cosine", "linear") and total_steps is None:
+        problems.append(f"schedule {schedule!r} decays to total_steps: set total_steps, or use schedule 'constant'")
+    elif is_int(total_steps) and is_int(warmup_steps) and warmup_steps > total_steps:
+        problems.append(f"warmup_steps ({warmup_steps}) exceeds total_steps ({total_steps})")
+    if offload_optimizer and zero_stage == 0:
+        problems.append("offload_optimizer needs ZeRO stage 1, 2 or 3; raise zero_stage or turn offload off")
+    return problems
+
+
+def make_ds_config(
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float | None,
+    precision: str,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    schedule: str = "cosine",
+    offload_optimizer: bool = False,
+    user_config: dict | None = None,
+) -> dict:
+    """The DeepSpeed config implied by our settings, merged with a user's DeepSpeed JSON.
+
+    Every value derived from our settings (batch sizes, accumulation, clipping, precision, ZeRO
+    stage, offload, AdamW hyper-parameters) is fixed: a user key that contradicts one is an error,
+    never silently taken. Other user keys are merged in (user values win over our soft defaults,
+    e.g. `stage3_param_persistence_threshold`). The LR schedule lives under the "lora_dist" key and
+    is built by `setup_engine` / `make_lr_scheduler`, identically with and without DeepSpeed.
+
+    Args:
+        zero_stage: 0 (plain data parallel), 1 (optimizer state), 2 (+ gradients), 3 (+ parameters)
+            partitioned; only the adapters are ever partitioned.
+        micro_batch_size: samples per rank per forward.
+        grad_accum: micro batches per optimizer step.
+        world_size: data-parallel ranks; train_batch_size = micro * accum * world.
+        grad_clip: max global gradient norm, None for no clipping.
+        precision: "fp32", "bf16" or "fp16" (adapters train in it; fp32 master weights).
+        lr, weight_decay, betas, eps: AdamW hyper-parameters (decay on lora_A / lora_B only).
+        warmup_steps, total_steps, schedule: linear warmup, then "cosine" / "linear" decay to 0 at
+            total_steps, or "constant".
+        offload_optimizer: keep optimizer state (and its step) on the CPU (stages 1-3).
+        user_config: a DeepSpeed JSON as a dict, or None.
+
+    Returns:
+        A ds_config dict for `setup_engine`.
+
+    Raises:
+        ValueError: all bad settings at once, or every conflicting user key with both values.
+    """
+    problems = _problems_of(
+        zero_stage, micro_batch_size, grad_accum, world_size, grad_clip, precision,
+        lr, weight_decay, warmup_steps, total_steps, schedule, offload_optimizer,
+    )  # fmt: skip
+    if problems:
+        raise ValueError("bad distributed settings: " + "; ".join(problems))
+
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    ours: dict[str, Any] = {
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(grad_clip) if grad_clip is not None else 0.0,  # 0 = off in DeepSpeed
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay},
+        },
+        OWN_SECTION: {"schedule": schedule, "warmup_steps": warmup_steps, "total_steps": total_steps},
+    }
+    if offload_optimizer:
+        ours["zero_force_ds_cpu_optimizer"] = False  # let torch's AdamW step the offloaded state
+    user = copy.deepcopy(user_config or {})
+    if not isinstance(user, dict):
+        raise ValueError(f"user_config must be a dict (a parsed DeepSpeed JSON), got {type(user).__name__}")
+    conflicts = _conflicts(ours, user)
+    if "scheduler" in user:
+        conflicts.append(
+            f"scheduler: ours is {ours[OWN_SECTION]} (set schedule/warmup_steps/total_steps), "
+            f"yours is {user['scheduler']!r}"
+        )
+    if OWN_SECTION in user:
+        conflicts.append(f"{OWN_SECTION}: reserved for lora_dist's own settings, remove it from the JSON")
+    if conflicts:
+        raise ValueError(
+            "the DeepSpeed JSON contradicts the lora_dist config (change the lora_dist setting or drop the key "
+            "from the JSON): " + "; ".join(conflicts)
+        )
+    config = _merge(copy.deepcopy(_SOFT_DEFAULTS), user)
+    return _merge(config, ours)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
+
+
+def _conflicts(ours: dict, user: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in ours.items():
+        if key not in user or key == OWN_SECTION:
+            continue
+        dotted = prefix + key
+        if isinstance(value, dict) and isinstance(user[key], dict):
+            found.extend(_conflicts(value, user[key], dotted + "."))
+        elif isinstance(value, dict) or isinstance(user[key], dict) or not _same(value, user[key]):
+            found.append(f"{dotted}: ours is {value!r}, yours is {user[key]!r}")
+    return found
+
+
+def _merge(base: dict, top: dict) -> dict:
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule used with and without DeepSpeed: LR multiplier at optimizer step k (0-based)
+
+        k < warmup:  (k + 1) / (warmup + 1)
+        after:       cosine 0.5 * (1 + cos(pi * t)) | linear 1 - t | constant 1,
+                     t = (k - warmup) / (total - warmup), clamped to [0, 1].
+
+    Step it once after every optimizer step (DeepSpeed's engine does so itself).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule != "constant" and total_steps is None:
+        raise ValueError(f"schedule {schedule!r} needs total_steps; use 'constant' to train without an end")
+
+    def multiplier(k: int) -> float:
+        if k < warmup_steps:
+            return (k + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        t = min(1.0, (k - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * t)) if schedule == "cosine" else 1.0 - t
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> tuple[int, int]:
+    """Join the process group a launcher (deepspeed, torchrun, SLURM via launch/) set up.
+
+    Args:
+        backend: "nccl", "gloo", ...; None lets DeepSpeed pick for the accelerator.
+        timeout_s: collective timeout.
+
+    Returns:
+        (rank, world_size); (0, 1) without importing deepspeed when no launcher set WORLD_SIZE.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if "WORLD_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        return 0, 1
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _flat_name(name: str) -> str:
+    return name.replace(".", "__")  # module names may not contain dots
+
+
+class _AdapterModule(nn.Module):
+    """What DeepSpeed wraps: it owns the adapters (lora_A, lora_B, trained biases) and nothing else.
+
+    Its forward runs the whole LoRAModel, held in a list so that nn.Module does not register it:
+    DeepSpeed never sees a base parameter, so it cannot partition (ZeRO-3), gather, cast (bf16/fp16)
+    or checkpoint one. ZeRO-3's fetch hooks sit on the lora_A / lora_B modules and fire when the
+    LoRA layers call them.
+    """
+
+    def __init__(self, model: LoRAModel):
+        super().__init__()
+        self._model = [model]  # a list: not a registered submodule
+        self.adapters = nn.ModuleDict()
+        for name, layer in model.lora_layers.items():
+            self.adapters[_flat_name(name)] = nn.ModuleDict({"lora_A": layer.lora_A, "lora_B": layer.lora_B})
+        self.biases = nn.ParameterDict()
+        names = {id(p): n for n, p in model.base_model.named_parameters()}
+        for p in model._trainable_biases():
+            self.biases[_flat_name(names[id(p)])] = p
+
+    @property
+    def model(self) -> LoRAModel:
+        return self._model[0]
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "_AdapterModule":
+        # engine.train()/eval() must reach the base's own dropout and norms too.
+        super().train(mode)
+        self.model.train(mode)
+        return self
+
+
+def setup_engine(model: LoRAModel, ds_config: dict) -> Any:
+    """A DeepSpeed engine that trains only `model`'s adapter parameters.
+
+    DeepSpeed gets the adapters alone (see `_AdapterModule`), as AdamW param groups with weight
+    decay on lora_A / lora_B and none on biases; the frozen base is never partitioned, gathered or
+    cast, under ZeRO-3 and bf16 included. Call `init_distributed` first; build (and quantize) the
+    model before, on this rank's device. `engine(batch)` runs the LoRAModel's forward;
+    `engine.backward(loss)`, `engine.step()` train; `engine.lr_scheduler` follows the "lora_dist"
+    section of `ds_config` (see `make_lr_scheduler`).
+
+    Args:
+        model: a LoRAModel, on this rank's device.
+        ds_config: from `make_ds_config`.
+
+    Returns:
+        The DeepSpeed engine (`engine.module.model` is `model`).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not isinstance(model, LoRAModel):
+        raise TypeError(f"setup_engine needs a LoRAModel, got {type(model).__name__}; wrap it with LoRAModel first")
+    config = copy.deepcopy(ds_config)
+    own = config.pop(OWN_SECTION, None)
+    if own is None:
+        raise ValueError("ds_config has no 'lora_dist' section: build it with distributed.make_ds_config")
+    device = torch.device(get_accelerator().current_device_name())
+    wrong = {str(p.device) for p in model.parameters() if p.device.type != device.type}
+    if wrong:
+        raise ValueError(f"the model is on {sorted(wrong)} but this rank trains on {device}; move it there first")
+
+    view = _AdapterModule(model)
+    decay = [p for layer in model.lora_layers.values() for p in layer.adapter_parameters()]
+    groups = [{"params": decay, "weight_decay": config["optimizer"]["params"]["weight_decay"]}]
+    if len(view.biases):
+        groups.append({"params": list(view.biases.values()), "weight_decay": 0.0})
+    engine, _, _, _ = deepspeed.initialize(
+        model=view,
+        model_parameters=groups,
+        config=config,
+        lr_scheduler=lambda optimizer: make_lr_scheduler(optimizer, **own),
+    )
+    return engine
+
+
+def _model_of(engine_or_model: Any) -> LoRAModel:
+    if isinstance(engine_or_model, LoRAModel):
+        return engine_or_model
+    module = getattr(engine_or_model, "module", None)
+    if isinstance(module, _AdapterModule):
+        return module.model
+    raise TypeError(f"expected a LoRAModel or an engine from setup_engine, got {type(engine_or_model).__name__}")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    # Gradients often are views into one flat buffer: count each storage once.
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is not None and t.numel():
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
+def _grad_tensors(engine: Any, adapters: list[nn.Parameter]) -> list[torch.Tensor]:
+    tensors = [p.grad for p in adapters if p.grad is not None]
+    zero = engine.optimizer
+    averaged = getattr(zero, "averaged_gradients", None)
+    if isinstance(averaged, dict):
+        for grads in averaged.values():
+            tensors.extend(grads or [])
+    flat = getattr(zero, "grad_partitions_flat_buffer", None)  # ZeRO-3 keeps this rank's grads here
+    if flat is not None:
+        tensors.append(flat)
+    return tensors
+
+
+def _optimizer_tensors(engine: Any, adapters: list[nn.Parameter]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(master weights the optimizer holds besides the model params, its state tensors)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO/bf16 wrappers keep torch's inside
+    own = {id(p) for p in adapters}
+    masters = [p for g in inner.param_groups for p in g["params"] if id(p) not in own]
+    states = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
+    return masters, states
+
+
+def shard_report(engine: Any) -> dict:
+    """Bytes this rank holds, to show what ZeRO partitions and what it leaves alone.
+
+    Call it after `engine.backward` on an accumulation boundary and before `engine.step` to see the
+    gradients (DeepSpeed frees them in the step). With world size N, stage 1 divides the optimizer
+    bytes by about N, stage 2 also the gradient bytes, stage 3 also the adapter parameter bytes
+    (small remainders come from DeepSpeed's alignment padding); `base_bytes` never changes.
+
+    Returns:
+        {"adapter_param_bytes", "adapter_grad_bytes", "optimizer_state_bytes" (Adam moments + step),
+         "master_param_bytes" (fp32 copies), "base_bytes" (frozen params + buffers),
+         "base_partitioned" (True if DeepSpeed touched any base tensor), "base_dtypes"}.
+    """
+    model = _model_of(engine)
+    adapters = model.get_trainable_parameters()
+    own = {id(p) for p in adapters}
+    param_bytes = sum(_nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _nbytes(p) for p in adapters)
+    masters, states = _optimizer_tensors(engine, adapters)
+    base = [p for p in model.parameters() if id(p) not in own] + list(model.buffers())
+    return {
+        "adapter_param_bytes": param_bytes,
+        "adapter_grad_bytes": _storage_bytes(_grad_tensors(engine, adapters)),
+        "optimizer_state_bytes": sum(_nbytes(t) for t in states),
+        "master_param_bytes": sum(_nbytes(t) for t in masters),
+        "base_bytes": sum(_nbytes(t) for t in base),
+        "base_partitioned": any(hasattr(t, "ds_id") for t in base),
+        "base_dtypes": sorted({str(t.dtype) for t in base}),
+    }
+
+
+def gathered(engine_or_model: Any):
+    """Context manager: inside it every adapter parameter is whole on every rank (a no-op below ZeRO-3)."""
+    import contextlib
+
+    model = _model_of(engine_or_model)
+    partitioned = [p for p in model.get_trainable_parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def gathered_adapter_state_dict(engine_or_model: Any) -> dict[str, torch.Tensor]:
+    """The full adapter state dict (keys as `LoRAModel.adapter_state_dict`), as CPU copies.
+
+    Under ZeRO-3 this is a collective: every rank must call it. All ranks get the full tensors;
+    rank 0 is the one expected to write them.
+    """
+    model = _model_of(engine_or_model)
+    with gathered(engine_or_model):
+        return {name: t.detach().to("cpu", copy=True) for name, t in model.adapter_state_dict().items()}
