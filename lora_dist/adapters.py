@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_dist import __version__, quant
+from lora_dist import quant
 from lora_dist.layers import LoRALayer
 from lora_dist.model import LoRAConfig, LoRAModel
 
@@ -90,7 +91,7 @@ def save_adapter(
     tensors = {PEFT_PREFIX + name: t.detach().to("cpu").contiguous() for name, t in model.adapter_state_dict().items()}
     metadata = {
         "format": "pt",
-        "lora_dist_version": __version__,
+        "lora_dist_version": _version(),
         "lora_dist_tensors_sha256": _tensors_sha256(tensors),
         "lora_dist_config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
         "lora_dist_base_quantization": json.dumps(_base_quantization(model)),
@@ -113,6 +114,13 @@ def save_adapter(
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
             os.replace(tmp / name, path / name)
     return path
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lora_dist")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _peft_config(model: LoRAModel, base_model_name_or_path: str | None) -> dict[str, Any]:
@@ -144,13 +152,14 @@ def _peft_config(model: LoRAModel, base_model_name_or_path: str | None) -> dict[
 
 
 def _base_quantization(model: LoRAModel) -> dict[str, Any] | None:
-    """How the adapted linears' base was quantized: {"bits", "quant_type", "double_quant"} or None."""
+    """How the adapted linears' base was quantized ({"bits", "quant_type", ...}), None if dense."""
     for layer in model.lora_layers.values():
-        bits = layer.bits
-        if bits == 4:
-            weight = layer.base_layer.weight
-            return {"bits": 4, "quant_type": weight.quant_type, "double_quant": bool(weight.compress_statistics)}
-        if bits == 8:
+        base = layer.base_layer
+        if layer.bits == 4:
+            compute_dtype = str(base.compute_dtype or torch.float32).removeprefix("torch.")
+            return {"bits": 4, "quant_type": base.weight.quant_type,
+                    "double_quant": bool(base.weight.compress_statistics), "compute_dtype": compute_dtype}
+        if layer.bits == 8:
             return {"bits": 8}
     return None
 
@@ -174,6 +183,9 @@ class _staging:
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
         return self.tmp
 
     def __exit__(self, *exc) -> None:
@@ -279,11 +291,12 @@ def _all_linear_names(base_model: nn.Module | None) -> list[str]:
     if base_model is None:
         raise ValueError("target_modules='all-linear' needs the base model to resolve; use from_pretrained")
     head = base_model.get_output_embeddings() if hasattr(base_model, "get_output_embeddings") else None
-    return sorted({
+    names = {
         name.rsplit(".", 1)[-1]
         for name, m in base_model.named_modules()
         if name and quant.is_supported_linear(m) and m is not head
-    })
+    }
+    return sorted(names - {"base_layer", "lora_A", "lora_B"})  # the insides of LoRA layers already there
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -296,7 +309,7 @@ def load_adapter(model: LoRAModel, path: str | os.PathLike) -> None:
     folder = _adapter_folder(path)
     config, raw = _read_config(folder)
     tensors, _ = _read_weights(folder, raw)
-    _check_fits(model, _lora_config(config, model.base_model), tensors, folder, config)
+    _check_fits(model, _lora_config(config, model.base_model), tensors, _origin(folder, config))
     _copy_in(model, tensors)
 
 
@@ -314,7 +327,7 @@ def from_pretrained(base_model: nn.Module, path: str | os.PathLike) -> LoRAModel
     trainable = [(p, p.requires_grad) for p in base_model.parameters()]
     try:
         model = LoRAModel(base_model, lora_config)
-        _check_fits(model, lora_config, tensors, folder, config)
+        _check_fits(model, lora_config, tensors, _origin(folder, config))
     except Exception:
         _strip_lora(base_model)
         for p, flag in trainable:
@@ -324,28 +337,30 @@ def from_pretrained(base_model: nn.Module, path: str | os.PathLike) -> LoRAModel
     return model
 
 
-def _check_fits(
-    model: LoRAModel, file_config: LoRAConfig, tensors: dict[str, torch.Tensor], folder: Path, config: dict
-) -> None:
+def _origin(folder: Path, config: dict[str, Any]) -> str:
+    return f"{folder} (saved for {config.get('base_model_name_or_path') or 'an unrecorded base'})"
+
+
+def _check_fits(model: LoRAModel, file_config: LoRAConfig, tensors: dict[str, torch.Tensor], origin: str) -> None:
+    """Raise on the first key, shape or scaling of the adapter that does not fit `model`."""
     if model.merged and model.lora_layers:
         raise ValueError("the model is merged; call model.unmerge() before loading an adapter into it")
     expected = model.adapter_state_dict()
-    saved_for = config.get("base_model_name_or_path") or "an unrecorded base"
-    for key, tensor in tensors.items():
-        if key not in expected:
-            module = key.rsplit(".", 2)[0]
-            if _has_module(model.base_model, module):
-                raise ValueError(
-                    f"adapter key {key!r} has no counterpart in the model (its LoRA config targets other "
-                    f"modules or a different bias mode); adapter saved for {saved_for}"
-                )
+    for key in tensors:
+        if key in expected:
+            continue
+        if _has_module(model.base_model, key.rsplit(".", 2)[0]):
             raise ValueError(
-                f"adapter key {key!r} names a module this model does not have: the adapter was saved for "
-                f"{saved_for}, another architecture?"
+                f"adapter key {key!r} has no counterpart in the model (the model's LoRA config targets "
+                f"other modules or another bias mode); adapter: {origin}"
             )
+        raise ValueError(
+            f"adapter key {key!r} names a module this model does not have (another architecture?); "
+            f"adapter: {origin}"
+        )
     for key, param in expected.items():
         if key not in tensors:
-            raise ValueError(f"adapter {folder} lacks {key!r}, which the model's LoRA config expects")
+            raise ValueError(f"adapter lacks {key!r}, which the model's LoRA config expects; adapter: {origin}")
         got, want = tuple(tensors[key].shape), tuple(param.shape)
         if got != want:
             hint = ""
@@ -429,6 +444,7 @@ def merge_and_export(
     if hf_config is None or not hasattr(hf_config, "save_pretrained"):
         raise ValueError("merge_and_export needs a Hugging Face model (with .config) under the LoRAModel")
     shard_bytes = _parse_size(max_shard_size)
+    _refuse_tied_adapted_weights(model)
 
     with _staging(path) as tmp:
         weight_map: dict[str, str] = {}
@@ -471,22 +487,25 @@ def merge_and_export(
 
 def _merged_tensors(model: LoRAModel, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, CPU tensor) for every weight the plain model needs, one module at a time."""
-    seen: set[int] = set()  # tied weights (embeddings / lm_head) are written once, as save_pretrained does
+    # Tied weights (embeddings / lm_head) are one Parameter: write it once, as save_pretrained does.
+    # Only the model's own tensors are tracked (they outlive the walk, so their ids stay unique).
+    seen: set[int] = set()
 
-    def emit(name: str, t: torch.Tensor | None) -> Iterator[tuple[str, torch.Tensor]]:
-        if t is None or id(t) in seen:
+    def emit(name: str, t: torch.Tensor | None, owned: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        if t is None or (owned and id(t) in seen):
             return
-        seen.add(id(t))
+        if owned:
+            seen.add(id(t))
         cast = t.detach().to(dtype) if t.dtype.is_floating_point else t.detach()
         yield name, cast.to("cpu").contiguous()
 
     def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
         if isinstance(module, LoRALayer):
-            yield from emit(prefix + "weight", _merged_weight(module))
+            yield from emit(prefix + "weight", _merged_weight(module), owned=False)
             yield from emit(prefix + "bias", module.base_layer.bias)
             return
         if quant.bits_of(module) is not None:
-            yield from emit(prefix + "weight", quant.dequantize_weight(module))
+            yield from emit(prefix + "weight", quant.dequantize_weight(module), owned=False)
             yield from emit(prefix + "bias", module.bias)
             return
         for name, p in module.named_parameters(recurse=False):
@@ -499,6 +518,21 @@ def _merged_tensors(model: LoRAModel, dtype: torch.dtype) -> Iterator[tuple[str,
 
     with torch.no_grad():
         yield from walk(model.base_model, "")
+
+
+def _refuse_tied_adapted_weights(model: LoRAModel) -> None:
+    # A tied lm_head / embedding is one tensor in the file; adapting one side unties them.
+    owners: dict[int, list[str]] = {}
+    for name, p in model.base_model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, layer in model.lora_layers.items():
+        shared = owners.get(id(layer.base_layer.weight), [])
+        if len(shared) > 1:
+            others = [n for n in shared if not n.startswith(name + ".")]
+            raise ValueError(
+                f"{name} is adapted but its weight is tied to {others[0]}; the merged model would need "
+                f"them untied: set config.tie_word_embeddings=False and untie before training"
+            )
 
 
 def _merged_weight(layer: LoRALayer) -> torch.Tensor:
@@ -563,32 +597,34 @@ def run_merge(
         out: output folder for the standalone model.
         dtype: "bf16", "fp16" or "fp32".
         overwrite: replace `out` if it exists.
-        bits: how to load the base before merging: "auto" (default) re-quantizes it the way it was
-            when the adapter was trained, when the adapter records that (a QLoRA adapter learned to
-            correct the quantized weights, so it is folded into those); None merges into the dense
-            weights; 4 or 8 forces a quantization.
+        bits: how to load the base before merging. "auto" (default): quantize it the way it was
+            when the adapter was trained, if the adapter records that (a QLoRA adapter learned to
+            correct the quantized weights, so it is folded into those), else dense. None: dense.
+            4 or 8: that quantization (NF4 for 4).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    folder = _adapter_folder(adapter)
+    if bits not in ("auto", None, 4, 8):
+        raise ValueError(f"bits must be 'auto', None, 4 or 8, got {bits!r}")
     out_path = Path(out)
     if out_path.exists() and not overwrite:
         raise ValueError(f"output folder {out} already exists; pass --overwrite to replace it")
-    config, raw = _read_config(folder)
+    folder = _adapter_folder(adapter)
+    _, raw = _read_config(folder)
     _, metadata = _read_weights(folder, raw)
-    quantization: dict[str, Any] = {}
-    if bits == "auto":
-        quantization = json.loads(metadata.get("lora_dist_base_quantization", "null")) or {}
-    elif bits is not None:
-        quantization = {"bits": bits}
-    from lora_dist.loading import load_base_model  # loading imports transformers: only when merging
+    recorded = json.loads(metadata.get("lora_dist_base_quantization", "null")) or {}
+    quantization = recorded if bits == "auto" else {"bits": bits} if bits else {}
+    # A dense base loads straight in the export dtype; a quantized one in the dtype it was
+    # quantized from in training, so the same blocks round to the same codes.
+    compute_dtype = getattr(torch, quantization.get("compute_dtype", "bfloat16")) if quantization else DTYPES[dtype]
+    from lora_dist.loading import load_base_model  # transformers is imported only when merging
 
     base_model, tokenizer = load_base_model(
         base,
         bits=quantization.get("bits"),
         quant_type=quantization.get("quant_type", "nf4"),
         double_quant=quantization.get("double_quant", True),
-        compute_dtype=torch.float32,
+        compute_dtype=compute_dtype,
         require_tokenizer=False,
     )
     if (folder / "tokenizer_config.json").is_file():  # an adapter that added tokens ships its tokenizer
@@ -604,40 +640,43 @@ def describe_adapter(path: str) -> str:
     folder = _adapter_folder(path)
     config, raw = _read_config(folder)
     tensors, metadata = _read_weights(folder, raw)
-    lora_config = _lora_config(config) if config["target_modules"] != "all-linear" else None
     modules = sorted({k.rsplit(".", 2)[0] for k in tensors if ".lora_A." in k})
-    names = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    counts = {"lora_A": 0, "lora_B": 0, "other": 0}
+    targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    counts = {"lora_A": 0, "lora_B": 0, "biases": 0}
     for key, t in tensors.items():
-        counts["lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else "other"] += t.numel()
-    total = sum(counts.values())
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+        counts["lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else "biases"] += t.numel()
+    ranks = sorted({tensors[m + ".lora_A.weight"].shape[0] for m in modules})
+    r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora"))
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    ranks = sorted({tensors[f"{m}.lora_A.weight"].shape[0] for m in modules if f"{m}.lora_A.weight" in tensors})
-    scaling = ""
-    if lora_config is not None:
-        scaling = f", scaling {config['lora_alpha'] / (math.sqrt(config['r']) if lora_config.use_rslora else config['r']):g}"
-    quantization = json.loads(metadata.get("lora_dist_base_quantization", "null"))
+    dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
+
     if "lora_dist_version" in metadata:
         saved_by = f"lora_dist {metadata['lora_dist_version']} (checksums verified)"
-        trained_on = "dense" if quantization is None else (
-            f"{quantization['bits']}-bit" + (f" {quantization['quant_type']}"
-                                              f"{', double quant' if quantization['double_quant'] else ''}"
-                                              if quantization["bits"] == 4 else ""))
+        trained_on = _describe_quantization(json.loads(metadata.get("lora_dist_base_quantization", "null")))
     else:
         saved_by, trained_on = "PEFT or another tool (no checksum recorded)", "not recorded"
+    parts = ", ".join(f"{k} {v:,}" for k, v in counts.items() if v)
     lines = [
-        f"adapter:      {folder}",
-        f"saved by:     {saved_by}",
-        f"base model:   {config.get('base_model_name_or_path') or '(not recorded)'}",
-        f"trained on:   {trained_on} base weights",
-        f"rank:         r={config['r']} (in file: {', '.join(map(str, ranks)) or '-'}), "
-        f"lora_alpha={config['lora_alpha']}{scaling}, rsLoRA {'on' if config.get('use_rslora') else 'off'}",
-        f"targets:      {', '.join(names) or '-'} ({len(modules)} modules)",
-        f"parameters:   {total:,} (lora_A {counts['lora_A']:,}, lora_B {counts['lora_B']:,}"
-        + (f", biases {counts['other']:,}" if counts["other"] else "")
-        + f") in {len(tensors)} tensors, {'/'.join(dtypes)}, {nbytes / 2**20:.2f} MiB",
+        f"adapter:     {folder}",
+        f"saved by:    {saved_by}",
+        f"base model:  {config.get('base_model_name_or_path') or '(not recorded)'}",
+        f"trained on:  {trained_on}",
+        f"rank:        r={r} (in the file: {', '.join(map(str, ranks)) or '-'}), lora_alpha={alpha}, "
+        f"scaling {scaling:g}{' (rsLoRA)' if rslora else ''}",
+        f"targets:     {', '.join(targets) or '-'} ({len(modules)} modules)",
+        f"parameters:  {sum(counts.values()):,} ({parts}) in {len(tensors)} tensors, {dtypes}, "
+        f"{nbytes / 2**20:.2f} MiB",
     ]
     if config.get("rank_pattern") or config.get("alpha_pattern"):
-        lines.append(f"patterns:     rank {config.get('rank_pattern') or {}}, alpha {config.get('alpha_pattern') or {}}")
+        lines.append(f"patterns:    rank {config.get('rank_pattern') or {}}, alpha {config.get('alpha_pattern') or {}}")
     return "\n".join(lines)
+
+
+def _describe_quantization(q: dict[str, Any] | None) -> str:
+    if not q:
+        return "dense base weights"
+    if q["bits"] == 8:
+        return "8-bit (LLM.int8) base weights"
+    double = ", double quant" if q.get("double_quant") else ""
+    return f"4-bit {q.get('quant_type', 'nf4')}{double} base weights, compute {q.get('compute_dtype', '?')}"

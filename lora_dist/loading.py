@@ -1,12 +1,113 @@
-"""Load a Hugging Face causal LM and its tokenizer, quantized to 4/8-bit as it loads (work in progress)."""
+"""Load a Hugging Face causal LM and its tokenizer, quantized to 4 or 8 bits as it loads.
+
+Quantization goes through transformers' `BitsAndBytesConfig`, not `quant.quantize_model`: the
+checkpoint is quantized tensor by tensor as it streams in (straight onto the GPU with a device_map),
+so peak memory is the quantized model, never the dense one; `quantize_model` needs the dense model
+in memory first. It yields the same bitsandbytes `Linear4bit` / `Linear8bitLt` classes (uint8 4-bit
+storage, which DeepSpeed leaves alone), works on the CPU as well as on CUDA (measured with
+transformers 5.24 + bitsandbytes 0.50.2), and keeps the output head dense.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from torch import nn
+
+from lora_dist import quant
 
 
-def load_base_model(name_or_path: str, bits: int | None = None, quant_type: str = "nf4", double_quant: bool = True,
-                    compute_dtype: torch.dtype = torch.bfloat16, device_map=None,
-                    attn_implementation: str | None = None):
-    """Return (model, tokenizer); quantized linears except lm_head when `bits` is 4 or 8."""
-    raise NotImplementedError
+def load_base_model(
+    name_or_path: str,
+    bits: int | None = None,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device_map=None,
+    attn_implementation: str | None = None,
+    *,
+    require_tokenizer: bool = True,
+) -> tuple[nn.Module, object]:
+    """Load (model, tokenizer) from a local folder or a hub id, ready for `apply_lora_to_model`.
+
+    Args:
+        name_or_path: folder written by `save_pretrained`, or a hub id ("meta-llama/Llama-3.1-8B").
+        bits: 4 (QLoRA NF4/FP4), 8 (LLM.int8(), outlier threshold 6.0 as transformers sets it) or
+            None for a dense model.
+        quant_type: "nf4" or "fp4" (4-bit only).
+        double_quant: also quantize the 4-bit absmax statistics.
+        compute_dtype: dtype of the 4-bit matmul and of every weight left dense (embeddings,
+            norms, lm_head); the dense model's dtype when `bits` is None.
+        device_map: passed to transformers; default with `bits` on a CUDA machine: the current
+            device (each rank sets its own before loading), else the CPU.
+        attn_implementation: "eager", "sdpa", "flash_attention_2", ...; default: transformers' choice.
+        require_tokenizer: raise if the folder has no tokenizer (else return None for it).
+
+    Returns:
+        (model in eval mode, tokenizer or None).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    if bits not in (None, 4, 8):
+        raise ValueError(f"bits must be 4, 8 or None (dense), got {bits!r}")
+    if quant_type not in quant.QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {quant.QUANT_TYPES}, got {quant_type!r}")
+    _check_local(name_or_path)
+
+    kwargs: dict = {"dtype": compute_dtype}
+    if bits is not None:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=bits == 4,
+            load_in_8bit=bits == 8,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+        if device_map is None and torch.cuda.is_available():
+            device_map = {"": torch.cuda.current_device()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(f"could not load a model from {name_or_path!r}: {_first_line(err)}") from None
+
+    for module in model.modules():
+        quant.keep_portable_layout(module)  # see quant.keep_portable_layout: no silent CPU repack
+    head = model.get_output_embeddings()
+    if head is not None and quant.bits_of(head) is not None:
+        raise RuntimeError(f"transformers quantized the output head of {name_or_path}; it must stay dense")
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, TypeError) as err:
+        if require_tokenizer:
+            raise FileNotFoundError(
+                f"{name_or_path!r} has no usable tokenizer ({_first_line(err)}); save one beside the model "
+                f"with tokenizer.save_pretrained"
+            ) from None
+        tokenizer = None
+    return model, tokenizer
+
+
+def _check_local(name_or_path: str) -> None:
+    """Clear errors for a local path that is not a model folder (hub ids pass through)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{name_or_path} is a file; pass the model folder (the one with config.json)")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name_or_path} has no config.json: not a Hugging Face model folder")
+        return
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

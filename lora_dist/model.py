@@ -224,6 +224,26 @@ class LoRAModel(nn.Module):
             if id(p) in wanted
         }
 
+    # ------------------------------------------------------------------ adapter files
+    def save_adapter(self, path, **kwargs):
+        """Write the adapter in the PEFT layout; see `lora_dist.adapters.save_adapter`."""
+        from lora_dist import adapters  # adapters imports this module
+
+        return adapters.save_adapter(self, path, **kwargs)
+
+    def load_adapter(self, path) -> None:
+        """Load an adapter (ours or PEFT's), all or nothing; see `lora_dist.adapters.load_adapter`."""
+        from lora_dist import adapters
+
+        adapters.load_adapter(self, path)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, path) -> "LoRAModel":
+        """Wrap `base_model` as an adapter folder describes and load it; see `lora_dist.adapters`."""
+        from lora_dist import adapters
+
+        return adapters.from_pretrained(base_model, path)
+
     # ------------------------------------------------------------------ merge state
     @property
     def merged(self) -> bool:
