@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_dist import quant
+from lora_dist import kernels, quant
 
 INITS = ("kaiming", "gaussian")
 
@@ -170,6 +170,10 @@ class LoRALayer(nn.Module):
                 bias = None if bias is None else bias.to(w.dtype)
                 return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
             return self.base_layer(x)
+        if x.is_cuda and self.bits == 4 and torch.is_grad_enabled() and kernels.supports_fast_path(self):
+            # Training on a 4-bit base: one autograd function that saves only x and x @ A.T and
+            # dequantizes the base again in backward (see kernels.py for the numerics).
+            return kernels.lora_linear(x, self)
         result = self.base_layer(x)
         adapter_dtype = self.lora_A.weight.dtype
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(adapter_dtype))))  # (..., out)

@@ -1,0 +1,636 @@
+"""`lora-dist bench`: tokens/s, step time, peak memory and MFU of our LoRA training step, and of PEFT's.
+
+    lora-dist bench --shape llama3-8b --vs peft --gradient-checkpointing both
+    python -m lora_dist.bench --shape tiny --vs peft --json -
+
+Each side builds the same random-weight model (same seed, so the same base bytes), quantizes the
+same seven linears per layer (NF4 + double quant by default), puts LoRA on them with the same
+adapter init, and runs N warm-up plus N timed AdamW steps on the same batch (labels = inputs,
+no padding, no packing, no dropout). Ours is `LoRAModel` + `kernels.patch_model_for_speed`; PEFT's
+is `get_peft_model` over the Hugging Face model as PEFT users run it. Peak memory is measured over
+the training steps only (after the model is built).
+
+FLOPs. N counts the weights of every matmul linear (the seven per layer and the output head; not
+the embedding, not attention scores). A LoRA step on a frozen base does 2N (forward) + 2N
+(activation gradients) FLOPs per token, plus 2N when checkpointing recomputes the forward:
+`hfu` uses that count. `mfu` is the usual 6N per token, the convention of the issue, whatever the
+step does. Both against `--peak-tflops` (989: dense bf16 of an H100/H200 SXM datasheet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SIDES = ("ours", "peft", "peft+liger")
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    # all 80 layers hold 35 GB in NF4: the default measures a few and computes the rest
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, rope_theta=10000.0, max_position_embeddings=256),
+}
+
+
+# ------------------------------------------------------------------------------------ arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `lora-dist bench`'s options to `parser`."""
+    p = parser
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="model shape (random weights)")
+    p.add_argument("--model", default=None, help="a real causal LM (path or hub name) instead of --shape")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers to build (default: the shape's)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; 64 for tiny)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 4; 2 for tiny)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=None, help="default 2 * rank")
+    p.add_argument("--quant", choices=("nf4", "fp4", "none"), default="nf4")
+    p.add_argument("--no-double-quant", action="store_true")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=4, help="timed steps (the median is reported)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", choices=("on", "off", "both"), default="on")
+    p.add_argument("--vs", action="append", default=[], choices=SIDES[1:],
+                   help="also run the peer in the same process (repeatable)")
+    p.add_argument("--plain", action="store_true", help="our side without kernels.patch_model_for_speed")
+    p.add_argument("--block-checkpointing", action="store_true",
+                   help="our side checkpoints attention and MLP blocks separately (more memory, less recompute)")
+    p.add_argument("--no-compile", action="store_true", help="fused ops without torch.compile")
+    p.add_argument("--profile", action="store_true", help="profile one step of our side and print where time goes")
+    p.add_argument("--fit-memory", type=float, default=None, metavar="GIB",
+                   help="emulate a card of GIB (memory fraction) and search the largest micro batch per seq length")
+    p.add_argument("--fit-seqs", default="2048,4096,8192", help="seq lengths the --fit-memory search tries")
+    p.add_argument("--extrapolate-layers", default=None, metavar="A,B",
+                   help="measure peak memory at A and B layers and compute the full depth's peak linearly")
+    p.add_argument("--skip-throughput", action="store_true",
+                   help="run only the memory studies (--fit-memory, --extrapolate-layers)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (dense bf16)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write results as JSON to PATH ('-' or no value: stdout, instead of the table)")
+
+
+# ------------------------------------------------------------------------------------ model building
+
+
+@dataclass
+class Setup:
+    """What one benchmark run builds and trains (shared by every side)."""
+
+    shape: str
+    model_path: str | None
+    layers: int
+    seq: int
+    micro_batch: int
+    rank: int
+    alpha: float
+    quant: str
+    double_quant: bool
+    lr: float
+    seed: int
+    device: str
+    dtype: torch.dtype = field(repr=False, default=torch.bfloat16)
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        return d
+
+
+def _llama_config(setup: Setup):
+    from transformers import LlamaConfig
+
+    kw = dict(SHAPES[setup.shape])
+    kw["num_hidden_layers"] = setup.layers
+    return LlamaConfig(**kw, attn_implementation="sdpa")
+
+
+def build_base(setup: Setup) -> nn.Module:
+    """The random-weight (or loaded) causal LM of `setup`, its seven linears per layer quantized."""
+    from lora_dist import quant
+
+    torch.manual_seed(setup.seed)
+    if setup.model_path:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=setup.dtype, attn_implementation="sdpa")
+        model.to(setup.device)
+    else:
+        from transformers import LlamaForCausalLM
+
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(setup.dtype)
+        try:
+            with torch.device(setup.device):
+                model = LlamaForCausalLM(_llama_config(setup))
+        finally:
+            torch.set_default_dtype(old)
+    model.config.use_cache = False
+    if setup.quant != "none":
+        quant.quantize_model(model, 4, setup.quant, setup.double_quant, setup.dtype, skip_modules=("lm_head",))
+        model.is_loaded_in_4bit = True  # what PEFT and HF read for a bitsandbytes 4-bit model
+    _free()
+    return model
+
+
+def _init_adapters(pairs: list[tuple[str, torch.Tensor, torch.Tensor]], seed: int) -> None:
+    """Same adapter init on every side: A uniform(+-1/sqrt(in)) from a per-name generator, B = 0."""
+    with torch.no_grad():
+        for name, a, b in pairs:
+            key = name[name.find("layers."):] if "layers." in name else name
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + sum(map(ord, key)) * 7919 + len(key))
+            bound = 1.0 / math.sqrt(a.shape[1])
+            a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=gen))
+            b.zero_()
+
+
+def _matmul_weights(model: nn.Module) -> int:
+    """N: weights of every linear the step multiplies by (the output head included, adapters not)."""
+    from lora_dist.layers import LoRALayer
+
+    adapters = {id(m) for l in model.modules() if isinstance(l, LoRALayer) for m in (l.lora_A, l.lora_B)}
+    return sum(m.in_features * m.out_features for m in model.modules()
+               if isinstance(m, nn.Linear) and id(m) not in adapters)
+
+
+def _count_n(setup: Setup, model: nn.Module) -> int:
+    if setup.model_path:
+        return _matmul_weights(model)
+    c = SHAPES[setup.shape]
+    d, i, h, kv = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    hd = d // h
+    per_layer = d * (h * hd) * 2 + d * (kv * hd) * 2 + 3 * d * i
+    return setup.layers * per_layer + c["vocab_size"] * d
+
+
+@dataclass
+class Side:
+    """A built model ready to train, and its optimizer."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+
+
+def build_ours(setup: Setup, checkpointing: bool, fast: bool = True, block: bool = False) -> Side:
+    from lora_dist import kernels
+    from lora_dist.model import LoRAConfig, LoRAModel
+
+    base = build_base(setup)
+    model = LoRAModel(base, LoRAConfig(rank=setup.rank, alpha=setup.alpha, dropout=0.0, target_modules=TARGETS))
+    _init_adapters([(n, l.lora_A.weight, l.lora_B.weight) for n, l in model.lora_layers.items()], setup.seed)
+    block = block and fast and checkpointing
+    if checkpointing and not block:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fast:
+        kernels.patch_model_for_speed(model, block_checkpointing=block)
+    model.train()
+    params = model.get_trainable_parameters()
+    fused = setup.device.startswith("cuda")
+    optimizer = torch.optim.AdamW(params, lr=setup.lr, weight_decay=0.0, fused=fused)
+    return Side("ours" if fast else "ours-plain", model, optimizer, params)
+
+
+def build_peft(setup: Setup, checkpointing: bool, liger: bool = False) -> Side:
+    from peft import LoraConfig, get_peft_model
+
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()  # patches transformers' Llama classes for models built from now on
+    base = build_base(setup)
+    if checkpointing:  # as PEFT's docs and the measured peer run it
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    config = LoraConfig(r=setup.rank, lora_alpha=setup.alpha, lora_dropout=0.0, target_modules=TARGETS)
+    model = get_peft_model(base, config)
+    pairs = []
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and isinstance(getattr(module, "lora_A"), nn.ModuleDict) and module.lora_A:
+            pairs.append((name, module.lora_A["default"].weight, module.lora_B["default"].weight))
+    _init_adapters(pairs, setup.seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=setup.lr, weight_decay=0.0)
+    return Side("peft+liger" if liger else "peft", model, optimizer, params)
+
+
+def build_side(name: str, setup: Setup, checkpointing: bool, fast: bool = True, block: bool = False) -> Side:
+    if name == "ours":
+        return build_ours(setup, checkpointing, fast, block)
+    return build_peft(setup, checkpointing, liger=name == "peft+liger")
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_batch(setup: Setup, vocab: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(setup.seed + 1)
+    return torch.randint(0, vocab, (setup.micro_batch, setup.seq), generator=gen).to(setup.device)
+
+
+def train_step(side: Side, batch: torch.Tensor) -> float:
+    """One optimizer step on `batch` (labels = inputs); returns the loss."""
+    loss = side.model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    side.optimizer.step()
+    side.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def time_steps(side: Side, batch: torch.Tensor, setup: Setup, warmup: int, steps: int) -> dict[str, Any]:
+    """Warm-up then timed steps; step time is the median of the timed ones."""
+    cuda = setup.device.startswith("cuda")
+    losses, times, issue = [], [], []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        _sync(setup.device)
+        t0 = time.perf_counter()
+        loss = train_step(side, batch)
+        t1 = time.perf_counter()  # the host has queued the whole step (nothing in it synchronizes)
+        _sync(setup.device)
+        losses.append(float(loss))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            issue.append(t1 - t0)
+    out: dict[str, Any] = {
+        "step_s": statistics.median(times),
+        "host_issue_s": statistics.median(issue),  # close to step_s: the step is bound by the host
+        "losses": losses,
+    }
+    if cuda:
+        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return out
+
+
+def run_side(name: str, setup: Setup, checkpointing: bool, args: argparse.Namespace) -> dict[str, Any]:
+    side = build_side(name, setup, checkpointing, fast=not args.plain, block=args.block_checkpointing)
+    n = _count_n(setup, side.model)
+    vocab = side.model.config.vocab_size
+    batch = make_batch(setup, vocab)
+    res = time_steps(side, batch, setup, args.warmup, args.steps)
+    tokens = setup.micro_batch * setup.seq
+    tok_s = tokens / res["step_s"]
+    hw_per_token = (6 if checkpointing else 4) * n
+    result = {
+        "side": side.name,
+        "gradient_checkpointing": checkpointing,
+        "tokens_per_s": tok_s,
+        "step_s": res["step_s"],
+        "host_issue_s": res["host_issue_s"],
+        "peak_allocated_gib": res.get("peak_allocated_gib"),
+        "peak_reserved_gib": res.get("peak_reserved_gib"),
+        "mfu": tok_s * 6 * n / (args.peak_tflops * 1e12),
+        "hfu": tok_s * hw_per_token / (args.peak_tflops * 1e12),
+        "n_matmul_weights": n,
+        "trainable": sum(p.numel() for p in side.params),
+        "losses": res["losses"],
+    }
+    if args.profile and name == "ours":
+        result["profile"] = profile_step(side, batch, setup)
+    del side
+    _free()
+    return result
+
+
+# ------------------------------------------------------------------------------------ profile
+
+_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("dequantize 4-bit", ("dequantize", "kdequant")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas", "matmul")),
+    ("fused (triton)", ("triton",)),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copy/cast", ("copy", "cast", "convert", "cat")),
+)
+
+
+def _category(kernel: str) -> str:
+    k = kernel.lower()
+    for cat, keys in _CATEGORIES:
+        if any(key in k for key in keys):
+            return cat
+    return "other elementwise"
+
+
+def profile_step(side: Side, batch: torch.Tensor, setup: Setup) -> dict[str, Any]:
+    """Device time per kernel category over one training step (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(setup.device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        train_step(side, batch)
+        _sync(setup.device)
+    wall = time.perf_counter() - t0
+    kernels: dict[str, float] = {}
+    for evt in prof.key_averages():
+        dev = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if dev and evt.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[evt.key] = kernels.get(evt.key, 0.0) + dev / 1e3  # ms
+    cats: dict[str, float] = {}
+    for k, ms in kernels.items():
+        cats[_category(k)] = cats.get(_category(k), 0.0) + ms
+    busy = sum(cats.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    return {
+        "wall_ms_profiled": wall * 1e3,
+        "device_busy_ms": busy,
+        "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+        "top_kernels_ms": {k[:90]: round(v, 2) for k, v in top},
+    }
+
+
+# ------------------------------------------------------------------------------------ memory studies
+
+
+def fit_memory(setup: Setup, names: list[str], gib: float, seqs: list[int], checkpointing: bool) -> list[dict]:
+    """Largest power-of-two micro batch per sequence length that trains within `gib` GiB, per side."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    results = []
+    for name in names:
+        side = build_side(name, setup, checkpointing)
+        vocab = side.model.config.vocab_size
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+        fits: dict[int, int] = {}
+        try:
+            for seq in seqs:
+                best, mb = 0, 1
+                while mb <= 64:
+                    trial = Setup(**{**setup.__dict__, "seq": seq, "micro_batch": mb})
+                    ok = _try_step(side, make_batch(trial, vocab))
+                    print(f"  fit {gib:g} GiB {side.name}: seq {seq} x {mb}: {'fits' if ok else 'OOM'}", flush=True)
+                    if not ok:
+                        break
+                    best, mb = mb, mb * 2
+                fits[seq] = best
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        results.append({
+            "side": side.name,
+            "memory_gib": gib,
+            "gradient_checkpointing": checkpointing,
+            "largest_micro_batch_per_seq": fits,
+            "largest_tokens_per_step": max((s * b for s, b in fits.items()), default=0),
+        })
+        del side
+        _free()
+    return results
+
+
+def _try_step(side: Side, batch: torch.Tensor) -> bool:
+    oom = False
+    try:
+        train_step(side, batch)
+        torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        oom = True
+    if oom:  # outside the except block so the traceback's frames (and their tensors) are gone
+        side.optimizer.zero_grad(set_to_none=True)
+        for p in side.params:
+            p.grad = None
+        _free()
+    return not oom
+
+
+def extrapolate_peak(setup: Setup, names: list[str], layer_pair: tuple[int, int], checkpointing: bool,
+                     args: argparse.Namespace) -> list[dict]:
+    """Peak allocated memory measured at two depths, and the full depth's computed linearly from them."""
+    full = SHAPES[setup.shape]["num_hidden_layers"]
+    a, b = layer_pair
+    out = []
+    for name in names:
+        peaks = {}
+        for layers in (a, b):
+            s = Setup(**{**setup.__dict__, "layers": layers})
+            side = build_side(name, s, checkpointing)
+            batch = make_batch(s, side.model.config.vocab_size)
+            res = time_steps(side, batch, s, warmup=1, steps=1)
+            peaks[layers] = res["peak_allocated_gib"]
+            print(f"  {name} {setup.shape} at {layers} layers: peak {peaks[layers]:.2f} GiB", flush=True)
+            del side
+            _free()
+        slope = (peaks[b] - peaks[a]) / (b - a)
+        out.append({
+            "side": name,
+            "gradient_checkpointing": checkpointing,
+            "measured_peak_gib": peaks,
+            "per_layer_gib": slope,
+            "full_layers": full,
+            "computed_full_peak_gib": peaks[a] + slope * (full - a),
+            "note": f"measured at {a} and {b} layers; the {full}-layer peak is computed, not measured",
+        })
+    return out
+
+
+# ------------------------------------------------------------------------------------ reporting
+
+
+def _ratios(results: list[dict]) -> list[dict]:
+    rows = []
+    for r in results:
+        if r["side"] == "ours":
+            continue
+        ours = next((o for o in results if o["side"] == "ours"
+                     and o["gradient_checkpointing"] == r["gradient_checkpointing"]), None)
+        if ours is None:
+            continue
+        row = {
+            "vs": r["side"],
+            "gradient_checkpointing": r["gradient_checkpointing"],
+            "speedup": ours["tokens_per_s"] / r["tokens_per_s"],
+            "final_loss_diff": ours["losses"][-1] - r["losses"][-1],
+            "first_loss_diff": ours["losses"][0] - r["losses"][0],
+        }
+        if ours.get("peak_allocated_gib") and r.get("peak_allocated_gib"):
+            row["memory_ratio"] = ours["peak_allocated_gib"] / r["peak_allocated_gib"]
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return str(v)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"lora-dist bench: {json.dumps(report['setup'])}"]
+    if report["results"]:
+        lines.append(f"{'side':<12}{'ckpt':<6}{'tokens/s':>11}{'step s':>9}{'peak GiB':>10}{'resv GiB':>10}"
+                     f"{'MFU':>7}{'HFU':>7}{'loss0':>9}{'lossN':>9}")
+        for r in report["results"]:
+            lines.append(
+                f"{r['side']:<12}{'on' if r['gradient_checkpointing'] else 'off':<6}"
+                f"{r['tokens_per_s']:>11,.0f}{r['step_s']:>9.3f}{_fmt(r['peak_allocated_gib']):>10}"
+                f"{_fmt(r['peak_reserved_gib']):>10}{r['mfu']:>7.1%}{r['hfu']:>7.1%}"
+                f"{r['losses'][0]:>9.4f}{r['losses'][-1]:>9.4f}"
+            )
+    for row in report.get("ratios", []):
+        mem = f", memory x{row['memory_ratio']:.2f}" if "memory_ratio" in row else ""
+        lines.append(
+            f"ours vs {row['vs']} (ckpt {'on' if row['gradient_checkpointing'] else 'off'}): "
+            f"speed x{row['speedup']:.2f}{mem}, loss diff first {row['first_loss_diff']:+.2e} "
+            f"last {row['final_loss_diff']:+.2e}"
+        )
+    for r in report["results"]:
+        prof = r.get("profile")
+        if prof:
+            lines.append(f"profile of ours (ckpt {'on' if r['gradient_checkpointing'] else 'off'}): "
+                         f"wall {prof['wall_ms_profiled']:.1f} ms, device busy {prof['device_busy_ms']:.1f} ms")
+            for cat, ms in prof["categories_ms"].items():
+                lines.append(f"  {cat:<20}{ms:>9.1f} ms {ms / max(prof['device_busy_ms'], 1e-9):>6.1%}")
+            for k, ms in prof["top_kernels_ms"].items():
+                lines.append(f"    {ms:>8.2f} ms  {k}")
+    for f in report.get("fit_memory", []):
+        lines.append(f"fits in {f['memory_gib']:g} GiB ({f['side']}, ckpt "
+                     f"{'on' if f['gradient_checkpointing'] else 'off'}): micro batch per seq "
+                     f"{f['largest_micro_batch_per_seq']}, largest {f['largest_tokens_per_step']} tokens/step")
+    for e in report.get("extrapolated_peak", []):
+        lines.append(f"{e['side']} peak: measured {e['measured_peak_gib']}, {e['per_layer_gib']:.3f} GiB/layer, "
+                     f"computed {e['full_layers']}-layer peak {e['computed_full_peak_gib']:.1f} GiB ({e['note']})")
+    return "\n".join(lines)
+
+
+def _write_json(report: dict[str, Any], path: str) -> None:
+    text = json.dumps(report, indent=2, default=str)
+    if path == "-":
+        print(text)
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ entry point
+
+
+def _setup_from_args(args: argparse.Namespace) -> Setup:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = args.shape == "tiny"
+    default_layers = 4 if args.shape == "llama3-70b" else SHAPES[args.shape]["num_hidden_layers"]
+    return Setup(
+        shape=args.shape,
+        model_path=args.model,
+        layers=args.layers or default_layers,
+        seq=args.seq or (64 if tiny else 2048),
+        micro_batch=args.micro_batch or (2 if tiny else 4),
+        rank=args.rank,
+        alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+        quant=args.quant,
+        double_quant=not args.no_double_quant,
+        lr=args.lr,
+        seed=args.seed,
+        device=device,
+        # bitsandbytes' CPU kernels and CPU bf16 matmuls are slow: CPU runs train in fp32
+        dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
+    )
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    problems = []
+    for name in ("layers", "seq", "micro_batch"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.steps < 1 or args.warmup < 0:
+        problems.append("--steps must be >= 1 and --warmup >= 0")
+    if "peft+liger" in args.vs:
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            problems.append("--vs peft+liger needs liger-kernel: pip install liger-kernel (or drop it)")
+    if args.vs:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            problems.append("--vs peft needs peft: pip install peft")
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if (args.fit_memory is not None or args.extrapolate_layers) and not cuda:
+        problems.append("--fit-memory and --extrapolate-layers measure GPU memory: run them on a CUDA device")
+    if args.extrapolate_layers:
+        try:
+            a, b = (int(v) for v in args.extrapolate_layers.split(","))
+            assert 0 < a < b
+        except (ValueError, AssertionError):
+            problems.append(f"--extrapolate-layers takes two depths A<B like 2,4; got {args.extrapolate_layers!r}")
+    return problems
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark described by `args` (from `add_arguments`); returns the exit code."""
+    problems = _check_args(args)
+    if problems:
+        for p in problems:
+            print(f"lora-dist bench: {p}", file=sys.stderr)
+        return 2
+    from lora_dist import kernels
+
+    kernels.set_compile(not args.no_compile)
+    setup = _setup_from_args(args)
+    settings = {"on": [True], "off": [False], "both": [True, False]}[args.gradient_checkpointing]
+    names = ["ours"] + [v for v in SIDES[1:] if v in args.vs]  # liger patches globally: it goes last
+    report: dict[str, Any] = {"setup": setup.summary(), "torch": torch.__version__, "results": []}
+    if setup.device.startswith("cuda"):
+        report["device"] = torch.cuda.get_device_name()
+    for name in names if not args.skip_throughput else []:
+        for checkpointing in settings:
+            report["results"].append(run_side(name, setup, checkpointing, args))
+            if args.json != "-":
+                r = report["results"][-1]
+                print(f"  {r['side']} ckpt={'on' if checkpointing else 'off'}: {r['tokens_per_s']:,.0f} tok/s, "
+                      f"peak {_fmt(r['peak_allocated_gib'])} GiB", flush=True)
+    report["ratios"] = _ratios(report["results"])
+    if args.fit_memory is not None:
+        seqs = [int(s) for s in args.fit_seqs.split(",")]
+        report["fit_memory"] = fit_memory(setup, names, args.fit_memory, seqs, settings[0])
+    if args.extrapolate_layers:
+        a, b = (int(v) for v in args.extrapolate_layers.split(","))
+        report["extrapolated_peak"] = extrapolate_peak(setup, names, (a, b), settings[0], args)
+    if args.json is not None:
+        _write_json(report, args.json)
+    if args.json != "-":
+        print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="lora-dist bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

@@ -1,0 +1,227 @@
+"""The fast paths compute the same function as the plain paths: outputs and gradients.
+
+References are computed another way: float64 math on the dequantized weights, Hugging Face's own
+modules and cross-entropy, or the unpatched model. Error measure: ||out - ref|| / ||ref||.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_dist import bench, kernels, quant
+from lora_dist.layers import LoRALayer
+from lora_dist.model import LoRAConfig, LoRAModel
+
+# fp32 against fp64 over dot products of at most 256 terms: rounding grows like sqrt(K) * 2**-24,
+# about 1e-6; 1e-5 leaves room for the different summation orders of the GEMMs.
+FP32_RTOL = 1e-5
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _lora_layers(in_features: int, outs: list[int], bits: int | None, seed: int = 0) -> list[LoRALayer]:
+    torch.manual_seed(seed)
+    layers = []
+    for out in outs:
+        holder = nn.Sequential(nn.Linear(in_features, out, bias=False))
+        if bits:
+            quant.quantize_model(holder, bits=bits, compute_dtype=torch.float32, skip_modules=())
+        layer = LoRALayer.from_base(holder[0], rank=8, alpha=16)
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(0, 0.05)  # nonzero, so A gets a gradient
+        layers.append(layer)
+    return layers
+
+
+def _reference(x: torch.Tensor, layers: list[LoRALayer]):
+    """float64 outputs and gradients of sum_i <y_i, c_i> on the dequantized weights."""
+    xd = x.detach().double().requires_grad_()
+    params = []
+    outs = []
+    for layer in layers:
+        w = quant.dequantize_weight(layer.base_layer, torch.float64)
+        a = layer.lora_A.weight.detach().double().requires_grad_()
+        b = layer.lora_B.weight.detach().double().requires_grad_()
+        params += [a, b]
+        outs.append(xd @ w.t() + layer.scaling * (xd @ a.t()) @ b.t())
+    return xd, params, outs
+
+
+def _cotangents(outs: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+
+
+def test_lora_group_on_4bit_bases_matches_float64_reference_outputs_and_grads():
+    layers = _lora_layers(128, [128, 64, 64], bits=4)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    outs = kernels.lora_group(x, layers)
+    xd, ref_params, ref_outs = _reference(x, layers)
+    cots = _cotangents(ref_outs)
+    sum((o.double() * c).sum() for o, c in zip(outs, cots)).backward()
+    sum((o * c).sum() for o, c in zip(ref_outs, cots)).backward()
+    for o, r in zip(outs, ref_outs):
+        assert rel_err(o, r) < FP32_RTOL
+    assert rel_err(x.grad, xd.grad) < FP32_RTOL
+    ours = [p.grad for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    for g, r in zip(ours, ref_params):
+        assert rel_err(g, r.grad) < FP32_RTOL
+
+
+def test_lora_group_on_dense_base_with_bias_matches_plain_layer():
+    torch.manual_seed(0)
+    layer = LoRALayer(128, 64, rank=4, alpha=8, bias=True)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.05)
+    x = torch.randn(6, 128)
+    plain = layer(x)  # CPU input: the layer's own (unfused) path
+    (fast,) = kernels.lora_group(x, [layer])
+    assert rel_err(fast, plain) < FP32_RTOL
+
+
+def test_fast_path_in_bf16_is_no_less_accurate_than_plain_path():
+    # The plain path casts x to fp32 for the adapter; the fast one keeps bf16 operands with fp32
+    # accumulation. Both round the base output to bf16 (2**-9 relative), which dominates: the fast
+    # path's error against float64 must stay within 1.5x the plain path's (and bf16's 1e-2 ceiling).
+    layers = _lora_layers(256, [128], bits=None)
+    layer = layers[0]
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(64, 256).to(torch.bfloat16)
+    _, _, (ref,) = _reference(x, layers)
+    plain = layer(x)
+    fast = kernels.lora_linear(x, layer)
+    assert rel_err(fast, ref) < 1.5 * rel_err(plain, ref) + 1e-4
+    assert rel_err(fast, ref) < 1e-2
+
+
+def test_chunked_loss_matches_hf_cross_entropy_with_uneven_chunks_and_ignored_labels():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 64, requires_grad=True)
+    weight = torch.randn(100, 64) * 0.1
+    labels = torch.randint(0, 100, (2, 9))
+    labels[0, 3] = labels[1, 7] = kernels.IGNORE_INDEX
+    loss = kernels.chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=5)
+    loss.backward()
+    hd = hidden.detach().double().requires_grad_()
+    logits = hd @ weight.double().t()
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 100), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < FP32_RTOL * ref.item()
+    assert rel_err(hidden.grad, hd.grad) < FP32_RTOL
+
+
+def test_fused_rmsnorm_rope_swiglu_match_hf_llama_modules():
+    from transformers.models.llama import modeling_llama as hf
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    norm = hf.LlamaRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    norm.weight.requires_grad_(False)
+    g = torch.randn(2, 7, 64)
+    ours = kernels.rms_norm(x, norm.weight, 1e-5)
+    (gx,) = torch.autograd.grad((ours * g).sum(), x)
+    ref = norm(x)
+    (rgx,) = torch.autograd.grad((ref * g).sum(), x)
+    assert rel_err(ours, ref) < FP32_RTOL and rel_err(gx, rgx) < FP32_RTOL
+
+    q = torch.randn(2, 7, 4, 32, requires_grad=True)  # (B, T, H, D)
+    k = torch.randn(2, 7, 2, 32, requires_grad=True)
+    ang = torch.randn(1, 7, 16)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    oq, ok = kernels.rope(q, k, cos, sin)
+    rq, rk = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    gq, gk = torch.randn_like(oq), torch.randn_like(ok)
+    ours_g = torch.autograd.grad((oq * gq).sum() + (ok * gk).sum(), (q, k))
+    ref_g = torch.autograd.grad((rq.transpose(1, 2) * gq).sum() + (rk.transpose(1, 2) * gk).sum(), (q, k))
+    assert rel_err(oq, rq.transpose(1, 2)) < FP32_RTOL and rel_err(ok, rk.transpose(1, 2)) < FP32_RTOL
+    assert all(rel_err(a, b) < FP32_RTOL for a, b in zip(ours_g, ref_g))
+
+    gate = torch.randn(3, 256, requires_grad=True)
+    up = torch.randn(3, 256, requires_grad=True)
+    out = kernels.swiglu(gate, up)
+    gout = torch.randn_like(out)
+    ours_g = torch.autograd.grad((out * gout).sum(), (gate, up))
+    ref = F.silu(gate) * up
+    ref_g = torch.autograd.grad((ref * gout).sum(), (gate, up))
+    assert rel_err(out, ref) < FP32_RTOL
+    assert all(rel_err(a, b) < FP32_RTOL for a, b in zip(ours_g, ref_g))
+
+
+def _tiny_lora_model(checkpointing: bool, quant_kind: str = "none") -> LoRAModel:
+    setup = bench.Setup(shape="tiny", model_path=None, layers=2, seq=16, micro_batch=2, rank=8, alpha=16.0,
+                        quant=quant_kind, double_quant=True, lr=1e-3, seed=0, device="cpu", dtype=torch.float32)
+    model = LoRAModel(bench.build_base(setup), LoRAConfig(rank=8, alpha=16, target_modules=bench.TARGETS))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in model.lora_layers.values():
+            layer.lora_B.weight.normal_(0, 0.02)
+    if checkpointing:
+        model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _loss_and_grads(model: LoRAModel, batch: torch.Tensor):
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.get_trainable_parameters()]
+
+
+def test_patched_checkpointed_model_matches_plain_model_loss_and_grads():
+    # Dense fp32 tiny Llama: the only differences are summation orders (GEMM splits, fused
+    # reductions) over <= 512-term sums: ~1e-6 relative per op, well under 1e-4 after 2 layers.
+    batch = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain_loss, plain_grads = _loss_and_grads(_tiny_lora_model(True), batch)
+    patched = kernels.patch_model_for_speed(_tiny_lora_model(True))
+    loss, grads = _loss_and_grads(patched, batch)
+    assert abs(loss - plain_loss) < 1e-5 * plain_loss
+    for g, r in zip(grads, plain_grads):
+        assert rel_err(g, r) < 1e-4
+
+
+def test_checkpointed_recompute_skips_the_base_gemms_whose_outputs_backward_never_reads(monkeypatch):
+    fetched = []
+    original = kernels._base_weight
+
+    def counting(base, dtype):
+        fetched.append(base)
+        return original(base, dtype)
+
+    monkeypatch.setattr(kernels, "_base_weight", counting)
+    batch = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = kernels.patch_model_for_speed(_tiny_lora_model(checkpointing=True))
+    down = [l.base_layer for n, l in model.lora_layers.items() if n.endswith("down_proj")]
+    o_proj = [l.base_layer for n, l in model.lora_layers.items() if n.endswith("o_proj")]
+    _loss_and_grads(model, batch)
+    # o_proj: forward, recompute (its output feeds the next RMSNorm, whose input backward needs), backward;
+    # down_proj: forward and backward only: its output just joins the residual, so the recompute,
+    # which stops once every saved tensor is back, ends before its GEMM
+    assert all(sum(f is b for f in fetched) == 3 for b in o_proj)
+    assert all(sum(f is b for f in fetched) == 2 for b in down)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_layer_routes_4bit_training_forward_through_fast_path_on_cuda():
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(256, 512, bias=False)).cuda()
+    quant.quantize_model(holder, bits=4, compute_dtype=torch.bfloat16, skip_modules=())
+    layer = LoRALayer.from_base(holder[0], rank=16, alpha=32)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.05)
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    _, ref_params, (ref,) = _reference(x, [layer])
+    out = layer(x)
+    node = out.grad_fn  # a view of the fused node's output
+    assert type(node.next_functions[0][0]).__name__ == "_LoRAOutputBackward"  # not bitsandbytes' MatMul4Bit
+    # bf16 operands with fp32 accumulation: METHOD.md's 1e-3..1e-2 band
+    assert rel_err(out, ref) < 1e-2
+    out.float().pow(2).sum().backward()
+    ref.pow(2).sum().backward()
+    assert rel_err(layer.lora_A.weight.grad, ref_params[0].grad) < 2e-2
+    assert rel_err(layer.lora_B.weight.grad, ref_params[1].grad) < 2e-2
