@@ -310,9 +310,10 @@ def setup_engine(model: LoRAModel, ds_config: dict) -> Any:
     DeepSpeed gets the adapters alone (see `_AdapterModule`), as AdamW param groups with weight
     decay on lora_A / lora_B and none on biases; the frozen base is never partitioned, gathered or
     cast, under ZeRO-3 and bf16 included. Call `init_distributed` first; build (and quantize) the
-    model before, on this rank's device. `engine(batch)` runs the LoRAModel's forward;
-    `engine.backward(loss)`, `engine.step()` train; `engine.lr_scheduler` follows the "lora_dist"
-    section of `ds_config` (see `make_lr_scheduler`).
+    model before, on this rank's device. `engine(batch)` runs the LoRAModel's forward; per micro
+    batch call `engine.backward(loss)` then `engine.step()`: DeepSpeed counts micro batches and
+    steps the optimizer (and `engine.lr_scheduler`, see `make_lr_scheduler`) only on every
+    grad_accum-th call. `engine.train()` / `engine.eval()` reach the whole model.
 
     Args:
         model: a LoRAModel, on this rank's device.
@@ -330,6 +331,14 @@ def setup_engine(model: LoRAModel, ds_config: dict) -> Any:
     own = config.pop(OWN_SECTION, None)
     if own is None:
         raise ValueError("ds_config has no 'lora_dist' section: build it with distributed.make_ds_config")
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    per_rank = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
+    made_for = config["train_batch_size"] // per_rank
+    if made_for != world:
+        raise ValueError(
+            f"ds_config was made for world_size={made_for} but {world} ranks are running; "
+            f"call make_ds_config with world_size={world} (after init_distributed)"
+        )
     device = torch.device(get_accelerator().current_device_name())
     wrong = {str(p.device) for p in model.parameters() if p.device.type != device.type}
     if wrong:
@@ -346,7 +355,53 @@ def setup_engine(model: LoRAModel, ds_config: dict) -> Any:
         config=config,
         lr_scheduler=lambda optimizer: make_lr_scheduler(optimizer, **own),
     )
+    if engine.zero_optimization_partition_weights():
+        # Trained biases are used inside base layers, where no ZeRO-3 hook fetches them: gather
+        # them for the whole forward instead.
+        for bias in view.biases.values():
+            deepspeed.zero.register_external_parameter(view, bias)
     return engine
+
+
+def to_universal(ds_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Convert one DeepSpeed checkpoint tag folder into a universal checkpoint in `out_dir`.
+
+    A universal checkpoint stores each parameter's fp32 weights and optimizer moments whole, so
+    `load_universal` can re-shard them for any world size. Run it on one rank.
+    """
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(ds_dir),
+        output_folder=str(out_dir),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # Our checkpoints do not carry DeepSpeed's (Megatron-oriented) universal_checkpoint_info;
+        # the converter fills in the default in memory.
+        inject_missing_state=True,
+    )
+    ds_to_universal.main(args)
+
+
+def load_universal(engine: Any, folder: str | os.PathLike) -> None:
+    """Load a universal checkpoint folder (from `to_universal`) into `engine`, at any world size."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    # DeepSpeed reads this flag from its config at load time only; set it for this one load.
+    engine._config.load_universal_checkpoint = True
+    try:
+        loaded, _ = engine.load_checkpoint(
+            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if loaded is None:
+        raise ValueError(f"DeepSpeed could not load the universal checkpoint {folder}; see its log above")
 
 
 def _model_of(engine_or_model: Any) -> LoRAModel:
@@ -375,13 +430,19 @@ def _storage_bytes(tensors: list[torch.Tensor]) -> int:
 def _grad_tensors(engine: Any, adapters: list[nn.Parameter]) -> list[torch.Tensor]:
     tensors = [p.grad for p in adapters if p.grad is not None]
     zero = engine.optimizer
-    averaged = getattr(zero, "averaged_gradients", None)
-    if isinstance(averaged, dict):
-        for grads in averaged.values():
-            tensors.extend(grads or [])
-    flat = getattr(zero, "grad_partitions_flat_buffer", None)  # ZeRO-3 keeps this rank's grads here
-    if flat is not None:
-        tensors.append(flat)
+    # ZeRO-1/2 accumulate this rank's reduced share in all_grad_tensors between micro batches and
+    # hand it to the step in averaged_gradients (ZeRO-3 too); both are {group: [tensor]}.
+    for attr in ("averaged_gradients", "all_grad_tensors"):
+        held = getattr(zero, attr, None)
+        if isinstance(held, dict):
+            for grads in held.values():
+                tensors.extend(grads or [])
+    # Where ZeRO-2 (grads_in_partition) and ZeRO-3 (grad_partitions_flat_buffer) accumulate this
+    # rank's share between micro batches. Transient communication buckets are not counted.
+    for attr in ("grads_in_partition", "grad_partitions_flat_buffer"):
+        flat = getattr(zero, attr, None)
+        if torch.is_tensor(flat):
+            tensors.append(flat)
     return tensors
 
 
@@ -389,7 +450,10 @@ def _optimizer_tensors(engine: Any, adapters: list[nn.Parameter]) -> tuple[list[
     """(master weights the optimizer holds besides the model params, its state tensors)."""
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO/bf16 wrappers keep torch's inside
     own = {id(p) for p in adapters}
-    masters = [p for g in inner.param_groups for p in g["params"] if id(p) not in own]
+    # ZeRO-3 puts its fp32 partitions into the torch optimizer's groups only during a step.
+    candidates = [p for g in inner.param_groups for p in g["params"]]
+    candidates += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    masters = list({id(p): p for p in candidates if id(p) not in own}.values())
     states = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
     return masters, states
 

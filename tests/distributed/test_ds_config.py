@@ -1,0 +1,128 @@
+"""make_ds_config, make_lr_scheduler, init_distributed: single process, DeepSpeed not imported."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lora_dist.distributed import init_distributed, make_ds_config, make_lr_scheduler
+
+BASE = dict(
+    zero_stage=2, micro_batch_size=4, grad_accum=8, world_size=2, grad_clip=1.0, precision="bf16",
+    lr=2e-4, weight_decay=0.01, warmup_steps=10, total_steps=100, schedule="cosine",
+)  # fmt: skip
+
+
+def test_config_derives_batch_sizes_precision_and_optimizer_from_ours():
+    config = make_ds_config(**BASE)
+    assert config["train_batch_size"] == 4 * 8 * 2
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 8
+    assert config["gradient_clipping"] == 1.0
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    assert config["zero_optimization"]["stage"] == 2
+    assert config["optimizer"]["type"] == "AdamW"
+    assert config["optimizer"]["params"]["lr"] == 2e-4
+    assert config["lora_dist"] == {"schedule": "cosine", "warmup_steps": 10, "total_steps": 100}
+
+
+def test_no_clipping_is_deepspeeds_zero():
+    assert make_ds_config(**dict(BASE, grad_clip=None))["gradient_clipping"] == 0.0
+
+
+def test_zero_stage_outside_0_to_3_is_refused():
+    with pytest.raises(ValueError, match=r"zero_stage must be one of \(0, 1, 2, 3\), got 5"):
+        make_ds_config(**dict(BASE, zero_stage=5))
+
+
+def test_every_bad_setting_is_reported_at_once():
+    with pytest.raises(ValueError) as err:
+        make_ds_config(**dict(BASE, zero_stage=-1, micro_batch_size=0, precision="fp8", lr=0.0))
+    message = str(err.value)
+    for fragment in ("zero_stage", "micro_batch_size", "precision must be one of", "lr must be positive"):
+        assert fragment in message
+
+
+def test_decaying_schedule_without_total_steps_is_refused():
+    with pytest.raises(ValueError, match="set total_steps, or use schedule 'constant'"):
+        make_ds_config(**dict(BASE, total_steps=None))
+
+
+def test_offload_puts_optimizer_state_on_cpu_and_needs_a_zero_stage():
+    config = make_ds_config(**dict(BASE, offload_optimizer=True))
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    with pytest.raises(ValueError, match="offload_optimizer needs ZeRO stage 1, 2 or 3"):
+        make_ds_config(**dict(BASE, zero_stage=0, offload_optimizer=True))
+
+
+def test_conflicting_user_json_lists_every_key_with_both_values():
+    user = {
+        "train_micro_batch_size_per_gpu": 16,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": False},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+    }
+    with pytest.raises(ValueError) as err:
+        make_ds_config(**BASE, user_config=user)
+    message = str(err.value)
+    assert "train_micro_batch_size_per_gpu: ours is 4, yours is 16" in message
+    assert "zero_optimization.stage: ours is 2, yours is 3" in message
+    assert "bf16.enabled: ours is True, yours is False" in message
+    assert "optimizer.params.lr: ours is 0.0002, yours is 0.001" in message
+    assert "optimizer.type" not in message  # equal values are no conflict
+
+
+def test_user_scheduler_section_is_a_conflict():
+    with pytest.raises(ValueError, match="scheduler: ours is"):
+        make_ds_config(**BASE, user_config={"scheduler": {"type": "WarmupLR"}})
+
+
+def test_user_json_adds_keys_and_overrides_soft_defaults():
+    user = {
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": 1e6, "stage3_param_persistence_threshold": 1e4},
+        "optimizer": {"params": {"betas": (0.9, 0.999), "torch_adam": False}},
+        "activation_checkpointing": {"partition_activations": True},
+    }
+    config = make_ds_config(**BASE, user_config=user)
+    assert config["zero_optimization"]["reduce_bucket_size"] == 1e6
+    assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 1e4
+    assert config["optimizer"]["params"]["torch_adam"] is False
+    assert config["activation_checkpointing"] == {"partition_activations": True}
+    assert user["zero_optimization"]["stage"] == 2  # the user's dict is not modified
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = make_lr_scheduler(optimizer, schedule="cosine", warmup_steps=2, total_steps=6)
+    seen = []
+    for _ in range(7):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # warmup (k + 1) / 3 for k = 0, 1; then 0.5 (1 + cos(pi t)), t = (k - 2) / 4
+    expected = [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(5)]
+    assert seen == pytest.approx(expected, abs=1e-12)
+
+
+def test_linear_and_constant_schedules():
+    def lrs(schedule):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = make_lr_scheduler(optimizer, schedule=schedule, warmup_steps=0, total_steps=4)
+        out = []
+        for _ in range(5):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    assert lrs("linear") == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert lrs("constant") == [1.0] * 5
+
+
+def test_init_distributed_without_a_launcher_is_rank_0_of_1(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert init_distributed() == (0, 1)
