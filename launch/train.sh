@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One node: every visible GPU, or N CPU processes (gloo) on a machine without GPUs.
+#
+#   launch/train.sh [--num-gpus N] [--master-port P] [--dry-run] CONFIG [section.key=value ...]
+#
+#   launch/train.sh configs/llama3-8b-qlora-24gb.yaml              all visible GPUs (CUDA_VISIBLE_DEVICES)
+#   launch/train.sh --num-gpus 2 configs/tiny-cpu.yaml train.max_steps=10
+#                                                                  2 GPUs, or 2 CPU processes without GPUs
+#
+# Runs `deepspeed --num_gpus N` around `python -m lora_dist train CONFIG ...` (N defaults to every visible
+# GPU, or 1 CPU process; on the CPU DeepSpeed's own default would be the NUMA node count). Each rank's
+# output goes to <train.output_dir>/logs/rank-N.log, rank 0's is shown here too; if a rank fails, the
+# others are stopped and the launcher names the rank that failed first. The master port is a free one.
+# --dry-run prints the command. Python: $LORA_DIST_PYTHON, else python3 on PATH (activate the venv).
+
+set -euo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0; fi
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+exec "${LORA_DIST_PYTHON:-python3}" "$here/../lora_dist/launch.py" single "$@"

@@ -1,0 +1,477 @@
+"""launch/: hostfile and SLURM parsing, the commands built, and real 2-"node" runs on one machine.
+
+The end-to-end tests start the shell scripts as a user would (launch/node.sh, launch/slurm.sbatch),
+two at once with one CPU process each (gloo, DeepSpeed's CPU accelerator), on the tiny config cut to
+a few seconds of training. References come another way: one plain process without DeepSpeed for
+the losses, an uninterrupted 2-node run for the resumed adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lora_dist import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+LAUNCH_PY = ROOT / "lora_dist" / "launch.py"
+CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+TIMEOUT_S = 30  # distributed.timeout_s of every run here: the bound on a survivor's exit
+RUN_LIMIT_S = 240  # a launch that takes longer than this is hung: fail instead of waiting forever
+
+# The tiny config cut down: 30 steps of 4 sequences (2 per rank on 2 ranks, 2 micro batches of 2 on
+# one process), a checkpoint every 5 steps so a kill lands between two of them.
+STEPS = 30
+RUN = [
+    f"train.max_steps={STEPS}", "train.micro_batch_size=2", "train.grad_accum=null", "train.global_batch_size=4",
+    "train.warmup_steps=2", "train.eval_interval=0", "train.eval_batches=1", "train.save_interval=5",
+    "train.log_interval=10", "data.max_seq_len=64", f"distributed.timeout_s={TIMEOUT_S}", "wandb.mode=disabled",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment a user has after activating the venv, with the cores split between 2 ranks."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_", "MASTER_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", LORA_DIST_PYTHON=sys.executable,
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = RUN_LIMIT_S) -> list[int]:
+    """Exit statuses of launchers; one still running after `timeout` is stopped (SIGTERM: the launcher
+    stops its ranks) and reads as -999."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            codes.append(-999)
+    return codes
+
+
+def node_cmds(out: Path, extra: list[str] = ()) -> list[list[str]]:
+    port = str(free_port())
+    return [
+        [str(LAUNCH / "node.sh"), "--nnodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1",
+         "--master-port", port, str(CONFIG), *RUN, f"train.output_dir={out}", *extra]
+        for r in (0, 1)
+    ]
+
+
+def run_two_nodes(out: Path, extra: list[str] = ()) -> list[int]:
+    procs = [start(cmd, script_env(), out / f"node{r}.out") for r, cmd in enumerate(node_cmds(out, extra))]
+    return finish(procs)
+
+
+def train_losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+def adapter(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def show(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} missing)"
+
+
+# ============================================================================================ hostfile
+
+
+def test_hostfile_reads_hosts_in_order_with_comments_and_blank_lines():
+    text = "# cluster A\n\ngpu-2 slots=8   # the fast one\ngpu-1 slots=4\n"
+    assert list(launch.parse_hostfile(text).items()) == [("gpu-2", 8), ("gpu-1", 4)]
+
+
+def test_hostfile_lists_every_problem_with_its_line():
+    text = "a slots=2\nb slots=0\na slots=4\nc\nd slots=2 max_slots=4\n"
+    with pytest.raises(launch.LaunchError) as err:
+        launch.parse_hostfile(text, "hf")
+    message = str(err.value)
+    assert message.startswith("hf: ")
+    assert "line 2: b has slots=0; give its GPU count" in message
+    assert "line 3: host a already listed on line 1" in message
+    assert "line 4 'c' must read 'HOST slots=N'" in message
+    assert "line 5" in message  # DeepSpeed would silently ignore max_slots; we refuse it
+    assert "\n" not in message
+
+
+def test_hostfile_without_hosts_is_refused():
+    with pytest.raises(launch.LaunchError, match="no hosts"):
+        launch.parse_hostfile("# nothing here\n\n")
+
+
+def test_hostfile_refuses_more_gpus_than_slots(tmp_path):
+    hostfile = tmp_path / "hf"
+    hostfile.write_text("a slots=8\nb slots=4\n")
+    with pytest.raises(launch.LaunchError, match=r"--num-gpus 8 exceeds the slots of b \(slots=4\)"):
+        launch.check_hostfile(hostfile, num_gpus=8)
+
+
+def test_check_hostfile_command_exits_2_with_one_line(tmp_path):
+    hostfile = tmp_path / "hf"
+    hostfile.write_text("a slots=2\na slots=2\n")
+    done = subprocess.run([sys.executable, str(LAUNCH_PY), "check-hostfile", str(hostfile)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "host a already listed on line 1" in done.stderr
+
+
+# ============================================================================================ SLURM
+
+
+def test_nodelist_expands_ranges_lists_padding_and_products():
+    assert launch.expand_nodelist("node[01-03,07],gpu[8-10]-r[1-2],login") == [
+        "node01", "node02", "node03", "node07",
+        "gpu8-r1", "gpu8-r2", "gpu9-r1", "gpu9-r2", "gpu10-r1", "gpu10-r2", "login",
+    ]
+
+
+@pytest.mark.parametrize("bad", ["node[01-03", "node01]", "node[3-1]", "node[a-b]"])
+def test_nodelist_refuses_malformed_lists(bad):
+    with pytest.raises(launch.LaunchError, match="node list"):
+        launch.expand_nodelist(bad)
+
+
+def test_slurm_plan_takes_rank_from_nodeid_and_master_from_first_host():
+    env = {"SLURM_NODEID": "2", "SLURM_PROCID": "2", "SLURM_NNODES": "3", "SLURM_NTASKS": "3",
+           "SLURM_JOB_NODELIST": "gpu[07,09-10]", "SLURM_JOB_ID": "123456"}
+    plan = launch.slurm_node_plan(env)
+    assert (plan.nnodes, plan.node_rank, plan.master_addr) == (3, 2, "gpu07")
+    assert plan.master_port == 20000 + 123456 % 20000
+    assert plan.hosts == ["gpu07", "gpu09", "gpu10"]
+
+
+def test_slurm_plan_refuses_several_tasks_per_node():
+    env = {"SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_NNODES": "2", "SLURM_NTASKS": "16",
+           "SLURM_JOB_NODELIST": "gpu[1-2]"}
+    with pytest.raises(launch.LaunchError, match="--ntasks-per-node=1"):
+        launch.slurm_node_plan(env)
+
+
+# ============================================================================================ config, env
+
+
+def test_output_dir_default_is_train_configs_default(tmp_path):
+    from lora_dist.config import TrainConfig
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {path: x}\n")
+    assert launch.output_dir_of(config) == Path(TrainConfig().output_dir).absolute()
+    assert launch.output_dir_of(config, ["train.output_dir=/data/run 1"]) == Path("/data/run 1")
+
+
+def test_forwarded_environment_moves_secrets_into_0600_files(tmp_path):
+    env = {"WANDB_API_KEY": "s3cr3t-wandb", "HF_TOKEN": "s3cr3t-hf", "MY_SERVICE_TOKEN": "s3cr3t-other",
+           "WANDB_PROJECT": "p", "NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "$(oops)",
+           "CUDA_VISIBLE_DEVICES": "0,1", "HOME": "/root", "PATH": "/usr/bin"}
+    exports, files, skipped = launch.forwarded_environment(env, tmp_path, extra=["MY_SERVICE_TOKEN"])
+    launch.write_deepspeed_env(tmp_path / ".deepspeed_env", exports, files)
+
+    written = (tmp_path / ".deepspeed_env").read_text()
+    assert "s3cr3t" not in written and "s3cr3t" not in " ".join(skipped)
+    assert exports["NETRC"] == str(tmp_path / ".wandb-netrc")
+    assert "password s3cr3t-wandb" in (tmp_path / ".wandb-netrc").read_text()
+    assert (tmp_path / ".hf-token").read_text() == "s3cr3t-hf"
+    assert exports["WANDB_PROJECT"] == "p" and exports["NCCL_DEBUG"] == "INFO"
+    assert "CUDA_VISIBLE_DEVICES" not in exports and "HOME" not in exports
+    assert exports["PATH"].startswith(str(Path(sys.executable).parent) + ":")
+    assert sorted(s.split()[0] for s in skipped) == ["MY_SERVICE_TOKEN", "NCCL_SOCKET_IFNAME"]
+    for name in (".deepspeed_env", ".wandb-netrc", ".hf-token"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+
+
+def test_deepspeed_pdsh_command_from_our_env_file_holds_no_secret(tmp_path):
+    # DeepSpeed's own pdsh runner, fed our .deepspeed_env the way runner.main() reads it.
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+    from deepspeed.launcher.runner import encode_world_info, parse_args
+
+    exports, files, _ = launch.forwarded_environment({"WANDB_API_KEY": "s3cr3t", "WANDB_MODE": "online"}, tmp_path)
+    launch.write_deepspeed_env(tmp_path / ".deepspeed_env", exports, files)
+    runner = PDSHRunner(parse_args(["--hostfile", "hf", "train.py"]), encode_world_info({"a": [0], "b": [0]}))
+    for line in (tmp_path / ".deepspeed_env").read_text().splitlines():
+        key, val = line.split("=", maxsplit=1)
+        runner.add_export(key, val)
+    cmd, _, _ = runner.get_cmd({}, {"a": [0], "b": [0]})
+    text = " ".join(cmd)
+    assert "s3cr3t" not in text
+    assert f"export NETRC={tmp_path / '.wandb-netrc'};" in text and "export WANDB_MODE=online;" in text
+
+
+# ============================================================================================ commands
+
+
+def test_multinode_dry_run_prints_the_deepspeed_hostfile_command(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = tmp_path / "run"
+    env = script_env(WANDB_API_KEY="s3cr3t-key", NCCL_DEBUG="WARN")
+    done = subprocess.run(
+        [str(LAUNCH / "multinode.sh"), "--dry-run", "--hostfile", str(hostfile), "--num-gpus", "2",
+         str(CONFIG), "train.lr=1e-3", f"train.output_dir={out}"],
+        env=env, capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "s3cr3t" not in done.stdout + done.stderr
+    words = shlex.split(done.stdout.splitlines()[0])
+    env_words = [w for w in words if "=" in w and w.split("=")[0].isupper()][:3]
+    assert f"DS_ENV_FILE={out / 'logs' / '.deepspeed_env'}" in env_words
+    cmd = words[words.index(sys.executable):]
+
+    from deepspeed.launcher.runner import parse_args  # how DeepSpeed itself reads the command
+
+    ds = parse_args(cmd[cmd.index("deepspeed.launcher.runner") + 1:])
+    assert (ds.hostfile, ds.num_gpus, ds.master_port) == (str(hostfile), 2, 29500)
+    assert ds.no_python and ds.no_local_rank and not ds.no_ssh
+    assert ds.user_script == sys.executable
+    assert ds.user_args[:4] == ["-u", str(LAUNCH_PY), "rank", "--log-dir"]
+    train = ds.user_args[ds.user_args.index("--") + 1:]
+    assert train == [sys.executable, "-u", "-m", "lora_dist", "train", str(CONFIG), "train.lr=1e-3",
+                     f"train.output_dir={out}"]
+    forwarded = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("#   ")]
+    assert {"NCCL_DEBUG", "NETRC", "PATH"} <= set(forwarded) and "WANDB_API_KEY" not in forwarded
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_train_sh_without_gpus_asks_deepspeed_for_n_cpu_processes(tmp_path):
+    env = script_env(CUDA_VISIBLE_DEVICES="")  # no GPU visible, on any machine
+    env.pop("OMP_NUM_THREADS")
+    done = subprocess.run([str(LAUNCH / "train.sh"), "--dry-run", "--num-gpus", "3", str(CONFIG)],
+                          env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    words = shlex.split(done.stdout)
+    assert "DS_ACCELERATOR=cpu" in words  # gloo + DeepSpeed's CPU accelerator, not a failed CUDA probe
+    assert f"OMP_NUM_THREADS={max(1, os.cpu_count() // 3)}" in words  # one share of the cores per process
+
+    from deepspeed.launcher.runner import parse_args
+
+    ds = parse_args(words[words.index("deepspeed.launcher.runner") + 1:])
+    assert ds.num_gpus == 3 and "--hostfile" not in words  # one node: the local resources only
+
+
+def test_cluster_info_of_a_single_process():
+    info = launch.cluster_info()
+    assert info == {"world_size": 1, "num_nodes": 1, "hostnames": [socket.gethostname()]}
+
+
+def test_multinode_stops_on_a_bad_hostfile_before_launching(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=8\nnode1 slots=8\n")
+    done = subprocess.run([str(LAUNCH / "multinode.sh"), "--hostfile", str(hostfile), str(CONFIG)],
+                          env=script_env(), capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"lora_dist.launch: error: {hostfile}: line 2: host node1 already listed on line 1; list each host once"
+    ]
+
+
+def _pdsh_to_localhost() -> bool:
+    if not shutil.which("pdsh") or not shutil.which("ssh"):
+        return False
+    probe = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "localhost", "true"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not _pdsh_to_localhost(), reason="needs pdsh and passwordless ssh to localhost")
+def test_multinode_trains_over_pdsh_on_localhost(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [str(LAUNCH / "multinode.sh"), "--hostfile", str(hostfile), "--master-addr", "127.0.0.1",
+         "--master-port", str(free_port()), str(CONFIG), *RUN, "train.max_steps=2", f"train.output_dir={out}"],
+        env=script_env(), capture_output=True, text=True, cwd=tmp_path, timeout=RUN_LIMIT_S,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ============================================================================================ rank supervisor
+
+
+def test_rank_supervisor_logs_output_and_records_a_signal_death(tmp_path):
+    code = "import os, signal, sys; print('hello from', sys.argv[1:]); os.kill(os.getpid(), signal.SIGKILL)"
+    env = script_env(RANK="3", LOCAL_RANK="1", CROSS_RANK="1", WORLD_SIZE="4")
+    done = subprocess.run([sys.executable, str(LAUNCH_PY), "rank", "--log-dir", str(tmp_path), "--",
+                           sys.executable, "-c", code, "x"], env=env, capture_output=True, text=True)
+    assert done.returncode == 128 + signal.SIGKILL
+    assert "hello from ['x', '--local_rank=1']" in (tmp_path / "rank-3.log").read_text()
+    status = json.loads((tmp_path / "rank-3.status.json").read_text())
+    assert (status["rank"], status["node_rank"], status["signal"]) == (3, 1, "SIGKILL")
+    report = launch.failure_report(tmp_path)
+    assert "rank 3 (node 1" in report and "failed first: killed by SIGKILL" in report
+
+
+def test_failure_report_names_the_rank_that_ended_first(tmp_path):
+    for rank, code in ((1, 7), (0, 1)):  # rank 1 fails, then rank 0
+        env = script_env(RANK=str(rank), LOCAL_RANK="0", CROSS_RANK=str(rank))
+        subprocess.run([sys.executable, str(LAUNCH_PY), "rank", "--log-dir", str(tmp_path), "--",
+                        sys.executable, "-c", f"import sys; sys.exit({code})"], env=env, capture_output=True)
+    report = launch.failure_report(tmp_path)
+    assert report.splitlines()[0].startswith("rank 1 (node 1,")
+    assert "failed first: exit status 7" in report.splitlines()[0]
+    assert report.splitlines()[1].startswith("  then rank 0 (node 0): exit status 1")
+    assert launch.failure_report(tmp_path, since=time.time() + 60) is None  # an earlier attempt's records
+
+
+# ============================================================================================ end to end
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> Path:
+    """The reference: one plain process, no launcher, no DeepSpeed."""
+    out = tmp_path_factory.mktemp("single")
+    log = out / "train.out"
+    proc = start([sys.executable, "-m", "lora_dist", "train", str(CONFIG), *RUN, f"train.output_dir={out}"],
+                 script_env(), log)
+    assert finish([proc]) == [0], show(log)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory) -> Path:
+    """launch/node.sh twice (node ranks 0 and 1, one CPU process each), W&B offline."""
+    out = tmp_path_factory.mktemp("two_nodes")
+    codes = run_two_nodes(out, ["wandb.mode=offline"])
+    assert codes == [0, 0], show(out / "node0.out") + show(out / "node1.out")
+    return out
+
+
+@pytest.mark.distributed
+def test_two_nodes_match_single_process_losses(two_nodes, single_process):
+    # ZeRO-2 over 2 ranks vs one process (2 micro batches): the same math summed in another order.
+    # fp32 sums of a few hundred token losses differ by a few ulps (~1e-7 relative); Adam can grow a
+    # rounding difference into a visible share of an element's step, and that feeds the later losses.
+    # Observed over 30 steps: 1.5e-7 relative at most. A lost all-reduce or a wrong batch split moves the loss by
+    # >1e-2 from the first step on.
+    two, one = train_losses(two_nodes), train_losses(single_process)
+    assert len(two) == len(one) == STEPS
+    assert two == pytest.approx(one, rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_two_nodes_report_to_one_wandb_run(two_nodes):
+    from lora_dist.tracking import read_wandb_history
+
+    runs = list((two_nodes / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = [row["train/loss"] for row in read_wandb_history(runs[0]) if "train/loss" in row]
+    assert logged == pytest.approx(train_losses(two_nodes), rel=1e-12)
+
+
+@pytest.mark.distributed
+def test_two_nodes_write_one_log_per_rank(two_nodes):
+    logs = two_nodes / "logs"
+    for rank in (0, 1):
+        status = json.loads((logs / f"rank-{rank}.status.json").read_text())
+        assert (status["rank"], status["node_rank"], status["world_size"], status["exit_code"]) == (rank, rank, 2, 0)
+        assert f"==== rank {rank} on " in (logs / f"rank-{rank}.log").read_text()
+    assert "run summary" in (logs / "rank-0.log").read_text()  # rank 0 reports; rank 1 stays quiet
+    assert "run summary" not in (logs / "rank-1.log").read_text()
+
+
+def slurm_tasks(out: Path, extra: list[str] = (), name: str = "task") -> list[subprocess.Popen]:
+    """launch/slurm.sbatch as the two launcher tasks srun would start for a 2-node job. 127.0.0.2 and
+    127.0.0.3 are this machine's loopback: the derived master (the first host) is reachable, and it
+    differs from every default (DeepSpeed's is 127.0.0.1)."""
+    job = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "127.0.0.[2-3]",
+           "MASTER_PORT": str(free_port()), "LORA_DIST_SLURM_NODE": "1"}
+    return [
+        start([str(LAUNCH / "slurm.sbatch"), str(CONFIG), *RUN, f"train.output_dir={out}", *extra],
+              script_env(**job, SLURM_NODEID=str(n), SLURM_PROCID=str(n)), out / f"{name}{n}.out")
+        for n in (0, 1)
+    ]
+
+
+@pytest.fixture(scope="module")
+def killed_slurm_job(tmp_path_factory) -> dict:
+    """A 2-node SLURM job whose rank 1 is SIGKILLed once the first checkpoint is complete."""
+    out = tmp_path_factory.mktemp("slurm")
+    procs = slurm_tasks(out)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + RUN_LIMIT_S
+    while not latest.exists() and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.02)
+    assert latest.exists(), show(out / "task0.out") + show(out / "task1.out")
+    os.kill(json.loads((out / "logs" / "rank-1.status.json").read_text())["pid"], signal.SIGKILL)
+    killed_at = time.monotonic()
+    codes = finish(procs, timeout=TIMEOUT_S + 30)
+    seconds = time.monotonic() - killed_at
+    return {"out": out, "codes": codes, "seconds": seconds}
+
+
+@pytest.mark.distributed
+def test_slurm_script_derives_ranks_and_master_from_slurm_variables(killed_slurm_job):
+    out = killed_slurm_job["out"]
+    for n in (0, 1):
+        note = f"node {n} of 2, 1 process(es), master 127.0.0.2:"
+        assert note in (out / f"task{n}.out").read_text()
+        status = json.loads((out / "logs" / f"rank-{n}.status.json").read_text())
+        assert (status["rank"], status["node_rank"], status["world_size"]) == (n, n, 2)
+
+
+@pytest.mark.distributed
+def test_killing_one_rank_stops_the_other_node_within_the_timeout(killed_slurm_job):
+    codes, seconds = killed_slurm_job["codes"], killed_slurm_job["seconds"]
+    assert codes[1] == 128 + signal.SIGKILL
+    assert codes[0] not in (0, -999)
+    # gloo sees the dead peer's closed socket at once; distributed.timeout_s bounds the other cases.
+    assert seconds < TIMEOUT_S, seconds
+    assert not (killed_slurm_job["out"] / "adapter").exists()
+
+
+@pytest.mark.distributed
+def test_launcher_names_the_killed_rank_first(killed_slurm_job):
+    for n in (0, 1):
+        text = (killed_slurm_job["out"] / f"task{n}.out").read_text()
+        assert "rank 1 (node 1, host" in text and "failed first: killed by SIGKILL" in text, text[-3000:]
+
+
+@pytest.mark.distributed
+def test_same_command_with_resume_auto_ends_with_the_uninterrupted_adapter(killed_slurm_job, two_nodes):
+    out = killed_slurm_job["out"]
+    codes = finish(slurm_tasks(out, ["train.resume=auto"], name="resume"))
+    assert codes == [0, 0], show(out / "resume0.out") + show(out / "resume1.out")
+    assert "resumed from" in (out / "logs" / "rank-0.log").read_text()
+    resumed, reference = adapter(out), adapter(two_nodes)
+    assert resumed.keys() == reference.keys()
+    # Resume restores the adapter, AdamW moments, schedule, data position and RNG exactly, and gloo
+    # sums 2 ranks in a fixed order: the same bits as the node.sh run that was never stopped (which
+    # also shows that the SLURM tasks got the same ranks).
+    for name in reference:
+        assert (resumed[name] == reference[name]).all(), name
