@@ -104,11 +104,9 @@ class TrainConfig:
     lr: float = 2e-4
     """Peak learning rate (reached after warmup)."""
     schedule: str = "cosine"
-    """Decay after warmup: cosine, linear or constant."""
+    """Decay after warmup to 0 at the last step: cosine, linear or constant."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to `lr`."""
-    min_lr_ratio: float = 0.0
-    """Floor of the decay as a fraction of `lr`."""
     weight_decay: float = 0.0
     """Decoupled (AdamW) weight decay on lora_A / lora_B."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -160,8 +158,6 @@ class TrainConfig:
             out.append(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         elif self.max_steps is not None and self.warmup_steps >= self.max_steps > 1:
             out.append(f"train.warmup_steps ({self.warmup_steps}) must be below train.max_steps ({self.max_steps})")
-        if not 0 <= self.min_lr_ratio <= 1:
-            out.append(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0:
             out.append(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -475,7 +471,20 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# Names users bring from other trainers (HF Trainer, PEFT, axolotl), mapped to ours.
+_SYNONYMS = {
+    "learning_rate": "lr", "r": "rank", "lora_r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "max_grad_norm": "grad_clip", "warmup": "warmup_steps", "seq_len": "max_seq_len",
+    "max_length": "max_seq_len", "sequence_len": "max_seq_len", "lr_scheduler_type": "schedule",
+    "load_in_4bit": "bits", "bnb_4bit_quant_type": "quant_type", "stage": "zero_stage",
+}
+
+
 def _did_you_mean(key: str, choices: Any) -> str:
+    if _SYNONYMS.get(key) in choices:
+        return f" (did you mean {_SYNONYMS[key]!r}?)"
     close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else f"; valid: {', '.join(sorted(choices))}"
 

@@ -1,0 +1,164 @@
+"""`lora-dist`: train, eval, merge, inspect (and bench, where lora_dist/bench.py exists).
+
+    lora-dist train configs/tiny-cpu.yaml [section.key=value ...]
+    lora-dist eval  configs/tiny-cpu.yaml [section.key=value ...] [--adapter DIR]
+    lora-dist merge --base BASE --adapter DIR --out DIR [--dtype bf16] [--overwrite]
+    lora-dist inspect DIR
+
+Under `deepspeed` (`deepspeed --num_gpus N --module lora_dist train ...`) the launcher adds
+`--local_rank=N`; it is accepted anywhere and ignored (LOCAL_RANK in the environment says the same).
+Bad configs and bad data exit with status 2 and one line on stderr; a stopped run (non-finite loss)
+exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import sys
+
+EXIT_USAGE = 2  # bad config, bad data, bad arguments: the user can fix it
+EXIT_FAILED = 1  # training stopped or crashed
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `lora-dist` parser; `command` (the subcommand about to run) lets `bench` load only when used."""
+    parser = argparse.ArgumentParser(
+        prog="lora-dist",
+        description="LoRA / QLoRA fine-tuning on bitsandbytes-quantized bases, one CPU to DeepSpeed ZeRO clusters.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="fine-tune with a YAML config", description="Fine-tune with a YAML config.")
+    _config_arguments(train)
+
+    evaluate = sub.add_parser("eval", help="eval loss / perplexity of base + adapter", description=(
+        "Eval loss and perplexity on the config's eval split, with the adapter in <train.output_dir>/adapter."
+    ))
+    _config_arguments(evaluate)
+    evaluate.add_argument("--adapter", help="adapter folder (default: <train.output_dir>/adapter)")
+
+    merge = sub.add_parser("merge", help="fold an adapter into its base and export a standalone model")
+    merge.add_argument("--base", required=True, help="base model folder or hub id")
+    merge.add_argument("--adapter", required=True, help="adapter folder")
+    merge.add_argument("--out", required=True, help="output folder")
+    merge.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="dtype of the export")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    inspect = sub.add_parser("inspect", help="describe an adapter folder")
+    inspect.add_argument("path", help="adapter folder")
+
+    if importlib.util.find_spec("lora_dist.bench") is not None:
+        bench_parser = sub.add_parser("bench", help="throughput / memory benchmark against PEFT")
+        if command == "bench":  # its imports are heavy: only when it runs
+            from lora_dist import bench
+
+            bench.add_arguments(bench_parser)
+    return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override a config value, e.g. train.lr=2e-4 lora.target_modules=[q_proj,v_proj]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the process exit status."""
+    argv = _without_local_rank(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    # Imported after argument parsing: `lora-dist --help` stays quick.
+    from lora_dist.config import ConfigError
+    from lora_dist.data import DataError
+
+    try:
+        return _dispatch(args)
+    except (ConfigError, DataError) as err:
+        _fail(str(err))
+        return EXIT_USAGE
+    except FileNotFoundError as err:  # a model folder or adapter that is not there
+        _fail(str(err))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
+    except Exception as err:
+        from lora_dist.train import TrainingStopped
+
+        if isinstance(err, TrainingStopped):
+            _fail(str(err))
+            return EXIT_FAILED
+        raise
+
+
+def _without_local_rank(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` the deepspeed launcher inserts (LOCAL_RANK in the environment says the same).
+
+    The launcher puts it before the subcommand (`python -m lora_dist --local_rank=0 train ...`), other
+    launchers after; removing it up front accepts every position.
+    """
+    out: list[str] = []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        elif arg in ("--local_rank", "--local-rank"):
+            skip_next = True
+        else:
+            out.append(arg)
+    return out
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("train", "eval"):
+        from lora_dist import train
+        from lora_dist.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "train":
+            train.train(cfg)
+        else:
+            train.evaluate_only(cfg, args.adapter)
+        return 0
+    if args.command == "merge":
+        from lora_dist.adapters import run_merge
+
+        with _user_errors():
+            out = run_merge(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        print(f"merged model written to {out}")
+        return 0
+    if args.command == "inspect":
+        from lora_dist.adapters import describe_adapter
+
+        with _user_errors():
+            text = describe_adapter(args.path)
+        print(text)
+        return 0
+    if args.command == "bench":
+        from lora_dist import bench
+
+        return int(bench.main(args) or 0)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """adapters.py reports a wrong folder or a mismatched adapter as ValueError: the user's to fix."""
+    from lora_dist.config import ConfigError
+
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError([str(err)]) from None
+
+
+def _fail(message: str) -> None:
+    # One line, no traceback: the message itself names the problem and the fix.
+    print(f"lora-dist: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,623 @@
+"""The training job: setup -> fit -> evaluate -> save.
+
+One code path serves a laptop CPU, one GPU, and many ranks under the `deepspeed` / `torchrun` launchers:
+with DeepSpeed the engine owns the optimizer step, without it a plain torch AdamW does, and the rest
+(batches, loss normalization, evaluation, checkpoints, reporting) is shared.
+
+The loss of an optimizer step is the mean over every response token of the global batch (all micro
+batches, all ranks): each micro batch's summed token loss is divided by that global token count, so
+the gradient does not depend on how the batch is split over micro batches and ranks, and a 2-rank
+run follows the single-process one step for step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import re
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from lora_dist import adapters, checkpoint, data, distributed
+from lora_dist.config import BUILTIN_MODEL, Config, ConfigError
+from lora_dist.data import IGNORE_INDEX
+from lora_dist.model import LoRAModel
+from lora_dist.optim import LoRAOptimizer
+from lora_dist.tracking import Tracker
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (non-finite loss under nan_policy "stop", too many skipped steps)."""
+
+
+@dataclass
+class Run:
+    """Everything `setup` builds and `fit` / `evaluate` / `save` use."""
+
+    cfg: Config
+    rank: int
+    world_size: int
+    device: torch.device
+    model: LoRAModel
+    tokenizer: Any
+    model_path: str
+    train_loader: Any
+    eval_dataset: Any | None
+    pad_token_id: int
+    accum: int
+    total_steps: int
+    tracker: Tracker
+    engine: Any = None  # DeepSpeed engine, or None on the plain path
+    optimizer: Any = None  # torch optimizer on the plain path
+    scheduler: Any = None
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    last_checkpoint: Path | None = None
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def forward_module(self) -> Any:
+        return self.engine if self.engine is not None else self.model
+
+
+# ============================================================================================ entry
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run a whole training job; returns the summary it printed."""
+    started = time.perf_counter()
+    run = setup(cfg)
+    if run.step == 0 or not run.evals:
+        run.evals.append(evaluate(run))
+    fit(run)
+    if not run.evals or run.evals[-1]["step"] != run.step:
+        run.evals.append(evaluate(run))
+    adapter_dir = save(run)
+    return finish(run, adapter_dir, time.perf_counter() - started)
+
+
+def evaluate_only(cfg: Config, adapter_path: str | None = None) -> dict[str, float]:
+    """Eval loss and perplexity of the base model with an adapter (default: `<output_dir>/adapter`)."""
+    run = setup(cfg, for_eval=True)
+    path = Path(adapter_path) if adapter_path else cfg.output_dir / "adapter"
+    if path.exists():
+        try:
+            adapters.load_adapter(run.model, path)
+        except ValueError as err:  # a folder that is no adapter, or one for other LoRA settings
+            raise ConfigError([f"adapter {path}: {err}"]) from None
+        run.tracker.message(f"adapter: {path}")
+    elif adapter_path:
+        raise ConfigError([f"no adapter folder at {adapter_path}"])
+    else:
+        run.tracker.message(f"no adapter at {path}: evaluating the base model with fresh (zero) adapters")
+    metrics = evaluate(run)
+    run.tracker.finish({"eval_loss": metrics["loss"], "eval_perplexity": metrics["perplexity"]})
+    return metrics
+
+
+# ============================================================================================ setup
+
+
+def setup(cfg: Config, *, for_eval: bool = False) -> Run:
+    """Processes, model, data, optimizer, resume state and reporting, in that order."""
+    rank, world_size, use_deepspeed = _init_processes(cfg)
+    device = _device()
+    _seed_everything(cfg.train.seed)
+
+    model_path = _materialize_model(cfg, rank)
+    # Tokenizer and data before the weights: bad data fails in seconds, not after loading a 70B base.
+    tokenizer = _load_tokenizer(model_path)
+    train_ds, eval_ds = data.build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    micro = cfg.train.micro_batch_size
+    train_loader = data.make_dataloader(
+        train_ds, micro, rank=rank, world_size=world_size, seed=cfg.train.seed,
+        shuffle=cfg.data.shuffle, drop_last=True, pad_token_id=pad_id,
+    )
+    if eval_ds is not None and len(eval_ds) == 0:
+        eval_ds = None
+    accum = cfg.train.accumulation(world_size)
+    total_steps = _total_steps(cfg, len(train_loader), accum)
+
+    base = _load_base(cfg, model_path, device)
+    torch.manual_seed(cfg.train.seed)  # the same adapter init on every rank and in every launch mode
+    model = LoRAModel(base, cfg.lora)
+    if cfg.model.gradient_checkpointing:
+        _enable_activation_checkpointing(base)
+    if _is_quantized(model):
+        _move_adapters(model, device)  # the quantized base is already where load_base_model put it
+    else:
+        model.to(device)
+
+    run = Run(
+        cfg=cfg, rank=rank, world_size=world_size, device=device, model=model, tokenizer=tokenizer,
+        model_path=model_path, train_loader=train_loader, eval_dataset=eval_ds, pad_token_id=pad_id, accum=accum,
+        total_steps=total_steps,
+        tracker=Tracker(cfg, rank=rank, total_steps=total_steps, job="eval" if for_eval else "train"),
+    )
+    if for_eval:
+        return run
+    _build_optimizer(run, use_deepspeed)
+    _resume(run)
+    _announce(run, use_deepspeed)
+    return run
+
+
+def _init_processes(cfg: Config) -> tuple[int, int, bool]:
+    """(rank, world size, use DeepSpeed) from the launcher's environment and distributed.engine."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    engine = cfg.distributed.engine
+    if engine == "none" and launched:
+        raise ConfigError([
+            f"launched as {os.environ['WORLD_SIZE']} processes but distributed.engine is none; "
+            f"set distributed.engine=auto (or run one process)"
+        ])
+    use_deepspeed = engine == "deepspeed" or (engine == "auto" and "WORLD_SIZE" in os.environ)
+    if not use_deepspeed:
+        return 0, 1, False
+    if "WORLD_SIZE" not in os.environ:
+        # DeepSpeed asked for in a plain `python` run: a process group of one.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world_size = distributed.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
+    return rank, world_size, True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+    env = os.environ
+    local_procs = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("WORLD_SIZE", "1"))
+    if local_procs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one machine: split the cores, or every rank's thread pool spins on all of them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
+    return torch.device("cpu")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _materialize_model(cfg: Config, rank: int) -> str:
+    """The folder to load: `model.path`, or the embedded tiny Llama written under the output dir."""
+    if cfg.model.path != BUILTIN_MODEL:
+        return cfg.model.path
+    from lora_dist import tiny
+
+    target = cfg.output_dir / "tiny-llama"
+    if rank == 0 and not (target / "config.json").is_file():
+        tiny.build_tiny_model(target, seed=cfg.train.seed)
+    _barrier()  # the other ranks read what rank 0 wrote
+    return str(target)
+
+
+def _load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"model.path {path!r}: no tokenizer could be loaded ({first})") from None
+
+
+def _load_base(cfg: Config, path: str, device: torch.device) -> torch.nn.Module:
+    from lora_dist.loading import load_base_model
+
+    m = cfg.model
+    device_map = {"": device} if device.type == "cuda" else None
+    base, _ = load_base_model(
+        path, bits=m.bits, quant_type=m.quant_type, double_quant=m.double_quant,
+        compute_dtype=TORCH_DTYPES[m.compute_dtype], device_map=device_map,
+        attn_implementation=m.attn_implementation, require_tokenizer=False,
+    )
+    if getattr(base.config, "use_cache", False):
+        base.config.use_cache = False  # a KV cache is useless in training and clashes with checkpointing
+    return base
+
+
+def _enable_activation_checkpointing(base: torch.nn.Module) -> None:
+    # Non-reentrant checkpointing works with a frozen embedding (no input that requires grad).
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError([
+            f"model.gradient_checkpointing: {type(base).__name__} does not support it; set it to false"
+        ])
+
+
+def _is_quantized(model: LoRAModel) -> bool:
+    return any(layer.bits is not None for layer in model.lora_layers.values())
+
+
+def _move_adapters(model: LoRAModel, device: torch.device) -> None:
+    for layer in model.lora_layers.values():
+        layer.lora_A.to(device)
+        layer.lora_B.to(device)
+
+
+def _total_steps(cfg: Config, batches_per_epoch: int, accum: int) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return max(1, math.floor(cfg.train.epochs * batches_per_epoch / accum))
+
+
+def _build_optimizer(run: Run, use_deepspeed: bool) -> None:
+    t = run.cfg.train
+    warmup = min(t.warmup_steps, max(run.total_steps - 1, 0))
+    if use_deepspeed:
+        user = None
+        if run.cfg.distributed.ds_config:
+            import json
+
+            user = json.loads(Path(run.cfg.distributed.ds_config).read_text())
+        ds_config = distributed.make_ds_config(
+            zero_stage=run.cfg.distributed.zero_stage, micro_batch_size=t.micro_batch_size,
+            grad_accum=run.accum, world_size=run.world_size, grad_clip=t.grad_clip,
+            precision=run.cfg.distributed.precision, lr=t.lr, weight_decay=t.weight_decay,
+            betas=tuple(t.betas), eps=t.eps, warmup_steps=warmup, total_steps=run.total_steps,
+            schedule=t.schedule, offload_optimizer=run.cfg.distributed.offload_optimizer, user_config=user,
+        )
+        run.engine = distributed.setup_engine(run.model, ds_config)
+        run.scheduler = run.engine.lr_scheduler
+        return
+    run.optimizer = LoRAOptimizer(
+        run.model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps
+    ).optimizer
+    run.scheduler = distributed.make_lr_scheduler(
+        run.optimizer, schedule=t.schedule, warmup_steps=warmup, total_steps=run.total_steps
+    )
+
+
+def _checkpoint_root(run: Run) -> Path:
+    return run.cfg.output_dir / "checkpoints"
+
+
+def _resume(run: Run) -> None:
+    resume = run.cfg.train.resume
+    if resume is None:
+        return
+    path = checkpoint.find_latest(_checkpoint_root(run)) if resume == "auto" else Path(resume)
+    if path is None:
+        run.tracker.message(f"resume=auto: no checkpoint under {_checkpoint_root(run)}, starting fresh")
+        return
+    state = checkpoint.load_checkpoint(
+        path, model=run.model, engine=run.engine, optimizer=run.optimizer, scheduler=run.scheduler
+    )
+    extra = state.get("extra") or {}
+    run.step = int(state["step"])
+    run.tokens_seen = int(extra.get("tokens_seen", 0))
+    run.skipped_steps = int(extra.get("skipped_steps", 0))
+    run.evals = list(extra.get("evals", []))
+    if state.get("data_state") is not None:
+        run.train_loader.load_state_dict(state["data_state"])
+    run.last_checkpoint = Path(path)
+    run.tracker.resumed_at(run.step)
+    run.tracker.message(f"resumed from {path} at step {run.step}")
+
+
+def _announce(run: Run, use_deepspeed: bool) -> None:
+    trainable, total = run.model.trainable_parameter_count()
+    how = (
+        f"DeepSpeed ZeRO-{run.cfg.distributed.zero_stage} on {run.world_size} process(es)"
+        if use_deepspeed else "single process, no DeepSpeed"
+    )
+    bits = f"{run.cfg.model.bits}-bit" if run.cfg.model.bits else "dense"
+    run.tracker.message(
+        f"model {run.model_path} ({bits}, {total:,} weights, {trainable:,} trainable = "
+        f"{100 * trainable / max(total, 1):.2f}%) on {run.device}; {how}\n"
+        f"data: {len(run.train_loader)} micro batches per epoch per process, "
+        f"global batch {run.cfg.train.micro_batch_size * run.accum * run.world_size} sequences, "
+        f"{run.total_steps} optimizer steps; W&B: {run.tracker.wandb_mode}"
+    )
+
+
+# ============================================================================================ fit
+
+
+def fit(run: Run) -> None:
+    """Optimizer steps until `total_steps`, evaluating and checkpointing at the configured intervals."""
+    t = run.cfg.train
+    batches = _batch_stream(run)
+    _train_mode(run, True)
+    while run.step < run.total_steps:
+        window = [next(batches) for _ in range(run.accum)]
+        stats = train_step(run, window)
+        run.step += 1
+        if stats["skipped"]:
+            run.skipped_steps += 1
+            _on_bad_step(run, stats)
+        run.tokens_seen += int(stats["tokens"])
+        run.tracker.log_step(run.step, _step_metrics(run, stats))
+        if t.eval_interval and run.step % t.eval_interval == 0 and run.step < run.total_steps:
+            run.evals.append(evaluate(run))
+            _train_mode(run, True)
+        if t.save_interval and run.step % t.save_interval == 0 and run.step < run.total_steps:
+            save_checkpoint(run)
+
+
+def _batch_stream(run: Run) -> Iterator[dict[str, torch.Tensor]]:
+    """Micro batches forever; the loader moves itself to the next epoch and remembers its place."""
+    while True:
+        yield from run.train_loader
+
+
+def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """One optimizer step over `accum` micro batches: forward/backward each, then clip and step.
+
+    Returns:
+        {"loss": mean token loss over the global batch, "grad_norm", "lr", "tokens" (global input
+         tokens), "label_tokens", "step_time", "skipped" (True when the loss was not finite)}.
+    """
+    started = time.perf_counter()
+    lr = _current_lr(run)
+    window = [{k: v.to(run.device) for k, v in b.items()} for b in window]
+    counts = torch.tensor(
+        [sum(_label_tokens(b) for b in window), sum(_input_tokens(b) for b in window)],
+        dtype=torch.float64, device=run.device,
+    )
+    label_tokens, input_tokens = _all_reduce_sum(counts).tolist()
+    num_items = torch.tensor(max(label_tokens, 1.0), device=run.device)
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    for batch in window:
+        # loss = this micro batch's summed token loss / the global batch's token count
+        loss = run.forward_module(**batch, num_items_in_batch=num_items).loss
+        loss_sum += loss.detach().double()
+        # Data-parallel gradients are averaged over ranks; scaling by world size makes them a sum.
+        scaled = loss * run.world_size
+        if run.engine is not None:
+            run.engine.backward(scaled, scale_wrt_gas=False)
+            # DeepSpeed counts micro batches in step(): it must follow every backward, and it
+            # clips, updates and advances the schedule only at the accumulation boundary.
+            run.engine.step()
+        else:
+            scaled.backward()
+    global_loss = float(_all_reduce_sum(loss_sum))
+    finite = math.isfinite(global_loss)
+
+    grad_norm = _optimizer_step(run, finite)
+    return {
+        "loss": global_loss, "grad_norm": grad_norm, "lr": lr, "tokens": input_tokens,
+        "label_tokens": label_tokens, "step_time": time.perf_counter() - started, "skipped": not finite,
+    }
+
+
+def _optimizer_step(run: Run, finite: bool) -> float:
+    """Clip and step (or skip a non-finite step); returns the pre-clip global gradient norm."""
+    clip = run.cfg.train.grad_clip
+    if run.engine is not None:
+        # The last engine.step() of the window (in train_step) clipped, updated and advanced the
+        # schedule; with a non-finite gradient its ZeRO optimizers skip the update (checked below).
+        norm = run.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        if not finite and _adapters_non_finite(run):
+            raise TrainingStopped(
+                f"non-finite loss at step {run.step + 1} reached the adapter weights under DeepSpeed; resume "
+                f"from the last good checkpoint ({run.last_checkpoint or 'none yet'}) with a lower train.lr"
+            )
+        return norm
+    params = run.model.get_trainable_parameters()
+    if not finite:
+        run.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns when a schedule steps without the optimizer: intended
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            run.scheduler.step()  # the schedule follows steps taken through the data, skipped or not
+        return float("nan")
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return float(norm)
+
+
+def _on_bad_step(run: Run, stats: dict[str, Any]) -> None:
+    t = run.cfg.train
+    last = run.last_checkpoint or "none yet"
+    if t.nan_policy == "stop":
+        raise TrainingStopped(
+            f"non-finite loss ({stats['loss']}) at step {run.step}; stopped with nan_policy=stop. "
+            f"Last good checkpoint: {last}"
+        )
+    run.tracker.message(
+        f"step {run.step}: non-finite loss ({stats['loss']}), update skipped ({run.skipped_steps} so far)"
+    )
+    if run.skipped_steps > t.max_skipped_steps:
+        raise TrainingStopped(
+            f"{run.skipped_steps} steps skipped for non-finite loss "
+            f"(train.max_skipped_steps={t.max_skipped_steps}); lower train.lr or check the data. "
+            f"Last good checkpoint: {last}"
+        )
+
+
+def _step_metrics(run: Run, stats: dict[str, Any]) -> dict[str, float]:
+    metrics = {
+        "loss": stats["loss"],
+        "lr": stats["lr"],
+        "grad_norm": stats["grad_norm"],
+        "tokens_per_s": stats["tokens"] / max(stats["step_time"], 1e-9),
+        "tokens_seen": float(run.tokens_seen),
+        "step_time_s": stats["step_time"],
+        "skipped_steps": float(run.skipped_steps),
+        "epoch": _epoch_progress(run.train_loader),
+    }
+    if run.device.type == "cuda":
+        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    return metrics
+
+
+def _epoch_progress(loader: Any) -> float:
+    position = loader.state_dict()
+    return position["epoch"] + position["batch"] / max(len(loader), 1)
+
+
+def _current_lr(run: Run) -> float:
+    return float(run.scheduler.get_last_lr()[0])
+
+
+def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    # The model predicts token t+1 from position t: the first label never counts.
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def _adapters_non_finite(run: Run) -> bool:
+    with distributed.gathered(run.engine) if run.engine is not None else contextlib.nullcontext():
+        return any(not torch.isfinite(p).all() for p in run.model.get_trainable_parameters())
+
+
+def _train_mode(run: Run, mode: bool) -> None:
+    (run.engine or run.model).train(mode)
+
+
+# ============================================================================================ evaluate
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over the eval split (all ranks), logged at `run.step`."""
+    if run.eval_dataset is None:
+        return {"step": run.step, "loss": float("nan"), "perplexity": float("nan")}
+    _train_mode(run, False)
+    # Every rank reads the whole eval split and forwards its share of the batches: no sample is
+    # repeated to even out shards, so the eval loss is the same at any world size.
+    loader = data.make_dataloader(
+        run.eval_dataset, run.cfg.train.micro_batch_size, shuffle=False, drop_last=False,
+        pad_token_id=run.pad_token_id,
+    )
+    limit = run.cfg.train.eval_batches
+    n_batches = len(loader) if limit is None else min(limit, len(loader))
+    mine = range(run.rank, n_batches, run.world_size)  # rank r forwards batches r, r + world, ...
+    # ZeRO-3 gathers adapter shards inside every forward: all ranks must run as many forwards.
+    rounds = math.ceil(n_batches / run.world_size)
+    totals = torch.zeros(2, dtype=torch.float64, device=run.device)  # (summed token loss, tokens)
+    one = torch.tensor(1.0, device=run.device)
+    spare = None
+    for i, batch in zip(range(n_batches), loader):
+        spare = batch if spare is None else spare
+        if i in mine:
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            # num_items_in_batch=1: the model returns the summed, not averaged, token loss.
+            loss_sum = run.forward_module(**batch, num_items_in_batch=one).loss
+            totals[0] += loss_sum.double()
+            totals[1] += _label_tokens(batch)
+    for _ in range(rounds - len(mine)):  # a rank a batch short runs one more forward and discards it
+        run.forward_module(**{k: v.to(run.device) for k, v in spare.items()}, num_items_in_batch=one)
+    loss_total, tokens = _all_reduce_sum(totals).tolist()
+    loss = loss_total / max(tokens, 1.0)
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 80.0)), "tokens": tokens}
+    run.tracker.log_eval(run.step, metrics)
+    _train_mode(run, True)
+    return {"step": run.step, **metrics}
+
+
+# ============================================================================================ save
+
+
+def save_checkpoint(run: Run) -> Path:
+    """A resumable checkpoint of the current step (every rank calls this; the checkpointer gates writes)."""
+    path = checkpoint.save_checkpoint(
+        _checkpoint_root(run), step=run.step, model=run.model, engine=run.engine, optimizer=run.optimizer,
+        scheduler=run.scheduler, data_state=run.train_loader.state_dict(),
+        extra={
+            "tokens_seen": run.tokens_seen, "skipped_steps": run.skipped_steps,
+            "evals": run.evals,
+        },
+    )
+    run.last_checkpoint = Path(path)
+    return Path(path)
+
+
+def save(run: Run) -> Path:
+    """The final checkpoint, then the adapter in the PEFT layout at `<output_dir>/adapter`."""
+    save_checkpoint(run)
+    adapter_dir = run.cfg.output_dir / "adapter"
+    base_name = run.cfg.model.path if run.cfg.model.path != BUILTIN_MODEL else run.model_path
+    with distributed.gathered(run.engine) if run.engine is not None else contextlib.nullcontext():
+        if run.rank == 0:
+            adapters.save_adapter(run.model, adapter_dir, base_model_name_or_path=base_name)
+    _barrier()
+    run.tracker.log_adapter(adapter_dir)
+    return adapter_dir
+
+
+def finish(run: Run, adapter_dir: Path, wall_time: float) -> dict[str, Any]:
+    """Print and record the summary: losses, throughput, and where every output went."""
+    first, last = run.evals[0], run.evals[-1]
+    summary: dict[str, Any] = {
+        "steps": run.step,
+        "skipped_steps": run.skipped_steps,
+        "tokens_seen": run.tokens_seen,
+        "eval_loss_start": first["loss"],
+        "eval_loss_end": last["loss"],
+        "eval_perplexity_end": last["perplexity"],
+        "wall_time_s": round(wall_time, 1),
+        "tokens_per_s": round(run.tokens_seen / max(wall_time, 1e-9), 1),
+    }
+    if run.device.type == "cuda":
+        summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+    summary["adapter"] = str(adapter_dir)
+    summary["checkpoint"] = str(run.last_checkpoint)
+    summary["metrics"] = str(run.tracker.metrics_path)
+    wandb_dir = run.tracker.wandb_run_dir()
+    summary["wandb_run"] = str(wandb_dir) if wandb_dir else "off"
+    if wandb_dir and run.tracker.wandb_mode == "offline":
+        summary["wandb_upload"] = f"wandb sync {wandb_dir}"
+    run.tracker.finish(summary)
+    if run.engine is not None and run.world_size > 1:
+        torch.distributed.barrier()
+    return summary
+
+
+# ============================================================================================ collectives
+
+
+def _dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _barrier() -> None:
+    if _dist_on():
+        torch.distributed.barrier()
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _dist_on() and torch.distributed.get_world_size() > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if _dist_on() and torch.distributed.get_world_size() > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t

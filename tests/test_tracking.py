@@ -1,0 +1,89 @@
+"""Reporting: W&B offline runs read back from their files, rank gating, wandb only imported when on."""
+
+import os
+import subprocess
+import sys
+
+from lora_dist.config import BUILTIN_DATASET, load_config
+from lora_dist.tracking import Tracker, format_summary, read_metrics, read_wandb_artifacts, read_wandb_history
+
+
+def _config(tmp_path, *overrides):
+    return load_config(None, ["model.path=m", f"data.path={BUILTIN_DATASET}",
+                              f"train.output_dir={tmp_path}", *overrides])
+
+
+def test_offline_history_reads_back_every_step_across_32k_blocks(tmp_path, capsys):
+    # 400 steps x 6 metrics write well over one 32 KiB block, so records split across blocks are read too.
+    tracker = Tracker(_config(tmp_path, "wandb.mode=offline"), rank=0, total_steps=400)
+    logged = []
+    for step in range(1, 401):
+        metrics = {"loss": 10.0 / step, "lr": 1e-3, "grad_norm": 0.5 + step, "tokens_per_s": 1000.0 + step,
+                   "tokens_seen": 64.0 * step, "step_time_s": 0.01}
+        logged.append(metrics["loss"])
+        tracker.log_step(step, metrics)
+    tracker.log_eval(400, {"loss": 1.5, "perplexity": 4.48})
+    run_dir = tracker.wandb_run_dir()
+    tracker.finish({"steps": 400})
+    run_file = next(run_dir.glob("run-*.wandb"))
+    assert run_file.stat().st_size > 32 * 1024
+    rows = read_wandb_history(run_dir)
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["_step"] for r in train] == list(range(1, 401))
+    # JSON round trip of a float64 is exact.
+    assert [r["train/loss"] for r in train] == logged
+    assert [r["eval/loss"] for r in rows if "eval/loss" in r] == [1.5]
+
+
+def test_adapter_artifact_is_recorded_in_the_offline_run(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    tracker = Tracker(_config(tmp_path, "wandb.mode=offline"), rank=0, total_steps=1)
+    tracker.log_adapter(adapter)
+    run_dir = tracker.wandb_run_dir()
+    tracker.finish({})
+    (artifact,) = read_wandb_artifacts(run_dir)
+    assert artifact["type"] == "model" and artifact["files"] == ["adapter_config.json"]
+
+
+def test_ranks_other_than_zero_write_and_print_nothing(tmp_path, capsys):
+    tracker = Tracker(_config(tmp_path / "out", "wandb.mode=offline"), rank=1, total_steps=2)
+    tracker.log_step(1, {"loss": 1.0, "lr": 1e-3})
+    tracker.log_eval(1, {"loss": 1.0, "perplexity": 2.7})
+    tracker.finish({"steps": 1})
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_metrics_file_holds_train_eval_and_summary_records(tmp_path, capsys):
+    tracker = Tracker(_config(tmp_path, "wandb.mode=disabled"), rank=0, total_steps=2)
+    tracker.log_step(1, {"loss": 2.0, "lr": 1e-3})
+    tracker.log_step(2, {"loss": 1.0, "lr": 1e-3})
+    tracker.log_eval(2, {"loss": 1.5, "perplexity": 4.48})
+    tracker.finish({"steps": 2})
+    kinds = [(r["kind"], r.get("step")) for r in read_metrics(tmp_path)]
+    assert kinds == [("train", 1), ("train", 2), ("eval", 2), ("summary", None)]
+    assert tracker.wandb_run_dir() is None and not (tmp_path / "wandb").exists()
+
+
+def test_summary_table_lists_every_entry_on_its_own_row():
+    table = format_summary({"eval_loss_end": 3.25, "adapter": "runs/x/adapter"})
+    assert "eval_loss_end  3.2500" in table and "adapter        runs/x/adapter" in table
+
+
+def test_reporting_off_never_imports_wandb(tmp_path):
+    code = f"""
+import sys
+from lora_dist.config import load_config
+from lora_dist.tracking import Tracker
+cfg = load_config(None, ["model.path=m", "data.path={BUILTIN_DATASET}", "train.output_dir={tmp_path}",
+                         "wandb.mode=disabled"])
+t = Tracker(cfg, rank=0, total_steps=1)
+t.log_step(1, {{"loss": 1.0}})
+t.finish({{}})
+print("wandb" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "WANDB_API_KEY": ""})
+    assert out.stdout.strip().splitlines()[-1] == "False"
