@@ -7,10 +7,15 @@ This is the only module that imports bitsandbytes. Everything else asks it quest
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 
-import bitsandbytes as bnb
+# bitsandbytes warns at import that an optional kernel for its CPU-repacked 4-bit layout is missing;
+# we never use that layout (see keep_portable_layout), so the line is noise on every command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbF
 import torch
 from bitsandbytes.functional import (
