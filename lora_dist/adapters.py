@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_dist import quant
-from lora_dist.layers import LoRALayer
+from lora_dist.layers import LoRALayer, lora_scaling
 from lora_dist.model import LoRAConfig, LoRAModel
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -373,7 +373,7 @@ def _check_fits(model: LoRAModel, file_config: LoRAConfig, tensors: dict[str, to
             raise ValueError(f"adapter key {key!r} has dtype {tensors[key].dtype}; expected floating point")
     for name, layer in model.lora_layers.items():
         alpha, rank = file_config.alpha_for(name), file_config.rank_for(name)
-        scaling = alpha / math.sqrt(rank) if file_config.use_rslora else alpha / rank
+        scaling = lora_scaling(alpha, rank, file_config.use_rslora)
         if not math.isclose(scaling, layer.scaling, rel_tol=1e-6):
             raise ValueError(
                 f"adapter scales {name!r} by {scaling:g} (lora_alpha={alpha}, r={rank}, use_rslora="
@@ -647,7 +647,7 @@ def describe_adapter(path: str) -> str:
         counts["lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else "biases"] += t.numel()
     ranks = sorted({tensors[m + ".lora_A.weight"].shape[0] for m in modules})
     r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora"))
-    scaling = alpha / math.sqrt(r) if rslora else alpha / r
+    scaling = lora_scaling(alpha, r, rslora)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
 

@@ -287,7 +287,7 @@ class _AdapterModule(nn.Module):
             self.adapters[_flat_name(name)] = nn.ModuleDict({"lora_A": layer.lora_A, "lora_B": layer.lora_B})
         self.biases = nn.ParameterDict()
         names = {id(p): n for n, p in model.base_model.named_parameters()}
-        for p in model._trainable_biases():
+        for p in model.trainable_biases():
             self.biases[_flat_name(names[id(p)])] = p
 
     @property

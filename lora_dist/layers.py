@@ -21,7 +21,13 @@ from lora_dist import kernels, quant
 INITS = ("kaiming", "gaussian")
 
 
-def _check_hparams(rank: int, alpha: float, dropout: float, init: str) -> None:
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """The factor on B @ A: alpha / rank, or alpha / sqrt(rank) with rsLoRA (Kalajdzievski, 2023)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def check_hparams(rank: int, alpha: float, dropout: float, init: str) -> None:
+    """Raise a one-line ValueError naming the first bad LoRA hyperparameter."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {rank!r}; typical values are 8, 16, 64")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
@@ -47,9 +53,9 @@ class LoRALayer(nn.Module):
         merge_weights: merge the update into the base at construction.
         bias: whether the dense base made by this constructor has a bias.
         use_rslora: rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski, 2023).
-        init: "kaiming" (A Kaiming-uniform as nn.Linear, B zeros) or "gaussian" (A ~ N(0, 1/r)).
-        dtype: dtype of lora_A / lora_B; default: the base weight's float dtype, float32 for a
-            quantized base.
+        init: "kaiming" (A Kaiming-uniform as nn.Linear, B zeros) or "gaussian" (A normal, std 1/r).
+        dtype: dtype of lora_A / lora_B; default float32 whatever the base, because AdamW updates of
+            about lr * 1 are below bf16's resolution near 1 (the forward casts to the input dtype).
     """
 
     def __init__(
@@ -68,7 +74,7 @@ class LoRALayer(nn.Module):
         base: nn.Linear | None = None,
     ):
         super().__init__()
-        _check_hparams(rank, alpha, dropout, init)
+        check_hparams(rank, alpha, dropout, init)
         if base is None:
             base = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
         elif not quant.is_supported_linear(base):
@@ -86,7 +92,7 @@ class LoRALayer(nn.Module):
         self.rank = rank
         self.alpha = alpha
         self.use_rslora = use_rslora
-        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.merge_weights = merge_weights
         self.merged = False
 
@@ -94,9 +100,7 @@ class LoRALayer(nn.Module):
         quant.keep_portable_layout(base)
         for p in base.parameters():
             p.requires_grad_(False)
-        if dtype is None:
-            weight_dtype = base.weight.dtype
-            dtype = weight_dtype if weight_dtype.is_floating_point and not quant.bits_of(base) else torch.float32
+        dtype = dtype or torch.float32
         device = base.weight.device
         self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lora_dist import quant
-from lora_dist.layers import INITS, LoRALayer, _check_hparams
+from lora_dist.layers import INITS, LoRALayer, check_hparams, lora_scaling
 
 BIAS_MODES = ("none", "lora_only", "all")
 
@@ -46,13 +46,20 @@ class LoRAConfig:
     bias: str = "none"
 
     def __post_init__(self) -> None:
-        _check_hparams(self.rank, self.alpha, self.dropout, self.init)
+        check_hparams(self.rank, self.alpha, self.dropout, self.init)
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = list(self.target_modules)
-        if not self.target_modules or not isinstance(self.target_modules, (list, str)):
+        if not self.target_modules or not _is_name_spec(self.target_modules):
             raise ValueError(
                 f"target_modules must be a non-empty list of module-name suffixes or a regex string, "
                 f"got {self.target_modules!r}"
+            )
+        if isinstance(self.exclude_modules, (tuple, set)):
+            self.exclude_modules = list(self.exclude_modules)
+        if self.exclude_modules is not None and not _is_name_spec(self.exclude_modules):
+            raise ValueError(
+                f"exclude_modules must be a list of module-name suffixes or a regex string, "
+                f"got {self.exclude_modules!r}"
             )
         if isinstance(self.target_modules, str):
             _compile(self.target_modules, "target_modules")
@@ -61,9 +68,11 @@ class LoRAConfig:
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         for key, value in self.rank_pattern.items():
-            _check_hparams(value, self.alpha, self.dropout, self.init)
+            _compile(key, "rank_pattern key")
+            check_hparams(value, self.alpha, self.dropout, self.init)
         for key, value in self.alpha_pattern.items():
-            _check_hparams(self.rank, value, self.dropout, self.init)
+            _compile(key, "alpha_pattern key")
+            check_hparams(self.rank, value, self.dropout, self.init)
 
     @classmethod
     def from_dict(cls, values: "LoRAConfig | dict[str, Any]") -> "LoRAConfig":
@@ -92,6 +101,10 @@ class LoRAConfig:
 
     def alpha_for(self, name: str) -> float:
         return _pattern_value(name, self.alpha_pattern, self.alpha)
+
+
+def _is_name_spec(spec: object) -> bool:
+    return isinstance(spec, str) or (isinstance(spec, list) and all(isinstance(s, str) and s for s in spec))
 
 
 def _compile(pattern: str, what: str) -> re.Pattern:
@@ -191,10 +204,11 @@ class LoRAModel(nn.Module):
         params: list[nn.Parameter] = []
         for layer in self.lora_layers.values():
             params.extend(layer.adapter_parameters())
-        params.extend(self._trainable_biases())
+        params.extend(self.trainable_biases())
         return params
 
-    def _trainable_biases(self) -> list[nn.Parameter]:
+    def trainable_biases(self) -> list[nn.Parameter]:
+        """The biases that train under `lora_config.bias` (no weight decay for these)."""
         mode = self.lora_config.bias
         if mode == "lora_only":
             modules: Iterator[nn.Module] = (layer.base_layer for layer in self.lora_layers.values())

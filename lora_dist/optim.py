@@ -39,7 +39,7 @@ class LoRAOptimizer:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         self.model = model
         decay = [p for layer in model.lora_layers.values() for p in layer.adapter_parameters()]
-        no_decay = model._trainable_biases()
+        no_decay = model.trainable_biases()
         groups = [{"params": decay, "weight_decay": weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})

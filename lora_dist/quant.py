@@ -32,8 +32,15 @@ def is_quantized_linear(module: torch.nn.Module) -> bool:
 
 
 def is_supported_linear(module: torch.nn.Module) -> bool:
-    """True for every base a `LoRALayer` can wrap: `nn.Linear` and the bitsandbytes linears."""
-    return isinstance(module, torch.nn.Linear)  # Linear4bit and Linear8bitLt subclass nn.Linear
+    """True for every base a `LoRALayer` can wrap: `nn.Linear` and the bitsandbytes linears.
+
+    Other `nn.Linear` subclasses are refused: some are read by their parent as a weight
+    (MultiheadAttention's out_proj), and an 8-bit layer that keeps fp16 weights for training has no
+    int8 weight to merge into.
+    """
+    if isinstance(module, Linear8bitLt):
+        return not module.state.has_fp16_weights
+    return type(module) is torch.nn.Linear or isinstance(module, Linear4bit)
 
 
 def bits_of(module: torch.nn.Module) -> int | None:
@@ -189,7 +196,8 @@ def _quantized_copy(
             linear.weight.detach().to(torch.float16), requires_grad=False, has_fp16_weights=False
         )._quantize(device)
     if has_bias:
-        bias_dtype = compute_dtype or linear.bias.dtype
+        # a 4-bit layer computes in compute_dtype; an int8 layer ignores it and follows the input
+        bias_dtype = (compute_dtype if bits == 4 else None) or linear.bias.dtype
         layer.bias = torch.nn.Parameter(linear.bias.detach().to(bias_dtype).clone(), requires_grad=False)
     return layer
 

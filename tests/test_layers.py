@@ -389,3 +389,17 @@ def test_quantize_model_skips_named_modules_and_rejects_bad_bits():
         quantize_model(nn.Linear(IN, OUT), bits=3)
     with pytest.raises(ValueError, match="quant_type must be one of"):
         quantize_model(nn.Sequential(nn.Linear(IN, OUT)), bits=4, quant_type="int4")
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_adapter_is_float32_over_a_bf16_base(kind):
+    """AdamW steps of ~lr are below bf16's resolution near 1 (2^-8): bf16 adapters would not move."""
+    layer = LoRALayer.from_base(make_base(kind, torch.bfloat16), rank=4)
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.lora_B.weight.dtype == torch.float32
+    out = layer(torch.randn(2, IN, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+
+
+def test_int8_bias_keeps_its_dtype():
+    base = make_base("int8", torch.bfloat16)  # compute_dtype is a 4-bit setting; int8 ignores it
+    assert base.bias.dtype == torch.float32

@@ -116,6 +116,9 @@ def test_unsupported_module_is_named_with_available_linears():
         ({"bias": "some"}, "bias must be one of"),
         ({"rank_pattern": {"q_proj": 0}}, "rank must be a positive integer"),
         ({"ranks": 4}, r"unknown LoRA config key\(s\) \['ranks'\]"),
+        ({"target_modules": [1, None]}, "target_modules must be a non-empty list"),
+        ({"exclude_modules": [3]}, "exclude_modules must be a list"),
+        ({"rank_pattern": {"q_proj(": 4}}, "rank_pattern key is not a valid regex"),
     ],
 )
 def test_bad_config_raises_clear_error(cfg, match):
@@ -262,3 +265,16 @@ def test_lora_layer_is_exported_at_top_level():
 
     assert set(lora_dist.__all__) >= {"LoRALayer", "LoRAModel", "LoRAOptimizer", "LoRAConfig", "apply_lora_to_model"}
     assert lora_dist.LoRALayer is LoRALayer
+
+
+def test_linear_subclasses_a_parent_reads_as_weights_are_refused():
+    # MultiheadAttention reads out_proj.weight itself: wrapping it would break at the first forward
+    attention = nn.MultiheadAttention(64, 4)
+    with pytest.raises(TypeError, match="'out_proj', a NonDynamicallyQuantizableLinear, which LoRA cannot wrap"):
+        LoRAModel(attention, {"target_modules": ["out_proj"]})
+
+
+def test_int8_layer_that_keeps_fp16_weights_is_refused():
+    holder = nn.Sequential(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=True))
+    with pytest.raises(TypeError, match="Linear8bitLt, which LoRA cannot wrap"):
+        LoRAModel(holder, {"target_modules": ["0"]})
