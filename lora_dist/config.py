@@ -28,12 +28,15 @@ from typing import Any
 
 import yaml
 
-from lora_dist.data import DataConfig
+from lora_dist.data import RANDOM_TOKENS, DataConfig
 from lora_dist.model import LoRAConfig
 
 # Names of things shipped inside the package, usable where a path is expected.
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATASET = "builtin:tiny-instructions"
+# `model.path: random:<shape>`: a Llama of that shape with random weights, built on the run's device.
+RANDOM_MODEL_PREFIX = "random:"
+FUSED_KERNELS = ("auto", "on", "off")
 
 DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -71,11 +74,21 @@ class ModelConfig:
     """Recompute activations in the backward pass: far less memory for about a third more compute."""
     attn_implementation: str | None = None
     """"sdpa", "eager", "flash_attention_2", ... (null: transformers' default)."""
+    fused_kernels: str = "auto"
+    """Route the Llama forward through `kernels.patch_model_for_speed` (grouped LoRA GEMMs, chunked loss,
+    fused norms/RoPE/SwiGLU): "on", "off", or "auto" (on for a 4-bit base on CUDA)."""
 
     def problems(self) -> list[str]:
         out = []
         if not self.path:
             out.append(f"model.path is empty; give a local folder, a hub id or {BUILTIN_MODEL}")
+        elif self.path.startswith(RANDOM_MODEL_PREFIX) and self.random_shape() not in random_shapes():
+            out.append(
+                f"model.path {self.path!r}: unknown random shape; use one of "
+                f"{', '.join(RANDOM_MODEL_PREFIX + s for s in sorted(random_shapes()))}"
+            )
+        if self.fused_kernels not in FUSED_KERNELS:
+            out.append(f"model.fused_kernels must be one of {', '.join(FUSED_KERNELS)}, got {self.fused_kernels!r}")
         if self.bits not in (None, 4, 8):
             out.append(f"model.bits must be 4, 8 or null, got {self.bits!r}")
         if self.quant_type not in ("nf4", "fp4"):
@@ -83,6 +96,22 @@ class ModelConfig:
         if self.compute_dtype not in DTYPES:
             out.append(f"model.compute_dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}")
         return out
+
+    def random_shape(self) -> str | None:
+        """The shape name of a `random:<shape>` path, else None."""
+        return self.path[len(RANDOM_MODEL_PREFIX):] if self.path.startswith(RANDOM_MODEL_PREFIX) else None
+
+
+def random_shapes() -> dict[str, dict[str, Any]]:
+    """LlamaConfig keyword arguments of every `random:<shape>`: the benchmark's shapes plus Llama-3.2-1B."""
+    from lora_dist.bench import SHAPES
+
+    return {
+        **SHAPES,
+        "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                            max_position_embeddings=131072, tie_word_embeddings=True),
+    }
 
 
 @dataclass
@@ -131,6 +160,12 @@ class TrainConfig:
     """On a non-finite loss: "skip" the optimizer step and count it, or "stop" (last good checkpoint kept)."""
     max_skipped_steps: int = 10
     """With nan_policy "skip": stop after this many skipped steps."""
+    diagnostics: bool = False
+    """Each rank writes `<output_dir>/diagnostics/rank-N.json`: its shard bytes (`distributed.shard_report`)
+    at the second optimizer step, its peak accelerator memory, and the profile of `profile_steps`."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[first, last]: optimizer steps (1-based, inclusive) run under torch.profiler on every rank, to time
+    collective kernels (NCCL / gloo) against the step (needs diagnostics); []: no profiling."""
 
     def problems(self) -> list[str]:
         out = []
@@ -181,6 +216,14 @@ class TrainConfig:
             out.append(f"train.nan_policy must be skip or stop, got {self.nan_policy!r}")
         if self.max_skipped_steps < 0:
             out.append(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        if self.profile_steps:
+            first_last = self.profile_steps
+            if len(first_last) != 2 or not 1 <= first_last[0] <= first_last[1]:
+                out.append(f"train.profile_steps must be [first, last] with 1 <= first <= last, got {first_last}")
+            elif self.max_steps is not None and first_last[1] > self.max_steps:
+                out.append(f"train.profile_steps {first_last} ends after train.max_steps ({self.max_steps})")
+            if not self.diagnostics:
+                out.append("train.profile_steps needs train.diagnostics=true (the profile is written there)")
         return out
 
     def accumulation(self, world_size: int) -> int:
@@ -368,6 +411,11 @@ def _cross_section_problems(s: dict[str, Any]) -> list[str]:
     model, dist = s["model"], s["distributed"]
     if model.bits is not None and dist.precision == "fp16" and model.compute_dtype == "bf16":
         out.append("distributed.precision fp16 with model.compute_dtype bf16 mixes two half types; use bf16 for both")
+    random_data = s["data"].path == RANDOM_TOKENS
+    if model.random_shape() is not None and not random_data:
+        out.append(f"model.path {model.path} has no tokenizer; train it on data.path={RANDOM_TOKENS}")
+    if random_data and s["train"].max_steps is None:
+        out.append(f"data.path {RANDOM_TOKENS} has no epochs; set train.max_steps")
     return out
 
 

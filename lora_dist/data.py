@@ -663,6 +663,42 @@ def collate(rows: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------------
+# Random tokens (throughput runs)
+
+RANDOM_TOKENS = "random-tokens"
+"""`data.path` of a synthetic dataset: uniform random token ids, every token a target (for speed runs)."""
+
+
+class RandomTokens:
+    """`num_samples` sequences of `seq_len` uniform random token ids in [0, vocab_size); labels = inputs.
+
+    Row i is drawn from a generator seeded by (seed, i) alone, so every rank and every launch mode sees
+    the same row i without storing the set. Indexing with a list returns columns, as a `datasets.Dataset`
+    does, so `ResumableLoader` reads it unchanged; rows have no padding (collate's attention_mask is all 1).
+    """
+
+    def __init__(self, num_samples: int, seq_len: int, vocab_size: int, seed: int = 0) -> None:
+        if num_samples < 1 or seq_len < 2 or vocab_size < 2:
+            raise ValueError(f"RandomTokens needs num_samples >= 1, seq_len >= 2 and vocab_size >= 2, "
+                             f"got {num_samples}, {seq_len}, {vocab_size}")
+        self.num_samples, self.seq_len, self.vocab_size, self.seed = num_samples, seq_len, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def row(self, index: int) -> list[int]:
+        """The token ids of row `index` (seq_len of them)."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"row {index} is outside {self.num_samples} random-token rows")
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, index]))
+        return rng.integers(0, self.vocab_size, self.seq_len).tolist()
+
+    def __getitem__(self, indices: list[int]) -> dict[str, list[list[int]]]:
+        rows = [self.row(int(i)) for i in indices]
+        return {"input_ids": rows, "labels": [list(r) for r in rows]}
+
+
+# --------------------------------------------------------------------------------------------------
 # Small helpers
 
 
@@ -703,6 +739,6 @@ def _is_int(value: Any) -> bool:
 
 
 __all__ = [
-    "DataConfig", "DataError", "DataStats", "IGNORE_INDEX", "ResumableLoader",
+    "DataConfig", "DataError", "DataStats", "IGNORE_INDEX", "RANDOM_TOKENS", "RandomTokens", "ResumableLoader",
     "build_datasets", "collate", "make_dataloader",
 ]

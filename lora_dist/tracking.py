@@ -29,10 +29,19 @@ class Tracker:
         job: "train" or "eval": the W&B job type, and the local record `<output_dir>/<job>-metrics.jsonl`
             ("metrics.jsonl" for training).
         stream: where console progress goes (stdout by default).
+        cluster: `world_size`, `num_nodes` and `hostnames` (`launch.cluster_info()`), recorded under
+            `cluster` in the W&B config and as the first line of the metrics record.
     """
 
     def __init__(
-        self, config: Config, *, rank: int, total_steps: int, job: str = "train", stream: TextIO | None = None
+        self,
+        config: Config,
+        *,
+        rank: int,
+        total_steps: int,
+        job: str = "train",
+        stream: TextIO | None = None,
+        cluster: dict[str, Any] | None = None,
     ):
         self.active = rank == 0
         self.total_steps = total_steps
@@ -48,15 +57,17 @@ class Tracker:
         self._metrics_file: TextIO | None = None
         self._metrics_mode = "w"  # a new run starts the file afresh; `resumed_at` switches to appending
         self.metrics_path = self.output_dir / ("metrics.jsonl" if job == "train" else f"{job}-metrics.jsonl")
+        self.cluster = cluster
         if not self.active:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.wandb_mode != "disabled":
-            self.run = _start_wandb(config, self.wandb_mode, job)
+            self.run = _start_wandb(config, self.wandb_mode, job, cluster)
 
     def resumed_at(self, step: int) -> None:
         """Continue the local metrics record of the run being resumed instead of starting a new one."""
         self._metrics_mode = "a"
+
 
     # -------------------------------------------------------------------------------- per step
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
@@ -129,6 +140,8 @@ class Tracker:
             return
         if self._metrics_file is None:
             self._metrics_file = open(self.metrics_path, self._metrics_mode, buffering=1)  # line-buffered
+            if self.cluster is not None:  # first line of every launch's record: where it ran
+                self._metrics_file.write(json.dumps({"kind": "cluster", **self.cluster}) + "\n")
         self._metrics_file.write(json.dumps(record) + "\n")
 
     def _progress(self, step: int, metrics: dict[str, float]) -> None:
@@ -152,7 +165,7 @@ class Tracker:
             print("\r\033[K", end="", file=self.stream, flush=True)
 
 
-def _start_wandb(config: Config, mode: str, job: str):
+def _start_wandb(config: Config, mode: str, job: str, cluster: dict[str, Any] | None = None):
     import wandb  # only here: a run with reporting off never loads it
 
     cfg = config.wandb
@@ -167,7 +180,7 @@ def _start_wandb(config: Config, mode: str, job: str):
         name=cfg.name,
         tags=cfg.tags or None,
         job_type=job,
-        config=config.to_dict(),
+        config={**config.to_dict(), **({"cluster": cluster} if cluster is not None else {})},
         dir=str(config.output_dir),
         mode=mode,
         settings=settings,
@@ -295,6 +308,29 @@ def read_wandb_artifacts(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def read_wandb_config(path: str | Path) -> dict[str, Any]:
+    """The run config an offline W&B run recorded (`wandb.init(config=...)`), as {key: value}."""
+    from wandb.proto import wandb_internal_pb2
+
+    path = Path(path)
+    if path.is_dir():
+        path = find_wandb_run_file(path)
+    config: dict[str, Any] = {}
+    for payload in _wandb_records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "run":
+            items = record.run.config.update
+        elif record.WhichOneof("record_type") == "config":
+            items = record.config.update
+        else:
+            continue
+        for item in items:
+            key = "/".join(item.nested_key) if item.nested_key else item.key
+            config[key] = json.loads(item.value_json)
+    return config
+
+
 def read_metrics(output_dir: str | Path, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
     """The records of `<output_dir>/metrics.jsonl` (train, eval and summary lines)."""
     path = Path(output_dir) / name
@@ -307,6 +343,7 @@ __all__ = [
     "format_summary",
     "read_metrics",
     "read_wandb_artifacts",
+    "read_wandb_config",
     "read_wandb_history",
 ]
 

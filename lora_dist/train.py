@@ -13,6 +13,7 @@ run follows the single-process one step for step.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -27,8 +28,9 @@ from typing import Any, Iterator
 import torch
 
 from lora_dist import adapters, checkpoint, data, distributed
-from lora_dist.config import BUILTIN_MODEL, Config, ConfigError
-from lora_dist.data import IGNORE_INDEX
+from lora_dist.config import BUILTIN_MODEL, Config, ConfigError, random_shapes
+from lora_dist.data import IGNORE_INDEX, RANDOM_TOKENS
+from lora_dist.launch import cluster_info
 from lora_dist.model import LoRAModel
 from lora_dist.optim import LoRAOptimizer
 from lora_dist.tracking import Tracker
@@ -57,6 +59,7 @@ class Run:
     accum: int
     total_steps: int
     tracker: Tracker
+    fused: bool = False  # the forward runs through kernels.patch_model_for_speed
     engine: Any = None  # DeepSpeed engine, or None on the plain path
     optimizer: Any = None  # torch optimizer on the plain path
     scheduler: Any = None
@@ -65,6 +68,7 @@ class Run:
     skipped_steps: int = 0
     last_checkpoint: Path | None = None
     evals: list[dict[str, float]] = field(default_factory=list)
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # this rank's, with train.diagnostics
 
     @property
     def forward_module(self) -> Any:
@@ -112,14 +116,19 @@ def evaluate_only(cfg: Config, adapter_path: str | None = None) -> dict[str, flo
 def setup(cfg: Config, *, for_eval: bool = False) -> Run:
     """Processes, model, data, optimizer, resume state and reporting, in that order."""
     rank, world_size, use_deepspeed = _init_processes(cfg)
-    device = _device()
+    device = _device()  # before any collective: NCCL runs on the current CUDA device, which this sets
+    cluster = cluster_info()  # a collective: every rank, right after the process group exists
     _seed_everything(cfg.train.seed)
 
     model_path = _materialize_model(cfg, rank)
     # Tokenizer and data before the weights: bad data fails in seconds, not after loading a 70B base.
-    tokenizer = _load_tokenizer(model_path)
-    train_ds, eval_ds = data.build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer = None if cfg.model.random_shape() else _load_tokenizer(model_path)
+    accum = cfg.train.accumulation(world_size)
+    if cfg.data.path == RANDOM_TOKENS:
+        train_ds, eval_ds, pad_id = _random_tokens(cfg, tokenizer, accum * world_size), None, 0
+    else:
+        train_ds, eval_ds = data.build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     micro = cfg.train.micro_batch_size
     train_loader = data.make_dataloader(
         train_ds, micro, rank=rank, world_size=world_size, seed=cfg.train.seed,
@@ -127,14 +136,21 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
     )
     if eval_ds is not None and len(eval_ds) == 0:
         eval_ds = None
-    accum = cfg.train.accumulation(world_size)
     total_steps = _total_steps(cfg, len(train_loader), accum)
 
-    base = _load_base(cfg, model_path, device)
+    if cfg.model.random_shape():
+        base = build_random_base(
+            cfg.model.random_shape(), bits=cfg.model.bits, quant_type=cfg.model.quant_type,
+            double_quant=cfg.model.double_quant, compute_dtype=TORCH_DTYPES[cfg.model.compute_dtype],
+            device=device, seed=cfg.train.seed, attn_implementation=cfg.model.attn_implementation,
+        )
+    else:
+        base = _load_base(cfg, model_path, device)
     torch.manual_seed(cfg.train.seed)  # the same adapter init on every rank and in every launch mode
     model = LoRAModel(base, cfg.lora)
     if cfg.model.gradient_checkpointing:
         _enable_activation_checkpointing(base)
+    fused = _patch_for_speed(cfg, model, device)
     if _is_quantized(model):
         _move_adapters(model, device)  # the quantized base is already where load_base_model put it
     else:
@@ -143,9 +159,13 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
     run = Run(
         cfg=cfg, rank=rank, world_size=world_size, device=device, model=model, tokenizer=tokenizer,
         model_path=model_path, train_loader=train_loader, eval_dataset=eval_ds, pad_token_id=pad_id, accum=accum,
-        total_steps=total_steps,
-        tracker=Tracker(cfg, rank=rank, total_steps=total_steps, job="eval" if for_eval else "train"),
+        total_steps=total_steps, fused=fused,
+        tracker=Tracker(cfg, rank=rank, total_steps=total_steps, job="eval" if for_eval else "train", cluster=cluster),
     )
+    if device.type == "cuda":
+        # A random base is allocated dense before it is quantized: keep that peak apart from training's.
+        run.diagnostics["setup_peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
     if for_eval:
         return run
     _build_optimizer(run, use_deepspeed)
@@ -220,6 +240,77 @@ def _load_tokenizer(path: str) -> Any:
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(f"model.path {path!r}: no tokenizer could be loaded ({first})") from None
+
+
+def _random_tokens(cfg: Config, tokenizer: Any, sequences_per_step: int) -> data.RandomTokens:
+    """Random-token rows for exactly `train.max_steps` optimizer steps (each row is seen once)."""
+    shape = cfg.model.random_shape()
+    vocab = random_shapes()[shape]["vocab_size"] if shape else len(tokenizer)
+    rows = cfg.train.max_steps * cfg.train.micro_batch_size * sequences_per_step
+    return data.RandomTokens(rows, cfg.data.max_seq_len, vocab, seed=cfg.train.seed)
+
+
+@torch.no_grad()
+def build_random_base(
+    shape: str,
+    *,
+    bits: int | None,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    attn_implementation: str | None = None,
+) -> torch.nn.Module:
+    """A Llama causal LM of a named shape (`config.random_shapes()`) with random weights, quantized.
+
+    Built on the meta device, then allocated straight on `device` in `compute_dtype` and quantized
+    there: no dense copy on the CPU and nothing written to disk. Every weight is drawn from its own
+    generator on `device`, seeded by (seed, parameter index), so ranks that build it agree bit for bit.
+    Norms are 1, other weights N(0, 0.02) (transformers' Llama init).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_dist import quant
+
+    device = torch.device(device)
+    config = LlamaConfig(**random_shapes()[shape], attn_implementation=attn_implementation or "sdpa")
+    config.use_cache = False
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(compute_dtype)
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    model.to_empty(device=device)
+    for index, (name, param) in enumerate(model.named_parameters()):
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+            param.normal_(0.0, 0.02, generator=gen)
+    # The rotary frequencies are a computed buffer: to_empty left it uninitialized, so compute it again.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+    if bits is not None:
+        quant.quantize_model(model, bits, quant_type, double_quant, compute_dtype, skip_modules=("lm_head",))
+    return model
+
+
+def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device) -> bool:
+    """Apply `kernels.patch_model_for_speed` when `model.fused_kernels` asks; returns whether it did."""
+    from lora_dist import kernels
+
+    mode = cfg.model.fused_kernels
+    if mode == "off" or (mode == "auto" and not (device.type == "cuda" and cfg.model.bits == 4)):
+        return False
+    try:
+        kernels.patch_model_for_speed(model)
+    except TypeError as err:
+        if mode == "on":
+            raise ConfigError([f"model.fused_kernels=on: {err}; set model.fused_kernels=off"]) from None
+        return False  # auto: a model the fast path does not know keeps its own forward
+    return True
 
 
 def _load_base(cfg: Config, path: str, device: torch.device) -> torch.nn.Module:
@@ -321,7 +412,10 @@ def _resume(run: Run) -> None:
 
 
 def _announce(run: Run, use_deepspeed: bool) -> None:
-    trainable, total = run.model.trainable_parameter_count()
+    # ZeRO-3 leaves a rank an empty placeholder per adapter; ds_numel is the whole count.
+    local, total = run.model.trainable_parameter_count()
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in run.model.get_trainable_parameters())
+    total += trainable - local
     how = (
         f"DeepSpeed ZeRO-{run.cfg.distributed.zero_stage} on {run.world_size} process(es)"
         if use_deepspeed else "single process, no DeepSpeed"
@@ -344,10 +438,16 @@ def fit(run: Run) -> None:
     t = run.cfg.train
     batches = _batch_stream(run)
     _train_mode(run, True)
+    profiler = None
     while run.step < run.total_steps:
         window = [next(batches) for _ in range(run.accum)]
+        if t.profile_steps and run.step + 1 == t.profile_steps[0]:
+            profiler = _start_profiler(run)
         stats = train_step(run, window)
         run.step += 1
+        if profiler is not None and run.step == t.profile_steps[1]:
+            run.diagnostics["profile"] = _stop_profiler(run, profiler, t.profile_steps)
+            profiler = None
         if stats["skipped"]:
             run.skipped_steps += 1
             _on_bad_step(run, stats)
@@ -358,6 +458,8 @@ def fit(run: Run) -> None:
             _train_mode(run, True)
         if t.save_interval and run.step % t.save_interval == 0 and run.step < run.total_steps:
             save_checkpoint(run)
+    if t.diagnostics:
+        _write_diagnostics(run)
 
 
 def _batch_stream(run: Run) -> Iterator[dict[str, torch.Tensor]]:
@@ -375,7 +477,7 @@ def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> dict[str, Any
     """
     started = time.perf_counter()
     lr = _current_lr(run)
-    window = [{k: v.to(run.device) for k, v in b.items()} for b in window]
+    window = [_to_device(run, b) for b in window]
     counts = torch.tensor(
         [sum(_label_tokens(b) for b in window), sum(_input_tokens(b) for b in window)],
         dtype=torch.float64, device=run.device,
@@ -384,19 +486,25 @@ def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> dict[str, Any
     num_items = torch.tensor(max(label_tokens, 1.0), device=run.device)
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    for batch in window:
-        # loss = this micro batch's summed token loss / the global batch's token count
-        loss = run.forward_module(**batch, num_items_in_batch=num_items).loss
-        loss_sum += loss.detach().double()
-        # Data-parallel gradients are averaged over ranks; scaling by world size makes them a sum.
-        scaled = loss * run.world_size
+    for i, batch in enumerate(window):
+        with _whole_adapters(run, training=True):
+            # loss = this micro batch's summed token loss / the global batch's token count
+            loss = _batch_loss(run, batch, num_items)
+            loss_sum += loss.detach().double()
+            # Data-parallel gradients are averaged over ranks; scaling by world size makes them a sum.
+            scaled = loss * run.world_size
+            if run.engine is not None:
+                run.engine.backward(scaled, scale_wrt_gas=False)
+            else:
+                scaled.backward()
         if run.engine is not None:
-            run.engine.backward(scaled, scale_wrt_gas=False)
+            if run.cfg.train.diagnostics and run.step + 1 == min(2, run.total_steps) and i == len(window) - 1:
+                # At the second step's boundary, between backward and step, the gradients exist and
+                # so does the optimizer state (torch's AdamW creates it in the first step).
+                run.diagnostics["shards"] = distributed.shard_report(run.engine)
             # DeepSpeed counts micro batches in step(): it must follow every backward, and it
             # clips, updates and advances the schedule only at the accumulation boundary.
             run.engine.step()
-        else:
-            scaled.backward()
     global_loss = float(_all_reduce_sum(loss_sum))
     finite = math.isfinite(global_loss)
 
@@ -479,6 +587,50 @@ def _current_lr(run: Run) -> float:
     return float(run.scheduler.get_last_lr()[0])
 
 
+def _to_device(run: Run, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    batch = {k: v.to(run.device) for k, v in batch.items()}
+    mask = batch.get("attention_mask")
+    if run.fused and mask is not None and bool(mask.all()):
+        # An all-ones mask says nothing the causal mask does not; without it the fused attention
+        # runs SDPA's causal kernel instead of falling back to the model's own masked path.
+        del batch["attention_mask"]
+    return batch
+
+
+def _batch_loss(run: Run, batch: dict[str, torch.Tensor], num_items: torch.Tensor) -> torch.Tensor:
+    """This micro batch's summed token loss divided by `num_items`, whichever forward the model runs."""
+    loss = run.forward_module(**batch, num_items_in_batch=num_items).loss
+    if run.fused:
+        # The chunked loss of the fused forward averages over this batch's own label tokens and
+        # ignores num_items_in_batch: rescale its mean to the sum over num_items.
+        loss = loss * (_label_tokens(batch) / num_items)
+    return loss
+
+
+def _whole_adapters(run: Run, training: bool):
+    """Gather the ZeRO-3 adapter shards for a forward (and backward) that reads them outside their modules.
+
+    ZeRO-3's hooks fetch a partitioned parameter when its own module is called. The fused kernels
+    (`kernels.lora_group`, and `LoRALayer`'s own 4-bit CUDA training path) read `lora_A.weight` and
+    `lora_B.weight` directly instead. DeepSpeed 0.19.8 catches such reads inside the engine's forward
+    (its parameter getter gathers the one parameter and registers it as external to the running
+    module); here all adapters are gathered in one call per micro batch instead, not relying on that
+    getter, and partitioned again before the optimizer step. The adapters are ~3% of a 4-bit 8B
+    base's bytes (168 MB fp32 against 5.6 GB). Both ways train bit-identically on the CPU.
+    """
+    if run.engine is None or not run.engine.zero_optimization_partition_weights():
+        return contextlib.nullcontext()
+    from lora_dist import kernels
+
+    layers = list(run.model.lora_layers.values())
+    if not layers or not all(kernels.supports_fast_path(layer) for layer in layers):
+        return contextlib.nullcontext()  # every layer calls its lora_A / lora_B modules: ZeRO's hooks fetch
+    cuda_4bit = training and run.device.type == "cuda" and all(layer.bits == 4 for layer in layers)
+    if not (run.fused or cuda_4bit):
+        return contextlib.nullcontext()
+    return distributed.gathered(run.engine)
+
+
 def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
     # The model predicts token t+1 from position t: the first label never counts.
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -524,13 +676,15 @@ def evaluate(run: Run) -> dict[str, float]:
     for i, batch in zip(range(n_batches), loader):
         spare = batch if spare is None else spare
         if i in mine:
-            batch = {k: v.to(run.device) for k, v in batch.items()}
-            # num_items_in_batch=1: the model returns the summed, not averaged, token loss.
-            loss_sum = run.forward_module(**batch, num_items_in_batch=one).loss
+            batch = _to_device(run, batch)
+            with _whole_adapters(run, training=False):
+                # num_items_in_batch=1: the summed, not averaged, token loss.
+                loss_sum = _batch_loss(run, batch, one)
             totals[0] += loss_sum.double()
             totals[1] += _label_tokens(batch)
     for _ in range(rounds - len(mine)):  # a rank a batch short runs one more forward and discards it
-        run.forward_module(**{k: v.to(run.device) for k, v in spare.items()}, num_items_in_batch=one)
+        with _whole_adapters(run, training=False):
+            run.forward_module(**_to_device(run, spare), num_items_in_batch=one)
     loss_total, tokens = _all_reduce_sum(totals).tolist()
     loss = loss_total / max(tokens, 1.0)
     metrics = {"loss": loss, "perplexity": math.exp(min(loss, 80.0)), "tokens": tokens}
@@ -595,6 +749,74 @@ def finish(run: Run, adapter_dir: Path, wall_time: float) -> dict[str, Any]:
     if run.engine is not None and run.world_size > 1:
         torch.distributed.barrier()
     return summary
+
+
+# ============================================================================================ diagnostics
+
+
+def _start_profiler(run: Run) -> Any:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
+    profiler = profile(activities=activities)
+    profiler.__enter__()
+    return profiler
+
+
+def _stop_profiler(run: Run, profiler: Any, steps: list[int]) -> dict[str, Any]:
+    """Time in collective kernels over the profiled steps: NCCL kernels on the GPU, gloo ops on the CPU.
+
+    On the GPU the sum is of NCCL kernel durations. A kernel also runs while it waits for the slower
+    rank, and it may overlap compute on its own stream: the sum bounds the exposed communication
+    time (and load imbalance) from above.
+    """
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    profiler.__exit__(None, None, None)
+    on_gpu = run.device.type == "cuda"
+    comm_us = busy_us = 0.0
+    kernels: dict[str, float] = {}
+    for event in profiler.events():
+        name = event.name
+        elapsed = event.time_range.elapsed_us()
+        if on_gpu:
+            # Kernels only: a `nccl:all_reduce` annotation spans its kernel on the GPU timeline too.
+            if event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False):
+                continue
+            if name.startswith("nccl:"):
+                continue
+            busy_us += elapsed
+            if "nccl" in name.lower():
+                comm_us += elapsed
+                kernels[name[:60]] = kernels.get(name[:60], 0.0) + elapsed
+        elif name.startswith("gloo:"):
+            comm_us += elapsed
+            kernels[name] = kernels.get(name, 0.0) + elapsed
+    n = steps[1] - steps[0] + 1
+    return {
+        "steps": list(steps),
+        "collective": "nccl kernels" if on_gpu else "gloo ops",
+        "comm_ms_per_step": comm_us / 1e3 / n,
+        "device_busy_ms_per_step": busy_us / 1e3 / n if on_gpu else None,
+        "by_kernel_ms_per_step": {k: v / 1e3 / n for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:8]},
+    }
+
+
+def _write_diagnostics(run: Run) -> Path:
+    """This rank's `<output_dir>/diagnostics/rank-N.json`: shard bytes, peak memory, profile."""
+    record: dict[str, Any] = {"rank": run.rank, "world_size": run.world_size, "fused_kernels": run.fused,
+                              "zero_stage": run.cfg.distributed.zero_stage if run.engine is not None else None,
+                              **run.diagnostics}
+    if run.device.type == "cuda":
+        record["peak_allocated_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        record["peak_reserved_gib"] = torch.cuda.max_memory_reserved(run.device) / 2**30
+    folder = run.cfg.output_dir / "diagnostics"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"rank-{run.rank}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return path
 
 
 # ============================================================================================ collectives

@@ -93,3 +93,40 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = load_config(None, ["model.path=m", f"data.path={BUILTIN_DATASET}", "lora.rank=4", "train.lr=1e-3"])
     again = load_config(_write(tmp_path, dump_config(cfg)))
     assert again == cfg
+
+
+# ------------------------------------------------------------------ random shapes, random tokens, fused kernels
+
+RANDOM_RUN = ["model.path=random:tiny", "data.path=random-tokens", "train.max_steps=2"]
+
+
+def test_random_model_and_random_tokens_load():
+    cfg = load_config(None, RANDOM_RUN)
+    assert cfg.model.random_shape() == "tiny" and cfg.model.fused_kernels == "auto"
+
+
+def test_unknown_random_shape_is_refused_with_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown random shape; use one of .*random:llama3-8b.*random:tiny"):
+        load_config(None, ["model.path=random:llama9", "data.path=random-tokens", "train.max_steps=2"])
+
+
+def test_random_model_without_random_tokens_is_refused():
+    with pytest.raises(ConfigError, match=r"has no tokenizer; train it on data.path=random-tokens"):
+        load_config(None, ["model.path=random:tiny", "data.path=builtin:tiny-instructions"])
+
+
+def test_random_tokens_without_max_steps_are_refused():
+    with pytest.raises(ConfigError, match=r"random-tokens has no epochs; set train.max_steps"):
+        load_config(None, ["model.path=random:tiny", "data.path=random-tokens"])
+
+
+def test_fused_kernels_value_is_checked():
+    with pytest.raises(ConfigError, match=r"model.fused_kernels must be one of auto, on, off, got 'yes'"):
+        load_config(None, [*RANDOM_RUN, "model.fused_kernels=yes"])
+
+
+def test_profile_steps_need_diagnostics_and_fit_in_the_run():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*RANDOM_RUN, "train.profile_steps=[2,3]"])
+    assert "ends after train.max_steps (2)" in str(err.value)
+    assert "needs train.diagnostics=true" in str(err.value)

@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 from lora_dist.config import BUILTIN_DATASET, load_config
-from lora_dist.tracking import Tracker, format_summary, read_metrics, read_wandb_artifacts, read_wandb_history
+from lora_dist.tracking import (
+    Tracker, format_summary, read_metrics, read_wandb_artifacts, read_wandb_config, read_wandb_history,
+)
 
 
 def _config(tmp_path, *overrides):
@@ -87,3 +89,31 @@ print("wandb" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "WANDB_API_KEY": ""})
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+CLUSTER = {"world_size": 16, "num_nodes": 2, "hostnames": ["node-a", "node-b"]}
+
+
+def test_offline_run_config_records_the_cluster(tmp_path, capsys):
+    tracker = Tracker(_config(tmp_path, "wandb.mode=offline"), rank=0, total_steps=1, cluster=CLUSTER)
+    run_dir = tracker.wandb_run_dir()
+    tracker.finish({"steps": 1})
+    config = read_wandb_config(run_dir)
+    assert config["cluster"] == CLUSTER
+    assert config["train"]["output_dir"] == str(tmp_path)  # beside the full resolved config
+
+
+def test_metrics_record_starts_with_the_cluster(tmp_path, capsys):
+    tracker = Tracker(_config(tmp_path, "wandb.mode=disabled"), rank=0, total_steps=1, cluster=CLUSTER)
+    tracker.log_step(1, {"loss": 1.0})
+    tracker.finish({"steps": 1})
+    records = read_metrics(tmp_path)
+    assert records[0] == {"kind": "cluster", **CLUSTER}
+    assert [r["kind"] for r in records[1:]] == ["train", "summary"]
+
+
+def test_cluster_of_a_rank_other_than_0_is_not_recorded(tmp_path, capsys):
+    tracker = Tracker(_config(tmp_path, "wandb.mode=disabled"), rank=1, total_steps=1, cluster=CLUSTER)
+    tracker.log_step(1, {"loss": 1.0})
+    tracker.finish({"steps": 1})
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -1,5 +1,6 @@
 """The training loop on the tiny model, in process: loss normalization, NaN guard, exact resume."""
 
+import json
 import math
 
 import pytest
@@ -131,3 +132,172 @@ def test_resume_auto_after_a_stopped_run_continues_from_its_last_checkpoint(tiny
     # The resumed run appends to the crashed run's record; steps 3 and 4 are those of the clean run.
     for step in (3, 4):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-12)
+
+
+# ============================================================ random bases, random tokens, fused kernels
+
+RANDOM = ["model.path=random:tiny", "data.path=random-tokens", "data.max_seq_len=64", "model.compute_dtype=fp32",
+          "train.max_steps=3", "train.micro_batch_size=2", "train.grad_accum=2", "train.warmup_steps=0",
+          "train.eval_interval=0", "train.save_interval=0", "train.log_interval=100", "wandb.mode=disabled"]
+
+
+def test_random_base_is_the_same_for_a_seed_and_changes_with_another():
+    def weights(seed):
+        model = train.build_random_base("tiny", bits=4, compute_dtype=torch.float32, seed=seed)
+        return {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+    a, b, c = weights(0), weights(0), weights(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # ranks building it agree bit for bit
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], c["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_random_base_computes_its_rotary_frequencies_instead_of_leaving_them_empty():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from lora_dist.config import random_shapes
+
+    model = train.build_random_base("tiny", bits=None, compute_dtype=torch.float32)
+    expected = LlamaRotaryEmbedding(LlamaConfig(**random_shapes()["tiny"])).inv_freq
+    assert torch.equal(model.model.rotary_emb.inv_freq, expected)
+
+
+def test_random_tokens_rows_are_deterministic_and_every_token_is_a_target():
+    from lora_dist.data import RandomTokens
+
+    rows = RandomTokens(8, 16, 512, seed=3)[[5, 1]]
+    again = RandomTokens(8, 16, 512, seed=3)[[1, 5]]
+    assert rows["input_ids"][0] == again["input_ids"][1] and rows["input_ids"][1] == again["input_ids"][0]
+    assert rows["labels"] == rows["input_ids"]
+    assert all(len(r) == 16 and 0 <= min(r) and max(r) < 512 for r in rows["input_ids"])
+    assert RandomTokens(8, 16, 512, seed=4)[[5]]["input_ids"] != rows["input_ids"][:1]
+
+
+def test_random_run_has_the_rows_its_steps_need_and_no_tokenizer(tmp_path, capsys):
+    run = train.setup(load_config(None, [*RANDOM, f"train.output_dir={tmp_path}"]))
+    assert run.tokenizer is None and run.eval_dataset is None
+    assert len(run.train_loader) == 3 * 2  # max_steps x grad_accum micro batches, each row seen once
+    batch = next(iter(run.train_loader))
+    assert batch["input_ids"].shape == (2, 64) and torch.equal(batch["labels"], batch["input_ids"])
+
+
+def test_fused_kernels_follow_the_plain_forward_step_for_step(tmp_path, capsys):
+    plain = train.train(load_config(None, [*RANDOM, f"train.output_dir={tmp_path / 'plain'}",
+                                           "model.fused_kernels=off"]))
+    fused = train.train(load_config(None, [*RANDOM, f"train.output_dir={tmp_path / 'fused'}",
+                                           "model.fused_kernels=on"]))
+    assert plain["steps"] == fused["steps"] == 3
+    one = [m for m in read_metrics(tmp_path / "plain") if m["kind"] == "train"]
+    two = [m for m in read_metrics(tmp_path / "fused") if m["kind"] == "train"]
+    # Both paths dequantize the same 4-bit weights and multiply in fp32 on the CPU; they differ only in
+    # summation order (grouped GEMMs, chunked log-sum-exp): fp32 rounding of sums over <= 512 terms,
+    # <= 512 * 2**-24 ~ 3e-5 relative in the worst case, ~1e-7 observed. A wrong loss scale or a lost
+    # adapter gradient moves the loss (or the norm) by far more than 1e-4 from step 1 or 2.
+    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
+    assert [m["grad_norm"] for m in two] == pytest.approx([m["grad_norm"] for m in one], rel=1e-4)
+
+
+def test_fused_loss_is_the_mean_over_all_response_tokens_of_the_global_batch(tiny_dir, tmp_path, capsys):
+    # The fused chunked loss averages over its own micro batch; the loop must rescale it to the global
+    # token count, as the plain forward does with num_items_in_batch (micro batches of unequal counts).
+    run = train.setup(_config(tiny_dir, tmp_path, "model.fused_kernels=on",
+                              "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"))
+    assert run.fused and hasattr(run.model.base_model, "_lora_dist_original_forward")  # the chunked loss is on
+    window = _window(run)
+    with torch.no_grad():  # without labels the patched forward returns full logits
+        logits = [run.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in window]
+        pred = torch.cat([lg[:, :-1].reshape(-1, lg.shape[-1]) for lg in logits]).float()
+        target = torch.cat([b["labels"][:, 1:].reshape(-1) for b in window])
+        expected = F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX).item()
+    stats = train.train_step(run, window)
+    # fp32 on both sides, sums in another order: ~1e-6 relative (as in the plain test above).
+    assert stats["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_diagnostics_record_profile_steps_and_the_fused_flag(tmp_path, capsys):
+    train.train(load_config(None, [*RANDOM, f"train.output_dir={tmp_path}", "train.diagnostics=true",
+                                   "train.profile_steps=[2,2]"]))
+    record = json.loads((tmp_path / "diagnostics" / "rank-0.json").read_text())
+    assert record["rank"] == 0 and record["fused_kernels"] is False  # auto: off on the CPU
+    assert record["profile"]["steps"] == [2, 2] and record["profile"]["comm_ms_per_step"] == 0.0  # one process
+
+
+# ============================================================ the scaling study, rehearsed on CPU processes
+
+SCALING_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def scaling_study(tmp_path_factory):
+    """launch/gpu-scaling.sh exactly as on the GPUs, on random:tiny with 1 and 2 CPU processes (gloo)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("scaling")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MASTER_"))}
+    env.update(LORA_DIST_PYTHON=sys.executable, PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+               OMP_NUM_THREADS="1", SCALING_RUN_TIMEOUT="240")
+    # fused kernels on: their ZeRO-3 path (adapters read outside their modules) runs on the CPU too
+    done = subprocess.run(
+        [str(root / "launch" / "gpu-scaling.sh"), str(out), "model.path=random:tiny", "data.max_seq_len=64",
+         "model.compute_dtype=fp32", "train.micro_batch_size=2", "train.global_batch_size=4",
+         f"train.max_steps={SCALING_STEPS}", "train.profile_steps=[4,4]", "model.fused_kernels=on",
+         "distributed.timeout_s=60"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {r["run"]: r for r in json.loads((out / "summary.json").read_text())}
+
+
+@pytest.mark.distributed
+def test_scaling_study_runs_one_process_then_zero2_and_zero3_on_two(scaling_study):
+    assert {name: (r["exit"], r["world_size"], r["steps"]) for name, r in scaling_study.items()} == {
+        "gpu1-zero2": (0, 1, SCALING_STEPS), "gpu2-zero2": (0, 2, SCALING_STEPS), "gpu2-zero3": (0, 2, SCALING_STEPS)}
+    assert scaling_study["gpu2-zero3"]["profile"]["collective"] == "gloo ops"
+    assert scaling_study["gpu2-zero3"]["comm_ms_per_step"] > 0
+
+
+@pytest.mark.distributed
+def test_two_ranks_with_fused_kernels_follow_one_process_under_zero2_and_zero3(scaling_study):
+    # Same global batch, fp32 compute: the 2-rank sums run in another order (a few ulps, ~1e-7 relative,
+    # which Adam can grow over steps; as in test_launch). Under ZeRO-3 the fused kernels read the
+    # adapters outside their modules: a shard read before its gather, or a gradient lost on the way
+    # back, moves the loss by >1e-2 from the second step on.
+    one = scaling_study["gpu1-zero2"]["losses"]
+    for name in ("gpu2-zero2", "gpu2-zero3"):
+        assert scaling_study[name]["losses"] == pytest.approx(one, rel=1e-5), name
+
+
+@pytest.mark.distributed
+def test_zero_partitions_adapter_state_and_never_the_4bit_base(scaling_study):
+    alone = scaling_study["gpu1-zero2"]["shards"][0]
+    zero2, zero3 = scaling_study["gpu2-zero2"]["shards"], scaling_study["gpu2-zero3"]["shards"]
+    for shards in (zero2, zero3):
+        for s in shards:  # gradients, fp32 masters and Adam moments: halved on each of 2 ranks
+            assert s["adapter_grad_bytes"] == alone["adapter_grad_bytes"] // 2
+            assert s["master_param_bytes"] == alone["master_param_bytes"] // 2
+            assert s["optimizer_state_bytes"] - 4 == (alone["optimizer_state_bytes"] - 4) // 2  # + the step
+            assert s["base_bytes"] == alone["base_bytes"] and s["base_partitioned"] is False
+    assert [s["adapter_param_bytes"] for s in zero2] == [alone["adapter_param_bytes"]] * 2
+    assert [s["adapter_param_bytes"] for s in zero3] == [alone["adapter_param_bytes"] // 2] * 2
+
+
+@pytest.mark.distributed
+def test_cluster_info_reaches_the_run_record(scaling_study):
+    import socket
+
+    assert scaling_study["gpu2-zero2"]["hostnames"] == [socket.gethostname()]
+
+
+def test_setup_binds_the_device_before_its_first_collective(tmp_path, capsys, monkeypatch):
+    # On GPUs NCCL runs a collective on the current CUDA device: cluster_info's all_gather_object before
+    # torch.cuda.set_device put every rank's tensors on cuda:0 and failed on rank 1 (seen on 2 H200s).
+    calls = []
+    device, info = train._device, train.cluster_info
+    monkeypatch.setattr(train, "_device", lambda: calls.append("device") or device())
+    monkeypatch.setattr(train, "cluster_info", lambda: calls.append("cluster_info") or info())
+    train.setup(load_config(None, [*RANDOM, f"train.output_dir={tmp_path}"]))
+    assert calls == ["device", "cluster_info"]
