@@ -11,9 +11,9 @@
 # Needs pdsh and passwordless ssh to every host, and the repository, venv and train.output_dir at the same
 # paths on all of them. The environment ranks need on other hosts (WANDB_*, NCCL_*, HF_*, PYTHONPATH, the
 # venv's PATH, --env NAME) goes through <output_dir>/logs/.deepspeed_env; WANDB_API_KEY and HF_TOKEN go as
-# 0600 files beside it (NETRC, HF_TOKEN_PATH), never on a command line. --master-addr defaults to what the
-# first host reports (`ssh HOST hostname -I`), --master-port to 29500. Per-rank logs, failure report:
-# as in train.sh. Python: $LORA_DIST_PYTHON, else python3 on PATH.
+# 0600 files beside it (NETRC, HF_TOKEN_PATH), never on a command line, deleted when the launch ends.
+# --master-addr defaults to what the first host reports (`ssh HOST hostname -I`), --master-port to 29500.
+# Per-rank logs, failure report: as in train.sh. Python: $LORA_DIST_PYTHON, else python3 on PATH.
 
 set -euo pipefail
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0; fi

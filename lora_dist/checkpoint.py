@@ -8,15 +8,23 @@ Layout of one checkpoint (never the frozen base):
         deepspeed/                    DeepSpeed's sharded optimizer + scheduler state (with an engine)
         optimizer.pt, scheduler.pt    torch state dicts (single process, no DeepSpeed)
         rng-rank00000.pt ...          the RNG states of every rank
-        trainer_state.json            step, data_state, extra, world size, stage; written last
+        trainer_state.json            step, data_state, extra, world size, stage, and the manifest:
+                                      size and SHA-256 of every other file; written last
 
 A checkpoint is written into `root/.step-XXXXXXXX.partial/` and renamed into place only when every
-rank has finished; `latest` moves after that (temp file + os.replace). A crash leaves at worst a
-`.partial` directory, which nothing reads.
+rank has finished; `latest` moves after that (temp file + os.replace). Every file and directory is
+fsynced before the rename that publishes it, so after a crash or a power loss `latest` names a
+folder whose bytes are on the disk. A crash leaves at worst a `.partial` directory, which nothing
+reads; a step folder whose files do not have the sizes of its manifest counts as incomplete.
+
+Loading verifies every file against its SHA-256 before anything is read: DeepSpeed reads its files
+with torch.load(weights_only=False), which runs whatever pickle it finds, so only bytes this tool
+wrote may reach it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -33,7 +41,8 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 DS_TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed-universal"  # made on demand when resuming at another world size
-FORMAT_VERSION = 1
+UNIVERSAL_MANIFEST = f"{UNIVERSAL_TAG}.json"  # its sizes and SHA-256s, checked before it is reused
+FORMAT_VERSION = 2  # 2: "files" is the manifest {relative path: {"size", "sha256"}}
 
 
 def _step_name(step: int) -> str:
@@ -51,10 +60,93 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temp file, fsynced before os.replace; then fsync the folder to keep the rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+# ---------------------------------------------------------------------- manifest
+def _file_names(folder: Path) -> list[str]:
+    """Every file under `folder` but the trainer state and the universal conversion, relative, sorted."""
+    skip = (STATE_FILE, UNIVERSAL_MANIFEST, UNIVERSAL_TAG + "/", f".{UNIVERSAL_TAG}.partial/")
+    names = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(n for n in names if not n.startswith(skip))
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256"}} of every file under `folder`, each fsynced on the way, then
+    every directory (their entries: the files' names) fsynced too."""
+    out = {}
+    for name in _file_names(folder):
+        with open(folder / name, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            os.fsync(f.fileno())  # the other ranks' files too: one page cache per machine
+            out[name] = {"size": os.fstat(f.fileno()).st_size, "sha256": digest}
+    directories = {folder} | {parent for n in out for parent in (folder / n).parents if folder in parent.parents}
+    for directory in sorted(directories, reverse=True):  # deepest first, the folder itself last
+        _fsync(directory)
+    return out
+
+
+def _size_problem(folder: Path, manifest: Any) -> str | None:
+    """Why `folder` does not hold the files of `manifest` at their sizes (cheap: stat only), or None."""
+    if not isinstance(manifest, dict):
+        return f"its {STATE_FILE} has no manifest of file sizes and hashes (written by an older lora_dist)"
+    for name, entry in manifest.items():
+        try:
+            size = (folder / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != entry["size"]:
+            return f"{name} has {size} bytes, not the {entry['size']} written (lost in a crash, or changed since)"
+    return None
+
+
+def _changed_file(folder: Path, manifest: dict[str, dict[str, Any]]) -> str | None:
+    """The first file under `folder` that differs from `manifest` (bytes, or not listed), or None."""
+    for name in _file_names(folder):
+        if name not in manifest:
+            return name
+    for name, entry in manifest.items():
+        try:
+            with open(folder / name, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != entry["sha256"]:
+                    return name
+        except OSError:
+            return name
+    return None
+
+
+def _verify(path: Path, manifest: dict[str, dict[str, Any]], collective: bool) -> None:
+    """Raise unless every file of the step folder `path` has the SHA-256 it was written with.
+
+    With `collective` (every rank is here) rank 0 reads the files and tells the others, so all
+    raise; otherwise this process reads them.
+    """
+    rank, world = _rank_world()
+    changed = [_changed_file(path, manifest) if rank == 0 or not collective else None]
+    if collective and world > 1:
+        torch.distributed.broadcast_object_list(changed, src=0)
+    if changed[0] is not None:
+        raise ValueError(
+            f"checkpoint file {path / changed[0]} changed since it was written; "
+            f"resume only from checkpoints this tool wrote"
+        )
 
 
 # ---------------------------------------------------------------------- RNG
@@ -135,11 +227,11 @@ def save_checkpoint(
     json.dumps(state)  # fail before writing anything if data_state / extra are not JSON
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
+        _fsync(root.parent)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     _barrier()
 
-    files = [ADAPTER_WEIGHTS, ADAPTER_CONFIG] + [f"rng-rank{r:05d}.pt" for r in range(world)]
     if engine is not None:
         from lora_dist import distributed
 
@@ -147,20 +239,19 @@ def save_checkpoint(
             if rank == 0:
                 save_adapter(model, partial)
         engine.save_checkpoint(str(partial), tag=DS_TAG, save_latest=False)
-        files.append(DS_TAG)
     elif rank == 0:
         save_adapter(model, partial)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-            files.append("optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), partial / "scheduler.pt")
-            files.append("scheduler.pt")
-    torch.save(_rng_state(), partial / f"rng-rank{rank:05d}.pt")
+    rng_file = partial / f"rng-rank{rank:05d}.pt"
+    torch.save(_rng_state(), rng_file)
+    _fsync(rng_file)  # on this rank's machine: another node's rank 0 cannot flush its page cache
     _barrier()
 
     if rank == 0:
-        state["files"] = files
+        state["files"] = _manifest(partial)  # fsyncs every file and folder
         # trainer_state.json last: a directory without it is incomplete.
         _atomic_write_text(partial / STATE_FILE, json.dumps(state, indent=2))
         if final.exists():  # re-saving a step: swap in the new one, then drop the old
@@ -168,24 +259,31 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
             os.rename(final, stale)
             os.rename(partial, final)
+            _fsync(root)
             shutil.rmtree(stale)
         else:
             os.rename(partial, final)
+            _fsync(root)
         _atomic_write_text(root / LATEST, final.name + "\n")
     _barrier()
     return final
 
 
 # ---------------------------------------------------------------------- find / load
-def _is_complete(path: Path) -> bool:
+def _incomplete_because(path: Path) -> str | None:
+    """Why the step folder `path` is not a complete checkpoint, or None when it is."""
     state_file = path / STATE_FILE
     if not state_file.is_file():
-        return False
+        return f"no {STATE_FILE}: it was interrupted while being written"
     try:
-        files = json.loads(state_file.read_text()).get("files", [])
-    except json.JSONDecodeError:
-        return False
-    return all((path / f).exists() for f in files)
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):  # a torn or empty file after a power loss
+        return f"{STATE_FILE} is not readable JSON"
+    return _size_problem(path, state.get("files") if isinstance(state, dict) else None)
+
+
+def _is_complete(path: Path) -> bool:
+    return _incomplete_because(path) is None
 
 
 def _complete_steps(root: Path) -> list[Path]:
@@ -223,10 +321,9 @@ def _resolve(path_or_root: str | Path) -> Path:
             f"resume from a complete one: {[p.name for p in _complete_steps(path)] or 'none found'}"
         )
     if path.name.startswith(("step-", ".step-")):
-        missing = STATE_FILE if not (path / STATE_FILE).is_file() else "files listed in " + STATE_FILE
         others = _complete_steps(path.parent)
         raise ValueError(
-            f"checkpoint {path} is incomplete (no {missing}): it was interrupted while being written; "
+            f"checkpoint {path} is incomplete ({_incomplete_because(path)}); "
             f"resume from {others[-1] if others else 'an earlier complete checkpoint'} instead"
         )
     complete = _complete_steps(path)
@@ -240,20 +337,32 @@ def _resolve(path_or_root: str | Path) -> Path:
 def _load_resharded(path: Path, engine: Any, saved_world: int, world: int, stage: int) -> None:
     """Resume optimizer state sharded for `saved_world` ranks on `world` ranks, via a universal checkpoint.
 
-    Rank 0 converts `deepspeed/` once into `deepspeed-universal/` beside it (written to a temp
-    folder and renamed, so a crash leaves no half conversion); every rank then loads its new shard.
+    Rank 0 converts `deepspeed/` (verified by the caller) once into `deepspeed-universal/` beside
+    it, written to a temp folder and renamed, so a crash leaves no half conversion; its manifest
+    goes to `deepspeed-universal.json`. A conversion that no longer matches its manifest is made
+    again. Every rank then loads its new shard.
     """
     from lora_dist import distributed
 
     rank, _ = _rank_world()
     universal = path / UNIVERSAL_TAG
+    manifest_file = path / UNIVERSAL_MANIFEST
     failure = None
+    if rank == 0 and universal.is_dir():
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except (OSError, ValueError):
+            manifest = None
+        if manifest is None or _size_problem(universal, manifest) or _changed_file(universal, manifest):
+            shutil.rmtree(universal)
     if rank == 0 and not universal.is_dir():
         partial = path / f".{UNIVERSAL_TAG}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         try:
             distributed.to_universal(path / DS_TAG, partial)
+            _atomic_write_text(manifest_file, json.dumps(_manifest(partial), indent=2))
             os.rename(partial, universal)
+            _fsync(path)
         except Exception as err:  # reported below, on every rank
             failure = f"{type(err).__name__}: {err}"
             shutil.rmtree(partial, ignore_errors=True)
@@ -281,7 +390,8 @@ def load_checkpoint(
     scheduler state. Optimizer state sharded for another world size (ZeRO-1/2/3, and bf16 at stage
     0) is first converted to a DeepSpeed universal checkpoint (`deepspeed-universal/` in the step
     directory, made once) and re-sharded; if that fails the error says which world size to use.
-    The ZeRO stage must be the one the checkpoint was written with.
+    The ZeRO stage must be the one the checkpoint was written with. Before anything is loaded,
+    every file is checked against the SHA-256 recorded when it was written.
 
     Args:
         path_or_root: a step directory, or a root (follows `latest`).
@@ -292,10 +402,12 @@ def load_checkpoint(
         {"step": int, "data_state": dict | None, "extra": dict | None}.
 
     Raises:
-        FileNotFoundError: nothing there. ValueError: incomplete, or not resumable this way.
+        FileNotFoundError: nothing there. ValueError: incomplete, changed since it was written, or not
+        resumable this way.
     """
     path = _resolve(path_or_root)
     state = json.loads((path / STATE_FILE).read_text())
+    _verify(path, state["files"], collective=engine is not None)
     rank, world = _rank_world()
     saved_world, saved_stage = state["world_size"], state["zero_stage"]
     if engine is not None:

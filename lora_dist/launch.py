@@ -23,7 +23,8 @@ It imports only the standard library and PyYAML, so the scripts stay quick; run 
 Secrets are never printed and never put on a command line: DeepSpeed's pdsh runner turns every
 forwarded variable into `export K=V;` on the pdsh command line (and logs that line), so
 WANDB_API_KEY and HF_TOKEN travel as 0600 files on the shared run directory instead (`NETRC`,
-`HF_TOKEN_PATH` point at them), and other secret-looking variables are not forwarded.
+`HF_TOKEN_PATH` point at them; deleted when the launcher ends, by success, failure or signal), and
+other secret-looking variables are not forwarded.
 """
 
 from __future__ import annotations
@@ -268,13 +269,32 @@ def slurm_node_plan(env: Mapping[str, str]) -> NodePlan:
 # ============================================================================================ config + env
 
 
+def override_value(text: str) -> Any:
+    """The value of one `section.key=value` override, read as `lora_dist.config` reads it.
+
+    YAML, except that an empty value is "" and YAML 1.1's other booleans (off, no, yes, on, in any
+    case) stay the word typed. config.py cannot be imported here (it imports torch), so this mirrors
+    its `_apply_override`; a test feeds both the same values.
+
+    Raises:
+        yaml.YAMLError: the value is not YAML.
+    """
+    import yaml
+
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text.strip()
+    return value
+
+
 def output_dir_of(config: str | Path, overrides: Sequence[str] = ()) -> Path:
     """`train.output_dir` of a run (the YAML file, then the last `train.output_dir=` override), absolute.
 
     Read with PyYAML alone, so the launcher need not import torch; the ranks validate the whole config.
 
     Raises:
-        LaunchError: the file cannot be read or is not YAML.
+        LaunchError: the file cannot be read or is not YAML, or the value is not a non-empty string
+            (what lora_dist.config refuses too).
     """
     import yaml
 
@@ -285,12 +305,19 @@ def output_dir_of(config: str | Path, overrides: Sequence[str] = ()) -> Path:
     except yaml.YAMLError as err:
         raise LaunchError(f"config {config} is not valid YAML ({getattr(err, 'problem', err)})") from None
     train = raw.get("train") if isinstance(raw, dict) else None
-    out = train.get("output_dir") if isinstance(train, dict) else None
+    out = train.get("output_dir", DEFAULT_OUTPUT_DIR) if isinstance(train, dict) else DEFAULT_OUTPUT_DIR
     for item in overrides:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         if sep and key.strip() == "train.output_dir":
-            out = yaml.safe_load(value) if value.strip() else ""
-    return Path(str(out or DEFAULT_OUTPUT_DIR)).absolute()
+            try:
+                out = override_value(text)
+            except yaml.YAMLError:
+                raise LaunchError(f"override {item!r}: value is not valid YAML (quote it)") from None
+    if not isinstance(out, str) or not out:
+        raise LaunchError(
+            f"train.output_dir must be a folder name, got {out!r}; write one, in quotes where YAML reads it otherwise"
+        )
+    return Path(out).absolute()
 
 
 def visible_gpu_count(env: Mapping[str, str]) -> int:
@@ -559,25 +586,33 @@ def failure_report(log_dir: Path, since: float = 0.0, tail: int = 15) -> str | N
 def run_launcher(cmd: Sequence[str], env: Mapping[str, str], log_dir: Path) -> int:
     """Run a deepspeed command to the end; on failure print which rank failed first. Returns its status.
 
-    The command gets its own process group: SIGINT/SIGTERM to us go to all of it, and whatever is
-    left 30 s later is killed, so an interrupted launch leaves nothing running.
+    The command gets its own process group: SIGINT/SIGTERM to us go to all of it (SIGHUP, a closed
+    terminal or ssh session, as SIGTERM), and whatever is left 30 s later is killed, so an
+    interrupted launch leaves nothing running. The caller's signal handlers are restored at the end.
     """
     started = time.time() - 1.0  # status times come from the same clock on this node; allow rounding
-    proc = subprocess.Popen(list(cmd), env=dict(env), start_new_session=True)
+    proc: subprocess.Popen | None = None
     kill_at: list[float] = []
 
     def stop(signum: int, _frame: Any) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signum)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM if signum == signal.SIGHUP else signum)
         kill_at.append(time.monotonic() + 30)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while proc.poll() is None:
-        time.sleep(0.2)
-        if kill_at and time.monotonic() > kill_at[0]:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        proc = subprocess.Popen(list(cmd), env=dict(env), start_new_session=True)
+        if kill_at:  # a signal came while it was starting
+            os.killpg(proc.pid, signal.SIGTERM)
+        while proc.poll() is None:
+            time.sleep(0.2)
+            if kill_at and time.monotonic() > kill_at[0]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     code = proc.returncode
     if kill_at:
         _note(f"stopped on request; every rank of this node has ended (status {code})")
@@ -603,11 +638,25 @@ def _launch(args: argparse.Namespace, cmd: list[str], env: dict[str, str], log_d
     if args.dry_run:
         _print_command(cmd, changes, exports)
         return 0
-    if exports is not None:
-        write_deepspeed_env(Path(env["DS_ENV_FILE"]), exports, files or {})
     log_dir.mkdir(parents=True, exist_ok=True)
     _note(f"per-rank logs: {log_dir}/rank-N.log")
-    return run_launcher(cmd, env, log_dir)
+    # The secret files live only as long as the launch: deleted however it ends (a signal too: until
+    # run_launcher takes them over, SIGTERM and SIGHUP end this process through the `finally`).
+    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        if exports is not None:
+            write_deepspeed_env(Path(env["DS_ENV_FILE"]), exports, files or {})
+        return run_launcher(cmd, env, log_dir)
+    finally:
+        for secret in files or {}:
+            with contextlib.suppress(FileNotFoundError):
+                secret.unlink()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _cmd_single(args: argparse.Namespace) -> int:

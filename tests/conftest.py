@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-# bitsandbytes prints a notice about an optional kernels package on import; keep test output readable.
+# HF tokenizers warn when a process forks after using their thread pool (our subprocess tests do);
+# keep test output readable.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

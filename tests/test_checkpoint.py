@@ -5,7 +5,10 @@ The DeepSpeed side (2 ranks, ZeRO 0-3) is in tests/distributed/test_zero.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -179,6 +182,95 @@ def test_data_state_that_is_not_json_is_refused_before_writing(tmp_path):
     with pytest.raises(TypeError):
         save_checkpoint(tmp_path, step=1, model=model, data_state={"sampler": object()})
     assert not tmp_path.joinpath("step-00000001").exists()
+
+
+def test_manifest_holds_size_and_sha256_of_every_other_file(tmp_path):
+    model, optimizer, scheduler = build()
+    path = save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer, scheduler=scheduler)
+    files = json.loads((path / "trainer_state.json").read_text())["files"]
+    expected = {
+        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in path.iterdir() if p.name != "trainer_state.json"
+    }  # fmt: skip
+    assert files == expected
+
+
+def test_a_step_whose_bytes_never_reached_the_disk_is_incomplete_and_latest_falls_back(tmp_path):
+    # What a power loss leaves when data was not fsynced: the names exist, the files are empty.
+    model, _, _ = build()
+    save_checkpoint(tmp_path, step=1, model=model)
+    lost = save_checkpoint(tmp_path, step=2, model=model)
+    (lost / "adapter_model.safetensors").write_bytes(b"")
+    assert find_latest(tmp_path) == tmp_path / "step-00000001"
+    with pytest.raises(ValueError, match=r"step-00000002 is incomplete \(adapter_model.safetensors has 0 bytes"):
+        load_checkpoint(lost, model=model)
+
+
+def test_every_file_and_folder_is_fsynced_before_a_rename_publishes_it(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst, real=real_rename):
+        events.append(("rename", str(src), str(dst)))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", lambda src, dst: rename(src, dst, real_replace))
+    model, optimizer, _ = build()
+    root = tmp_path.resolve()
+    final = save_checkpoint(root, step=1, model=model, optimizer=optimizer)
+    partial = root / ".step-00000001.partial"
+
+    def at(event):
+        return events.index(event)
+
+    publish = at(("rename", str(partial), str(final)))
+    state_in = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(partial / "trainer_state.json"))
+    latest_in = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(root / "latest"))
+    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng-rank00000.pt"):
+        assert at(("fsync", str(partial / name))) < publish, name
+    assert at(("fsync", events[state_in][1])) < state_in  # the temp file's data, then its name
+    assert state_in < max(i for i, e in enumerate(events) if e == ("fsync", str(partial))) < publish
+    assert publish < at(("fsync", str(root))) < latest_in  # the step folder's name before `latest` names it
+    assert at(("fsync", events[latest_in][1])) < latest_in
+    assert ("fsync", str(root)) in events[latest_in + 1 :]
+
+
+def test_a_changed_byte_is_refused_before_anything_is_loaded(tmp_path):
+    model, optimizer, scheduler = build()
+    train(model, optimizer, scheduler, range(2))
+    path = save_checkpoint(tmp_path, step=2, model=model, optimizer=optimizer, scheduler=scheduler)
+    target = path / "optimizer.pt"  # read after the adapter: a late check would have loaded that
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+
+    fresh, fresh_optimizer, fresh_scheduler = build()
+    adapter_before = {k: v.clone() for k, v in fresh.adapter_state_dict().items()}
+    rng_before = torch.get_rng_state()
+    message = (
+        f"checkpoint file {target} changed since it was written; resume only from checkpoints this tool wrote"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_checkpoint(tmp_path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    assert all(torch.equal(fresh.adapter_state_dict()[k], v) for k, v in adapter_before.items())
+    assert not fresh_optimizer.state and fresh_scheduler.last_epoch == 0
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_a_file_added_to_a_checkpoint_is_refused(tmp_path):
+    # DeepSpeed's universal converter reads every *zero_pp_rank_* file it finds in deepspeed/.
+    model, _, _ = build()
+    path = save_checkpoint(tmp_path, step=1, model=model)
+    (path / "deepspeed").mkdir()
+    (path / "deepspeed" / "zero_pp_rank_9_mp_rank_00_optim_states.pt").write_bytes(b"planted")
+    with pytest.raises(ValueError, match=r"deepspeed/zero_pp_rank_9_mp_rank_00_optim_states.pt changed since"):
+        load_checkpoint(path, model=model)
 
 
 def test_trainer_state_records_world_size_and_mode(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lora_dist import cli, tiny
+from lora_dist.launch import free_port
 from lora_dist.tracking import read_metrics, read_wandb_artifacts, read_wandb_history
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,7 +95,7 @@ def test_deepspeed_zero2_on_2_cpu_processes_matches_the_single_process_run(tiny_
     assert proc.returncode == 0
     out = tmp_path / "zero2"
     ds = subprocess.run(
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29533",
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
          "--module", "lora_dist", "train", TINY, f"train.output_dir={out}", "distributed.zero_stage=2",
          # micro batch 4 on 2 ranks: 2 accumulation steps per optimizer step, as in the single run
          "train.micro_batch_size=4", "wandb.mode=disabled", *E2E],

@@ -8,6 +8,7 @@ the losses, an uninterrupted 2-node run for the resumed adapter.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -39,12 +40,6 @@ RUN = [
     "train.warmup_steps=2", "train.eval_interval=0", "train.eval_batches=1", "train.save_interval=5",
     "train.log_interval=10", "data.max_seq_len=64", f"distributed.timeout_s={TIMEOUT_S}", "wandb.mode=disabled",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def script_env(**extra: str) -> dict[str, str]:
@@ -80,7 +75,7 @@ def finish(procs: list[subprocess.Popen], timeout: float = RUN_LIMIT_S) -> list[
 
 
 def node_cmds(out: Path, extra: list[str] = ()) -> list[list[str]]:
-    port = str(free_port())
+    port = str(launch.free_port())
     return [
         [str(LAUNCH / "node.sh"), "--nnodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1",
          "--master-port", port, str(CONFIG), *RUN, f"train.output_dir={out}", *extra]
@@ -192,6 +187,65 @@ def test_output_dir_default_is_train_configs_default(tmp_path):
     config.write_text("model: {path: x}\n")
     assert launch.output_dir_of(config) == Path(TrainConfig().output_dir).absolute()
     assert launch.output_dir_of(config, ["train.output_dir=/data/run 1"]) == Path("/data/run 1")
+
+
+# What a user may type after train.output_dir=: YAML 1.1 booleans, null, numbers, quoted words.
+OUTPUT_DIR_VALUES = ["off", "yes", "No", "ON", "true", "False", "null", "~", "'off'", '"yes"', "123", "runs/a b",
+                     " spaced ", "", "[a, b]", "2024-01-01", "{a: 1}"]
+
+
+def _config_reads(config: Path, overrides: list[str]) -> Path | None:
+    """train.output_dir as lora_dist.config reads it (absolute), or None where it refuses the config."""
+    from lora_dist.config import ConfigError, load_config
+
+    try:
+        return Path(load_config(config, overrides).train.output_dir).absolute()
+    except ConfigError as err:
+        assert all("output_dir" in p for p in err.problems), err.problems  # refused for this value only
+        return None
+
+
+def _launcher_reads(config: Path, overrides: list[str]) -> Path | None:
+    try:
+        return launch.output_dir_of(config, overrides)
+    except launch.LaunchError:
+        return None
+
+
+@pytest.mark.parametrize("value", OUTPUT_DIR_VALUES)
+def test_output_dir_override_reads_as_lora_dist_config_reads_it(value):
+    overrides = [f"train.output_dir={value}"]
+    assert _launcher_reads(CONFIG, overrides) == _config_reads(CONFIG, overrides)
+
+
+@pytest.mark.parametrize("value", OUTPUT_DIR_VALUES)
+def test_output_dir_in_the_yaml_file_reads_as_lora_dist_config_reads_it(value, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG.read_text().replace("output_dir: runs/tiny-cpu", f"output_dir: {value}"))
+    assert f"output_dir: {value}\n" in config.read_text()
+    assert _launcher_reads(config, []) == _config_reads(config, [])
+
+
+def test_output_dir_override_off_is_the_folder_off_not_the_default(tmp_path):
+    # PyYAML reads `off` as False; the ranks' config keeps the word, so the logs must go there too.
+    assert launch.output_dir_of(CONFIG, ["train.output_dir=off"]) == Path("off").absolute()
+
+
+@pytest.mark.parametrize("ending", ["success", "failure", "SIGTERM to the launcher"])
+def test_launcher_deletes_the_secret_files_however_the_launch_ends(tmp_path, ending):
+    log_dir = tmp_path / "logs"
+    exports, files, _ = launch.forwarded_environment({"WANDB_API_KEY": "s3cr3t", "HF_TOKEN": "s3cr3t"}, log_dir)
+    assert len(files) == 2
+    # The launched command checks that the files exist while it runs, then ends the way under test.
+    exists = " and ".join(f"os.path.isfile({str(p)!r})" for p in files)
+    end = {"success": "sys.exit(0)", "failure": "sys.exit(3)",
+           "SIGTERM to the launcher": "os.kill(os.getppid(), signal.SIGTERM); time.sleep(60)"}[ending]
+    cmd = [sys.executable, "-c", f"import os, signal, sys, time\nif not ({exists}): sys.exit(99)\n{end}"]
+    env = script_env(DS_ENV_FILE=str(log_dir / ".deepspeed_env"))
+    code = launch._launch(argparse.Namespace(dry_run=False), cmd, env, log_dir, exports, files)
+    assert code == {"success": 0, "failure": 3, "SIGTERM to the launcher": 128 + signal.SIGTERM}[ending]
+    assert not any(p.exists() for p in files)
+    assert (log_dir / ".deepspeed_env").is_file()  # names and paths only: kept as the record of the launch
 
 
 def test_forwarded_environment_moves_secrets_into_0600_files(tmp_path):
@@ -314,7 +368,7 @@ def test_multinode_trains_over_pdsh_on_localhost(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run(
         [str(LAUNCH / "multinode.sh"), "--hostfile", str(hostfile), "--master-addr", "127.0.0.1",
-         "--master-port", str(free_port()), str(CONFIG), *RUN, "train.max_steps=2", f"train.output_dir={out}"],
+         "--master-port", str(launch.free_port()), str(CONFIG), *RUN, "train.max_steps=2", f"train.output_dir={out}"],
         env=script_env(), capture_output=True, text=True, cwd=tmp_path, timeout=RUN_LIMIT_S,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -410,7 +464,7 @@ def slurm_tasks(out: Path, extra: list[str] = (), name: str = "task") -> list[su
     127.0.0.3 are this machine's loopback: the derived master (the first host) is reachable, and it
     differs from every default (DeepSpeed's is 127.0.0.1)."""
     job = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "127.0.0.[2-3]",
-           "MASTER_PORT": str(free_port()), "LORA_DIST_SLURM_NODE": "1"}
+           "MASTER_PORT": str(launch.free_port()), "LORA_DIST_SLURM_NODE": "1"}
     return [
         start([str(LAUNCH / "slurm.sbatch"), str(CONFIG), *RUN, f"train.output_dir={out}", *extra],
               script_env(**job, SLURM_NODEID=str(n), SLURM_PROCID=str(n)), out / f"{name}{n}.out")

@@ -10,27 +10,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from lora_dist.launch import free_port
+
 WORKER = Path(__file__).parent / "ds_worker.py"
 WORLD = 2
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(phase: str, out: Path, world: int = WORLD) -> dict:
     """Run ds_worker.py `phase` on `world` ranks; returns {scenario: [result of rank 0, rank 1, ...]}."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = dict(

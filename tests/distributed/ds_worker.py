@@ -148,7 +148,36 @@ def phase_resume(out: Path, rank: int) -> dict:
         results["wrong-stage"] = {"error": None}
     except ValueError as err:
         results["wrong-stage"] = {"error": str(err)}
+    results["tampered"] = resume_tampered(out, rank)
     return results
+
+
+def resume_tampered(out: Path, rank: int) -> dict:
+    """Resume a copy of the ZeRO-2 checkpoint with one byte of DeepSpeed's model-state file flipped."""
+    path = out / "ckpt-tampered"
+    target = path / f"step-{sc.RESUME_AT:08d}" / checkpoint.DS_TAG / "mp_rank_00_model_states.pt"
+    if rank == 0:
+        shutil.copytree(out / "ckpt-z2", path)
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        target.write_bytes(bytes(data))
+    dist.barrier()
+    model, engine = make_engine("nf4", 2, sc.RESUME_STEPS, dropout=0.1)
+    before = distributed.gathered_adapter_state_dict(engine)
+    rng = torch.get_rng_state()
+    try:
+        checkpoint.load_checkpoint(path, model=model, engine=engine)
+        error = None
+    except Exception as err:  # any other kind reads as a failure in the test, not a dead job
+        error = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+    after = distributed.gathered_adapter_state_dict(engine)
+    return {
+        "error": error,
+        "file": str(target),
+        "adapter_unchanged": all(torch.equal(before[k], after[k]) for k in before),
+        "rng_unchanged": torch.equal(rng, torch.get_rng_state()),
+        "global_steps": engine.global_steps,
+    }
 
 
 def phase_reshard(out: Path, rank: int) -> dict:

@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import ds_scenarios as sc
 from lora_dist import LoRAOptimizer
 from lora_dist.config import load_config
 from lora_dist.distributed import make_ds_config
+from lora_dist.launch import free_port
 
 WORKER = Path(__file__).parent / "ds_eight.py"
 CONFIG_70B = Path(__file__).parents[2] / "configs" / "llama3-70b-qlora-zero3-8gpu.yaml"
@@ -45,18 +45,12 @@ ONE_PROCESS_OPTIMIZER_BYTES = 2 * ADAPTER_BYTES + 8 * 4  # 16416
 SHARD_OPTIMIZER_BYTES = 2 * SHARD_BYTES + 4  # 2052
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def eight_ranks(tmp_path_factory) -> tuple[dict, Path]:
     """({scenario: [result of rank 0..7]}, output dir) of the one 8-rank job (ds_eight.py forks the ranks)."""
     out = tmp_path_factory.mktemp("ds_eight")
     env = dict(
-        os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(_free_port()),
+        os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()),
         OMP_NUM_THREADS="1",  # 8 ranks share CI's 2 cores: more threads per rank only contend
     )  # fmt: skip
     with open(out / "job.log", "w") as log:
@@ -93,28 +87,16 @@ def reference() -> tuple[list[float], dict[str, torch.Tensor], int]:
     return losses, {k: v.clone() for k, v in model.adapter_state_dict().items()}, base_bytes
 
 
-# fp32 tolerances: those of test_zero.py (2 ranks), whose arithmetic holds at 8 ranks too (observed
-# here: losses within 3.1e-8 relative, adapters within 4.3e-7 absolute, |w| <= 0.16). Each
-# gradient element is the mean of 8 per-sample gradients: one process sums them as 4 micro batches,
-# gloo's all-reduce as 8 rank terms in its own order; each order rounds differently by a few ulps
-# of the largest term (2**-24 ~ 6e-8 relative), which the losses show directly. Adam divides each
-# element by its own RMS, so where the 8 terms nearly cancel that rounding becomes a visible part
-# of that element's step (at most lr = 2e-2): hence the adapter bound 5e-5 = 2.5e-3 lr. A missing
-# all-reduce, step or LR schedule moves elements by ~lr and fails both by orders of magnitude.
-FP32_LOSS_RTOL = 1e-6
-FP32_ADAPTER_ATOL = 5e-5
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_eight_ranks_match_one_process_in_losses_and_adapter(eight_ranks, stage):
     ref_losses, ref_adapter, _ = reference()
     ranks = result(eight_ranks, stage)
     assert all(r["losses"] == ranks[0]["losses"] for r in ranks)  # all-reduced: every rank logs the same
-    assert ranks[0]["losses"] == pytest.approx(ref_losses, rel=FP32_LOSS_RTOL)
+    assert ranks[0]["losses"] == pytest.approx(ref_losses, rel=sc.FP32_LOSS_RTOL)
     got = load_file(str(eight_ranks[1] / f"nf4-z{stage}.safetensors"))
     assert got.keys() == ref_adapter.keys()
-    assert max((got[k] - ref_adapter[k]).abs().max().item() for k in got) <= FP32_ADAPTER_ATOL
+    assert max((got[k] - ref_adapter[k]).abs().max().item() for k in got) <= sc.FP32_ADAPTER_ATOL
 
 
 @pytest.mark.distributed

@@ -19,17 +19,6 @@ pytestmark = pytest.mark.distributed
 
 STAGES = (0, 1, 2, 3)
 
-# fp32 tolerances (observed over dense/nf4/int8 x stages 0-3: losses within 6.2e-8 relative,
-# adapters within 9.2e-6 absolute, |w| <= 0.16). Each gradient element is the mean of 4 micro-batch
-# gradients: one process adds them in one order, DeepSpeed 2 per rank and then all-reduces, so each
-# sum rounds differently by a few ulps of its largest term (2**-24 ~ 6e-8 relative). The losses see
-# that directly. Adam divides each element by its own RMS, so where the 4 terms nearly cancel the
-# tiny rounding difference becomes a visible part of that element's step (at most lr = 2e-2 per
-# step): hence the adapter bound 5e-5 = 2.5e-3 lr. A run that skips the all-reduce, a step or the
-# LR schedule moves elements by ~lr (2e-2) and fails both by orders of magnitude.
-FP32_LOSS_RTOL = 1e-6
-FP32_ADAPTER_ATOL = 5e-5
-
 
 @functools.cache
 def reference(base: str, bias: str = "none") -> tuple[list[float], dict[str, torch.Tensor], int]:
@@ -64,8 +53,8 @@ def test_two_ranks_match_one_process_in_losses_and_adapter(ds_results, base, sta
     name = f"{base}-fp32-z{stage}"
     ranks = result(ds_results, name)
     assert ranks[0]["losses"] == ranks[1]["losses"]  # all-reduced: every rank logs the same
-    assert ranks[0]["losses"] == pytest.approx(ref_losses, rel=FP32_LOSS_RTOL)
-    assert max_adapter_diff(adapter(ds_results, name), ref_adapter) <= FP32_ADAPTER_ATOL
+    assert ranks[0]["losses"] == pytest.approx(ref_losses, rel=sc.FP32_LOSS_RTOL)
+    assert max_adapter_diff(adapter(ds_results, name), ref_adapter) <= sc.FP32_ADAPTER_ATOL
 
 
 # Scenarios beyond {base}-{precision}-z{stage}: (base, LoRA bias mode).
@@ -87,8 +76,8 @@ def base_of(name: str) -> tuple[str, str]:
 def test_other_setups_match_one_process(ds_results, name):
     ref_losses, ref_adapter, _ = reference(*base_of(name))
     ranks = result(ds_results, name)
-    assert ranks[0]["losses"] == pytest.approx(ref_losses, rel=FP32_LOSS_RTOL)
-    assert max_adapter_diff(adapter(ds_results, name), ref_adapter) <= FP32_ADAPTER_ATOL
+    assert ranks[0]["losses"] == pytest.approx(ref_losses, rel=sc.FP32_LOSS_RTOL)
+    assert max_adapter_diff(adapter(ds_results, name), ref_adapter) <= sc.FP32_ADAPTER_ATOL
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -202,6 +191,14 @@ def test_checkpoint_holds_no_base_weights(ds_results):
 def test_resume_at_another_zero_stage_is_refused_naming_the_stage(ds_results):
     errors = [r["error"] for r in ds_results[0]["wrong-stage"]]
     assert all(e and "written under ZeRO stage 2; resume with zero_stage=2" in e for e in errors)
+
+
+def test_resume_from_a_changed_deepspeed_file_is_refused_before_deepspeed_reads_it(ds_results):
+    for r in ds_results[0]["tampered"]:  # every rank raises the same one line
+        assert r["error"] == (
+            f"checkpoint file {r['file']} changed since it was written; resume only from checkpoints this tool wrote"
+        )
+        assert r["adapter_unchanged"] and r["rng_unchanged"] and r["global_steps"] == 0
 
 
 @pytest.mark.parametrize("stage", STAGES)
