@@ -156,8 +156,12 @@ class TrainConfig:
     """Where the adapter, checkpoints, metrics.jsonl and the W&B run go."""
     resume: str | None = None
     """"auto" (the latest checkpoint under output_dir, if any), a checkpoint folder, or null."""
+    overwrite_output_dir: bool = False
+    """Let a fresh run (resume null) start in an output_dir that holds checkpoints: they are deleted first.
+    Without it such a run is refused, so a forgotten `train.resume` cannot mix two runs' checkpoints."""
     nan_policy: str = "skip"
-    """On a non-finite loss: "skip" the optimizer step and count it, or "stop" (last good checkpoint kept)."""
+    """On a non-finite loss or gradient norm: "skip" the optimizer step and count it, or "stop" (last good
+    checkpoint kept)."""
     max_skipped_steps: int = 10
     """With nan_policy "skip": stop after this many skipped steps."""
     diagnostics: bool = False
@@ -212,6 +216,9 @@ class TrainConfig:
             out.append("train.output_dir is empty; give a folder for the adapter and checkpoints")
         if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
             out.append(f"train.resume: no checkpoint folder at {self.resume!r}; give a folder, auto or null")
+        if self.overwrite_output_dir and self.resume is not None:
+            out.append("train.overwrite_output_dir=true deletes the checkpoints train.resume would continue; "
+                       "set one of them")
         if self.nan_policy not in NAN_POLICIES:
             out.append(f"train.nan_policy must be skip or stop, got {self.nan_policy!r}")
         if self.max_skipped_steps < 0:

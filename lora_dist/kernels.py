@@ -350,8 +350,11 @@ class _ChunkedLMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens):
         # hidden: (N, d), weight: (V, d) frozen, labels: (N,) already shifted
-        count = (labels != IGNORE_INDEX).sum().float()  # stays on the device: no sync
-        inv_count = 1.0 / count  # inf when nothing is labelled: the loss is then nan, as HF's
+        # A micro batch with no labelled token (a prompt cut off before its response) scores 0 with a
+        # zero gradient, as HF's loss does given num_items_in_batch: every term of the sum is masked,
+        # so dividing by max(count, 1) changes nothing else. Stays on the device: no sync.
+        count = (labels != IGNORE_INDEX).sum().float().clamp(min=1.0)
+        inv_count = 1.0 / count
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_tokens):
@@ -386,7 +389,7 @@ def chunked_causal_lm_loss(
         chunk_tokens: tokens per chunk; default: equal chunks of at most about 2**28 logits.
 
     Returns:
-        Scalar fp32 loss.
+        Scalar fp32 loss; 0 (with a zero gradient) when no label counts.
     """
     vocab, d = weight.shape
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, T)

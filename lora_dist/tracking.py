@@ -2,28 +2,43 @@
 
 The training loop calls `Tracker` methods on every rank; the rank check lives here, so call sites stay
 plain (STYLE rule 8). wandb is imported only when reporting is on (`wandb.mode` not "disabled"), and it
-runs offline when no WANDB_API_KEY is set. `read_wandb_history` reads an offline run file back (the
-layout is in shared/KNOWN.md) so tests, and users without a network, can see what was logged.
+runs offline when no WANDB_API_KEY is set. A resumed run continues its W&B run (same id, `resume="allow"`)
+and its metrics.jsonl (records past the resumed step, written after the checkpoint, are dropped first).
+
+Offline runs, read back by `read_wandb_history` / `read_wandb_config` / `read_wandb_artifacts` so tests
+and users without a network can see what was logged (`wandb sync <run folder>` uploads one later):
+
+    <output_dir>/wandb/offline-run-<YYYYMMDD_HHMMSS>-<run id>/run-<run id>.wandb
+
+wandb 0.31 ships no reader for that file. It is a LevelDB-style log: a 7-byte file header (b":W&B",
+version 2 bytes, ident 1 byte), then 32 KiB blocks of records. Each record has a 7-byte header (crc32
+4 bytes, length 2 bytes little-endian, type 1 byte: 1 full, 2 first, 3 middle, 4 last; a record too
+long for its block continues in the next), around a `wandb.proto.wandb_internal_pb2.Record`. A block
+tail shorter than a header is padding. History records keep each key in `item.nested_key` (or
+`item.key`) and its value as JSON in `item.value_json`; the run record carries `run.run_id`. Every
+launch of a resumed run writes its own folder with the same run id; `wandb sync` joins them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from lora_dist.config import Config
+from lora_dist.config import Config, dump_config
 
 
 class Tracker:
     """Reports one run. On ranks other than 0 every method does nothing.
 
     Args:
-        config: the resolved run configuration (recorded in full on W&B and in `config.yaml`).
+        config: the resolved run configuration (recorded in full on W&B and in `<output_dir>/config.yaml`,
+            `<job>-config.yaml` for other jobs).
         rank: this process's rank.
         total_steps: optimizer steps the run will take (for the progress line).
         job: "train" or "eval": the W&B job type, and the local record `<output_dir>/<job>-metrics.jsonl`
@@ -31,6 +46,10 @@ class Tracker:
         stream: where console progress goes (stdout by default).
         cluster: `world_size`, `num_nodes` and `hostnames` (`launch.cluster_info()`), recorded under
             `cluster` in the W&B config and as the first line of the metrics record.
+        resume_step: the step of the checkpoint this run resumes (None: a fresh run). The metrics record
+            is kept up to that step and appended to; records of later steps (a crash after the checkpoint)
+            are dropped, since the resumed run logs those steps again.
+        wandb_run_id: the W&B run to continue (saved in the resumed checkpoint), or None for a new one.
     """
 
     def __init__(
@@ -42,6 +61,8 @@ class Tracker:
         job: str = "train",
         stream: TextIO | None = None,
         cluster: dict[str, Any] | None = None,
+        resume_step: int | None = None,
+        wandb_run_id: str | None = None,
     ):
         self.active = rank == 0
         self.total_steps = total_steps
@@ -55,19 +76,23 @@ class Tracker:
         self._start = time.perf_counter()
         self._interactive = self.stream.isatty()
         self._metrics_file: TextIO | None = None
-        self._metrics_mode = "w"  # a new run starts the file afresh; `resumed_at` switches to appending
+        self._metrics_mode = "w" if resume_step is None else "a"  # a new run starts the file afresh
         self.metrics_path = self.output_dir / ("metrics.jsonl" if job == "train" else f"{job}-metrics.jsonl")
+        self.config_path = self.output_dir / ("config.yaml" if job == "train" else f"{job}-config.yaml")
         self.cluster = cluster
         if not self.active:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.config_path, dump_config(config))
+        if resume_step is not None:
+            _truncate_metrics(self.metrics_path, resume_step)
         if self.wandb_mode != "disabled":
-            self.run = _start_wandb(config, self.wandb_mode, job, cluster)
+            self.run = _start_wandb(config, self.wandb_mode, job, cluster, wandb_run_id)
 
-    def resumed_at(self, step: int) -> None:
-        """Continue the local metrics record of the run being resumed instead of starting a new one."""
-        self._metrics_mode = "a"
-
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The W&B run's id (keep it in checkpoints, so a resume continues the run), or None."""
+        return None if self.run is None else self.run.id
 
     # -------------------------------------------------------------------------------- per step
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
@@ -165,7 +190,31 @@ class Tracker:
             print("\r\033[K", end="", file=self.stream, flush=True)
 
 
-def _start_wandb(config: Config, mode: str, job: str, cluster: dict[str, Any] | None = None):
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Cut the record at its first train/eval line past `step` (those steps are about to be logged again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by the crash
+            break
+        if record.get("kind") in ("train", "eval") and record.get("step", 0) > step:
+            break
+        kept.append(line + "\n")
+    _atomic_write_text(path, "".join(kept))
+
+
+def _start_wandb(
+    config: Config, mode: str, job: str, cluster: dict[str, Any] | None = None, run_id: str | None = None
+):
     import wandb  # only here: a run with reporting off never loads it
 
     cfg = config.wandb
@@ -184,6 +233,8 @@ def _start_wandb(config: Config, mode: str, job: str, cluster: dict[str, Any] | 
         dir=str(config.output_dir),
         mode=mode,
         settings=settings,
+        # resume="allow": continue the run with this id, or start it when W&B has never seen it (offline)
+        **({"id": run_id, "resume": "allow"} if run_id else {}),
     )
 
 

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import time
 import warnings
@@ -116,9 +117,12 @@ def evaluate_only(cfg: Config, adapter_path: str | None = None) -> dict[str, flo
 def setup(cfg: Config, *, for_eval: bool = False) -> Run:
     """Processes, model, data, optimizer, resume state and reporting, in that order."""
     rank, world_size, use_deepspeed = _init_processes(cfg)
+    if not for_eval:
+        _refuse_unscaled_fp16(cfg, use_deepspeed)
     device = _device()  # before any collective: NCCL runs on the current CUDA device, which this sets
     cluster = cluster_info()  # a collective: every rank, right after the process group exists
     _seed_everything(cfg.train.seed)
+    resume_from = None if for_eval else _prepare_output_dir(cfg, rank)
 
     model_path = _materialize_model(cfg, rank)
     # Tokenizer and data before the weights: bad data fails in seconds, not after loading a 70B base.
@@ -129,13 +133,15 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
     else:
         train_ds, eval_ds = data.build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if eval_ds is not None and len(eval_ds) == 0:
+        eval_ds = None
+    if for_eval and eval_ds is None:
+        raise ConfigError(["no eval split: set data.eval_fraction or data.eval_path"])
     micro = cfg.train.micro_batch_size
     train_loader = data.make_dataloader(
         train_ds, micro, rank=rank, world_size=world_size, seed=cfg.train.seed,
         shuffle=cfg.data.shuffle, drop_last=True, pad_token_id=pad_id,
     )
-    if eval_ds is not None and len(eval_ds) == 0:
-        eval_ds = None
     total_steps = _total_steps(cfg, len(train_loader), accum)
 
     if cfg.model.random_shape():
@@ -160,7 +166,11 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
         cfg=cfg, rank=rank, world_size=world_size, device=device, model=model, tokenizer=tokenizer,
         model_path=model_path, train_loader=train_loader, eval_dataset=eval_ds, pad_token_id=pad_id, accum=accum,
         total_steps=total_steps, fused=fused,
-        tracker=Tracker(cfg, rank=rank, total_steps=total_steps, job="eval" if for_eval else "train", cluster=cluster),
+        tracker=Tracker(
+            cfg, rank=rank, total_steps=total_steps, job="eval" if for_eval else "train", cluster=cluster,
+            resume_step=resume_from[1] if resume_from else None,
+            wandb_run_id=resume_from[2] if resume_from else None,
+        ),
     )
     if device.type == "cuda":
         # A random base is allocated dense before it is quantized: keep that peak apart from training's.
@@ -168,8 +178,11 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
         torch.cuda.reset_peak_memory_stats(device)
     if for_eval:
         return run
+    if cfg.train.resume == "auto" and resume_from is None:
+        run.tracker.message(f"resume=auto: no checkpoint under {_checkpoint_root(run)}, starting fresh")
     _build_optimizer(run, use_deepspeed)
-    _resume(run)
+    if resume_from is not None:
+        _resume(run, resume_from[0])
     _announce(run, use_deepspeed)
     return run
 
@@ -192,6 +205,53 @@ def _init_processes(cfg: Config) -> tuple[int, int, bool]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     rank, world_size = distributed.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
     return rank, world_size, True
+
+
+def _refuse_unscaled_fp16(cfg: Config, use_deepspeed: bool) -> None:
+    """fp16 gradients underflow without loss scaling, which only DeepSpeed's fp16 mode provides here."""
+    if cfg.model.compute_dtype != "fp16" or (use_deepspeed and cfg.distributed.precision == "fp16"):
+        return
+    raise ConfigError([
+        "model.compute_dtype fp16 trains without loss scaling here (its small gradients underflow to 0); "
+        "use model.compute_dtype=bf16, or DeepSpeed's fp16 (distributed.engine=deepspeed distributed.precision=fp16)"
+    ])
+
+
+def _prepare_output_dir(cfg: Config, rank: int) -> tuple[Path, int, str | None] | None:
+    """Refuse a fresh run over another run's checkpoints (or delete them when asked); find the one to resume.
+
+    Returns:
+        (checkpoint, its step, its W&B run id or None), or None for a fresh start.
+    """
+    root = cfg.output_dir / "checkpoints"
+    t = cfg.train
+    if t.resume is None:
+        if _holds_checkpoints(root):
+            if not t.overwrite_output_dir:
+                raise ConfigError([
+                    f"train.output_dir {cfg.output_dir} already holds checkpoints of another run; resume it with "
+                    f"train.resume=auto, or start over with train.overwrite_output_dir=true (deletes them)"
+                ])
+            _barrier()  # every rank has looked before rank 0 deletes
+            if rank == 0:
+                shutil.rmtree(root)
+            _barrier()
+        return None
+    path = checkpoint.find_latest(root) if t.resume == "auto" else Path(t.resume)
+    if path is None:
+        return None
+    # A root given as train.resume: load_checkpoint follows its `latest`; read that step's state here.
+    step_dir = path if (path / checkpoint.STATE_FILE).is_file() else (checkpoint.find_latest(path) or path)
+    try:
+        state = json.loads((step_dir / checkpoint.STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return path, 0, None  # load_checkpoint reports what is wrong with it
+    extra = state.get("extra") or {}
+    return path, int(state.get("step", 0)), extra.get("wandb_run_id")
+
+
+def _holds_checkpoints(root: Path) -> bool:
+    return root.is_dir() and any(p.name == checkpoint.LATEST or p.name.startswith("step-") for p in root.iterdir())
 
 
 def _free_port() -> int:
@@ -357,30 +417,39 @@ def _total_steps(cfg: Config, batches_per_epoch: int, accum: int) -> int:
     return max(1, math.floor(cfg.train.epochs * batches_per_epoch / accum))
 
 
+def deepspeed_config(cfg: Config, world_size: int, total_steps: int) -> dict[str, Any]:
+    """The DeepSpeed config a run of `cfg` on `world_size` processes hands to `distributed.setup_engine`.
+
+    Raises:
+        ConfigError: the global batch does not divide over `world_size` processes.
+    """
+    t = cfg.train
+    user = json.loads(Path(cfg.distributed.ds_config).read_text()) if cfg.distributed.ds_config else None
+    return distributed.make_ds_config(
+        zero_stage=cfg.distributed.zero_stage, micro_batch_size=t.micro_batch_size,
+        grad_accum=t.accumulation(world_size), world_size=world_size, grad_clip=t.grad_clip,
+        precision=cfg.distributed.precision, lr=t.lr, weight_decay=t.weight_decay,
+        betas=tuple(t.betas), eps=t.eps, warmup_steps=_warmup_steps(cfg, total_steps), total_steps=total_steps,
+        schedule=t.schedule, offload_optimizer=cfg.distributed.offload_optimizer, user_config=user,
+    )
+
+
+def _warmup_steps(cfg: Config, total_steps: int) -> int:
+    return min(cfg.train.warmup_steps, max(total_steps - 1, 0))
+
+
 def _build_optimizer(run: Run, use_deepspeed: bool) -> None:
     t = run.cfg.train
-    warmup = min(t.warmup_steps, max(run.total_steps - 1, 0))
     if use_deepspeed:
-        user = None
-        if run.cfg.distributed.ds_config:
-            import json
-
-            user = json.loads(Path(run.cfg.distributed.ds_config).read_text())
-        ds_config = distributed.make_ds_config(
-            zero_stage=run.cfg.distributed.zero_stage, micro_batch_size=t.micro_batch_size,
-            grad_accum=run.accum, world_size=run.world_size, grad_clip=t.grad_clip,
-            precision=run.cfg.distributed.precision, lr=t.lr, weight_decay=t.weight_decay,
-            betas=tuple(t.betas), eps=t.eps, warmup_steps=warmup, total_steps=run.total_steps,
-            schedule=t.schedule, offload_optimizer=run.cfg.distributed.offload_optimizer, user_config=user,
-        )
-        run.engine = distributed.setup_engine(run.model, ds_config)
+        run.engine = distributed.setup_engine(run.model, deepspeed_config(run.cfg, run.world_size, run.total_steps))
         run.scheduler = run.engine.lr_scheduler
         return
     run.optimizer = LoRAOptimizer(
         run.model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps
     ).optimizer
     run.scheduler = distributed.make_lr_scheduler(
-        run.optimizer, schedule=t.schedule, warmup_steps=warmup, total_steps=run.total_steps
+        run.optimizer, schedule=t.schedule, warmup_steps=_warmup_steps(run.cfg, run.total_steps),
+        total_steps=run.total_steps,
     )
 
 
@@ -388,14 +457,8 @@ def _checkpoint_root(run: Run) -> Path:
     return run.cfg.output_dir / "checkpoints"
 
 
-def _resume(run: Run) -> None:
-    resume = run.cfg.train.resume
-    if resume is None:
-        return
-    path = checkpoint.find_latest(_checkpoint_root(run)) if resume == "auto" else Path(resume)
-    if path is None:
-        run.tracker.message(f"resume=auto: no checkpoint under {_checkpoint_root(run)}, starting fresh")
-        return
+def _resume(run: Run, path: Path) -> None:
+    """Load the checkpoint `_prepare_output_dir` chose: weights, optimizer, schedule, data position, RNG."""
     state = checkpoint.load_checkpoint(
         path, model=run.model, engine=run.engine, optimizer=run.optimizer, scheduler=run.scheduler
     )
@@ -407,7 +470,6 @@ def _resume(run: Run) -> None:
     if state.get("data_state") is not None:
         run.train_loader.load_state_dict(state["data_state"])
     run.last_checkpoint = Path(path)
-    run.tracker.resumed_at(run.step)
     run.tracker.message(f"resumed from {path} at step {run.step}")
 
 
@@ -473,7 +535,8 @@ def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> dict[str, Any
 
     Returns:
         {"loss": mean token loss over the global batch, "grad_norm", "lr", "tokens" (global input
-         tokens), "label_tokens", "step_time", "skipped" (True when the loss was not finite)}.
+         tokens), "label_tokens", "step_time", "skipped" (True when the loss or the gradient norm was not
+         finite: no update was made)}.
     """
     started = time.perf_counter()
     lr = _current_lr(run)
@@ -506,60 +569,87 @@ def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> dict[str, Any
             # clips, updates and advances the schedule only at the accumulation boundary.
             run.engine.step()
     global_loss = float(_all_reduce_sum(loss_sum))
-    finite = math.isfinite(global_loss)
 
-    grad_norm = _optimizer_step(run, finite)
+    grad_norm, skipped = _optimizer_step(run, math.isfinite(global_loss))
     return {
         "loss": global_loss, "grad_norm": grad_norm, "lr": lr, "tokens": input_tokens,
-        "label_tokens": label_tokens, "step_time": time.perf_counter() - started, "skipped": not finite,
+        "label_tokens": label_tokens, "step_time": time.perf_counter() - started, "skipped": skipped,
     }
 
 
-def _optimizer_step(run: Run, finite: bool) -> float:
-    """Clip and step (or skip a non-finite step); returns the pre-clip global gradient norm."""
-    clip = run.cfg.train.grad_clip
+def _optimizer_step(run: Run, loss_finite: bool) -> tuple[float, bool]:
+    """Clip and step, or skip a step whose loss or gradient norm is not finite.
+
+    A finite loss can still come with inf/nan gradients (an overflow in the backward pass only), so
+    the pre-clip norm decides too. Returns (pre-clip global gradient norm, skipped).
+    """
     if run.engine is not None:
-        # The last engine.step() of the window (in train_step) clipped, updated and advanced the
-        # schedule; with a non-finite gradient its ZeRO optimizers skip the update (checked below).
-        norm = run.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
-        if not finite and _adapters_non_finite(run):
-            raise TrainingStopped(
-                f"non-finite loss at step {run.step + 1} reached the adapter weights under DeepSpeed; resume "
-                f"from the last good checkpoint ({run.last_checkpoint or 'none yet'}) with a lower train.lr"
-            )
-        return norm
+        return _engine_step_result(run, loss_finite)
     params = run.model.get_trainable_parameters()
-    if not finite:
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=run.device)
+    if not (loss_finite and math.isfinite(float(norm))):
         run.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # torch warns when a schedule steps without the optimizer: intended
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-            run.scheduler.step()  # the schedule follows steps taken through the data, skipped or not
-        return float("nan")
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+        _advance_schedule_without_update(run)
+        return float(norm), True
+    clip = run.cfg.train.grad_clip
+    if clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    return float(norm)
+    return float(norm), False
+
+
+def _engine_step_result(run: Run, loss_finite: bool) -> tuple[float, bool]:
+    """What the last engine.step() of the window (in train_step) did: it clipped, updated, stepped the schedule.
+
+    DeepSpeed 0.19.8's ZeRO 1-3 optimizers check the gradient norm themselves: a non-finite one skips
+    the update (and the schedule step), `was_step_applied()` is False and the norm reads inf. Without
+    ZeRO (stage 0) in fp32 nothing checks: a nan gradient reaches the adapters, and the run stops.
+    """
+    reported = run.engine.get_global_grad_norm()  # None where DeepSpeed computed none (stage 0)
+    norm = float(reported) if reported is not None else float("nan")
+    applied = run.engine.was_step_applied()
+    skipped = not (loss_finite and applied and (reported is None or math.isfinite(norm)))
+    if (skipped or reported is None) and _adapters_non_finite(run):
+        raise TrainingStopped(
+            f"non-finite loss or gradient at step {run.step + 1} reached the adapter weights under DeepSpeed; "
+            f"resume from the last good checkpoint ({run.last_checkpoint or 'none yet'}) with a lower train.lr"
+        )
+    if not applied:
+        _advance_schedule_without_update(run)
+    return norm, skipped
+
+
+def _advance_schedule_without_update(run: Run) -> None:
+    # The schedule follows steps taken through the data, skipped or not, on both paths alike.
+    with warnings.catch_warnings():  # torch warns when a schedule steps without the optimizer: intended
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+        run.scheduler.step()
 
 
 def _on_bad_step(run: Run, stats: dict[str, Any]) -> None:
     t = run.cfg.train
     last = run.last_checkpoint or "none yet"
+    what = _what_was_not_finite(stats)
     if t.nan_policy == "stop":
         raise TrainingStopped(
-            f"non-finite loss ({stats['loss']}) at step {run.step}; stopped with nan_policy=stop. "
-            f"Last good checkpoint: {last}"
+            f"{what} at step {run.step}; stopped with nan_policy=stop. Last good checkpoint: {last}"
         )
-    run.tracker.message(
-        f"step {run.step}: non-finite loss ({stats['loss']}), update skipped ({run.skipped_steps} so far)"
-    )
+    run.tracker.message(f"step {run.step}: {what}, update skipped ({run.skipped_steps} so far)")
     if run.skipped_steps > t.max_skipped_steps:
         raise TrainingStopped(
-            f"{run.skipped_steps} steps skipped for non-finite loss "
+            f"{run.skipped_steps} steps skipped for a non-finite loss or gradient "
             f"(train.max_skipped_steps={t.max_skipped_steps}); lower train.lr or check the data. "
             f"Last good checkpoint: {last}"
         )
+
+
+def _what_was_not_finite(stats: dict[str, Any]) -> str:
+    if not math.isfinite(stats["loss"]):
+        return f"non-finite loss ({stats['loss']})"
+    return f"non-finite gradient norm ({stats['grad_norm']})"
 
 
 def _step_metrics(run: Run, stats: dict[str, Any]) -> dict[str, float]:
@@ -703,7 +793,7 @@ def save_checkpoint(run: Run) -> Path:
         scheduler=run.scheduler, data_state=run.train_loader.state_dict(),
         extra={
             "tokens_seen": run.tokens_seen, "skipped_steps": run.skipped_steps,
-            "evals": run.evals,
+            "evals": run.evals, "wandb_run_id": run.tracker.wandb_run_id,  # a resume continues this W&B run
         },
     )
     run.last_checkpoint = Path(path)

@@ -130,3 +130,9 @@ def test_profile_steps_need_diagnostics_and_fit_in_the_run():
         load_config(None, [*RANDOM_RUN, "train.profile_steps=[2,3]"])
     assert "ends after train.max_steps (2)" in str(err.value)
     assert "needs train.diagnostics=true" in str(err.value)
+
+
+def test_overwrite_output_dir_with_resume_is_refused():
+    with pytest.raises(ConfigError, match="overwrite_output_dir=true deletes the checkpoints train.resume"):
+        load_config(None, ["model.path=m", f"data.path={BUILTIN_DATASET}", "train.resume=auto",
+                           "train.overwrite_output_dir=true"])

@@ -1,12 +1,20 @@
-"""Every shipped config loads, validates and is headed by the command that runs it."""
+"""Every shipped config loads, is headed by the command that runs it, and divides its batch as DeepSpeed needs."""
 
+import re
 from pathlib import Path
 
 import pytest
 
+from lora_dist import train
 from lora_dist.config import load_config
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def _intended_world_size(path: Path) -> int:
+    """Processes of the command heading the recipe: `--num_gpus N` / `--num-gpus N`, else one."""
+    found = re.search(r"--num[_-]gpus[ =](\d+)", path.read_text().splitlines()[0])
+    return int(found.group(1)) if found else 1
 
 
 def test_the_five_recipes_ship():
@@ -16,9 +24,19 @@ def test_the_five_recipes_ship():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_config_loads_and_validates(path):
+def test_shipped_config_derives_a_deepspeed_config_whose_batch_adds_up(path):
     cfg = load_config(path)
-    assert cfg.train.lr > 0 and cfg.lora.rank > 0
+    world = _intended_world_size(path)
+    ds = train.deepspeed_config(cfg, world, total_steps=cfg.train.max_steps)
+    micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    # DeepSpeed refuses a config where train_batch_size != micro * accum * world.
+    assert ds["train_batch_size"] == micro * accum * world
+    assert micro == cfg.train.micro_batch_size
+    if cfg.train.global_batch_size is not None:  # every recipe's global batch is what it says it is
+        assert ds["train_batch_size"] == cfg.train.global_batch_size
+    assert ds["zero_optimization"]["stage"] == cfg.distributed.zero_stage
+    assert ds["lora_dist"]["total_steps"] == cfg.train.max_steps
+    assert ds["lora_dist"]["warmup_steps"] < cfg.train.max_steps
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -28,7 +46,8 @@ def test_shipped_config_is_headed_by_its_command(path):
     assert f"configs/{path.name}" in first
 
 
-def test_70b_recipe_divides_its_global_batch_over_8_ranks():
-    cfg = load_config(CONFIGS[0].parent / "llama3-70b-qlora-zero3-8gpu.yaml")
-    assert cfg.distributed.zero_stage == 3
-    assert cfg.train.accumulation(8) * cfg.train.micro_batch_size * 8 == cfg.train.global_batch_size
+def test_70b_recipe_is_meant_for_8_ranks_under_zero3():
+    path = CONFIGS[0].parent / "llama3-70b-qlora-zero3-8gpu.yaml"
+    ds = train.deepspeed_config(load_config(path), _intended_world_size(path), total_steps=500)
+    assert _intended_world_size(path) == 8 and ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 8

@@ -113,6 +113,23 @@ def test_chunked_loss_matches_hf_cross_entropy_with_uneven_chunks_and_ignored_la
     assert rel_err(hidden.grad, hd.grad) < FP32_RTOL
 
 
+def test_chunked_loss_of_a_batch_without_label_tokens_is_zero_with_zero_gradient():
+    # A micro batch whose responses were all cut off: HF's loss with num_items_in_batch gives
+    # sum / num_items = 0 there; a mean over no token would be 0/0 = nan and poison the whole step.
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 64, requires_grad=True)
+    weight = torch.randn(100, 64) * 0.1
+    labels = torch.full((2, 9), kernels.IGNORE_INDEX)
+    labels[:, 0] = 5  # the first label is never a target (nothing predicts it): still no token counts
+    loss = kernels.chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=5)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+    ref = F.cross_entropy(hidden.detach()[:, :-1].reshape(-1, 64) @ weight.t(), labels[:, 1:].reshape(-1),
+                          ignore_index=kernels.IGNORE_INDEX, reduction="sum") / 16  # num_items_in_batch=16
+    assert ref.item() == 0.0
+
+
 def test_fused_rmsnorm_rope_swiglu_match_hf_llama_modules():
     from transformers.models.llama import modeling_llama as hf
 

@@ -117,3 +117,40 @@ def test_cluster_of_a_rank_other_than_0_is_not_recorded(tmp_path, capsys):
     tracker.log_step(1, {"loss": 1.0})
     tracker.finish({"steps": 1})
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resumed_tracker_drops_the_records_after_the_resumed_step_and_appends(tmp_path, capsys):
+    crashed = Tracker(_config(tmp_path, "wandb.mode=disabled"), rank=0, total_steps=4)
+    for step in (1, 2, 3):  # the checkpoint was at step 2; step 3 was logged, then the process died
+        crashed.log_step(step, {"loss": float(step)})
+    crashed.log_eval(3, {"loss": 3.5})
+    crashed._metrics_file.write('{"kind": "train", "st')  # a line torn by the crash
+    crashed._metrics_file.close()
+    resumed = Tracker(_config(tmp_path, "wandb.mode=disabled"), rank=0, total_steps=4, resume_step=2)
+    resumed.log_step(3, {"loss": 30.0})
+    resumed.finish({"steps": 3})
+    records = [(r["kind"], r.get("step"), r.get("loss")) for r in read_metrics(tmp_path)]
+    assert records == [("train", 1, 1.0), ("train", 2, 2.0), ("train", 3, 30.0), ("summary", None, None)]
+
+
+def test_tracker_continues_the_wandb_run_it_is_given(tmp_path, capsys):
+    first = Tracker(_config(tmp_path, "wandb.mode=offline"), rank=0, total_steps=2)
+    run_id, first_dir = first.wandb_run_id, first.wandb_run_dir()
+    first.log_step(1, {"loss": 1.0})
+    first.finish({})
+    second = Tracker(_config(tmp_path, "wandb.mode=offline"), rank=0, total_steps=2, resume_step=1,
+                     wandb_run_id=run_id)
+    second.log_step(2, {"loss": 0.5})
+    second_dir = second.wandb_run_dir()
+    second.finish({})
+    assert second.wandb_run_id == run_id and second_dir != first_dir  # one folder per launch, one run id
+    # The folder is offline-run-<time>-<id>, with "-1" added when two launches start in the same second.
+    assert (second_dir / f"run-{run_id}.wandb").is_file()
+    assert [r["_step"] for r in read_wandb_history(second_dir) if "train/loss" in r] == [2]
+
+
+def test_tracker_writes_the_resolved_config_beside_the_metrics(tmp_path, capsys):
+    cfg = _config(tmp_path, "wandb.mode=disabled", "train.lr=3e-4")
+    Tracker(cfg, rank=0, total_steps=1).finish({})
+    assert load_config(tmp_path / "config.yaml").to_dict() == cfg.to_dict()
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file, then renamed

@@ -2,15 +2,19 @@
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_dist import tiny, train
-from lora_dist.config import load_config
+from lora_dist import cli, tiny, train
+from lora_dist.config import ConfigError, load_config
 from lora_dist.data import IGNORE_INDEX
-from lora_dist.tracking import read_metrics
+from lora_dist.tracking import find_wandb_run_file, read_metrics, read_wandb_history
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +23,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _config(tiny_dir, out, *overrides):
-    return load_config("configs/tiny-cpu.yaml", [
+    return load_config(TINY, [
         f"model.path={tiny_dir}", f"train.output_dir={out}", "wandb.mode=disabled", "train.log_interval=100",
         "train.eval_interval=0", "train.save_interval=0", "train.warmup_steps=1", *overrides,
     ])
@@ -65,6 +69,75 @@ def test_non_finite_loss_skips_the_update_and_counts_it(tiny_dir, tmp_path, caps
     assert any(not torch.equal(before[k], t) for k, t in run.model.adapter_state_dict().items())
 
 
+def test_inf_gradient_with_a_finite_loss_skips_the_update_and_counts_it(tiny_dir, tmp_path, capsys):
+    run = train.setup(_config(tiny_dir, tmp_path, "train.max_steps=2", "train.max_skipped_steps=5"))
+    before = _adapter_snapshot(run)
+    # An overflow in the backward pass only: the loss is finite, one adapter's gradient is inf.
+    param = next(iter(run.model.lora_layers.values())).lora_B.weight
+    hook = param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    stats = train.train_step(run, _window(run))
+    assert math.isfinite(stats["loss"]) and stats["grad_norm"] == float("inf") and stats["skipped"]
+    assert all(torch.equal(before[k], t) for k, t in run.model.adapter_state_dict().items())
+    assert all(p.grad is None for p in run.model.get_trainable_parameters())
+    train.fit(run)  # the loop counts it, as it counts a non-finite loss
+    hook.remove()
+    assert run.skipped_steps == 2 and "non-finite gradient norm (inf), update skipped" in capsys.readouterr().out
+
+
+INF_GRADIENT_UNDER_DEEPSPEED = """
+import json, sys, torch
+from lora_dist import train
+from lora_dist.config import load_config
+cfg = load_config(sys.argv[1], sys.argv[2:])
+run = train.setup(cfg)  # distributed.engine=deepspeed without a launcher: a process group of one
+before = {n: t.clone() for n, t in run.model.adapter_state_dict().items()}
+hook = next(iter(run.model.lora_layers.values())).lora_B.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+lr = train._current_lr(run)
+try:
+    stats = train.train_step(run, [next(train._batch_stream(run)) for _ in range(run.accum)])
+except train.TrainingStopped as err:
+    print(json.dumps({"stopped": str(err)}))
+    sys.exit(0)
+after = run.model.adapter_state_dict()
+print(json.dumps({"skipped": stats["skipped"], "grad_norm": stats["grad_norm"], "loss": stats["loss"],
+                  "unchanged": all(torch.equal(before[k], after[k]) for k in before),
+                  "lr": [lr, train._current_lr(run)]}))
+"""
+
+
+def _inf_gradient_under_deepspeed(tiny_dir, out, stage):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MASTER_", "WORLD_", "RANK"))}
+    proc = subprocess.run(
+        [sys.executable, "-c", INF_GRADIENT_UNDER_DEEPSPEED, str(TINY), f"model.path={tiny_dir}",
+         f"train.output_dir={out}", "wandb.mode=disabled", "distributed.engine=deepspeed",
+         f"distributed.zero_stage={stage}", "train.max_steps=3", "train.warmup_steps=0", "train.schedule=linear"],
+        env={**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_inf_gradient_under_zero_is_skipped_and_the_schedule_still_advances(tiny_dir, tmp_path, stage):
+    # DeepSpeed 0.19.8's ZeRO optimizers skip a step whose gradient norm is not finite (norm reads inf)
+    # and do not step their schedule then; the loop counts the skip and advances it, as without DeepSpeed.
+    result = _inf_gradient_under_deepspeed(tiny_dir, tmp_path, stage)
+    assert result["skipped"] and result["grad_norm"] == float("inf") and math.isfinite(result["loss"])
+    assert result["unchanged"]
+    assert result["lr"][1] == pytest.approx(result["lr"][0] * 2 / 3)  # linear decay to 0 over 3 steps, one taken
+
+
+@pytest.mark.distributed
+def test_inf_gradient_without_zero_stops_once_it_reaches_the_adapters(tiny_dir, tmp_path):
+    # ZeRO stage 0 in fp32 checks nothing: the update applies the nan, and the run stops saying so.
+    result = _inf_gradient_under_deepspeed(tiny_dir, tmp_path, 0)
+    assert "reached the adapter weights under DeepSpeed" in result["stopped"]
+
+
 def test_fit_counts_skipped_steps_and_stops_past_the_limit(tiny_dir, tmp_path, capsys):
     run = train.setup(_config(tiny_dir, tmp_path, "train.max_steps=4", "train.max_skipped_steps=1"))
     run.model.base_model.model.norm.register_forward_hook(lambda m, i, out: out * float("nan"))
@@ -82,10 +155,11 @@ def test_nan_policy_stop_stops_at_the_first_bad_step(tiny_dir, tmp_path, capsys)
 
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tiny_dir, tmp_path, capsys):
     whole = tmp_path / "whole"
-    train.train(_config(tiny_dir, whole, "train.max_steps=6", "train.save_interval=3"))
+    # dropout > 0: the resumed run only matches if the RNG state is restored too.
+    train.train(_config(tiny_dir, whole, "train.max_steps=6", "train.save_interval=3", "lora.dropout=0.1"))
     resumed = tmp_path / "resumed"
     checkpoint = whole / "checkpoints" / "step-00000003"
-    train.train(_config(tiny_dir, resumed, "train.max_steps=6", f"train.resume={checkpoint}"))
+    train.train(_config(tiny_dir, resumed, "train.max_steps=6", f"train.resume={checkpoint}", "lora.dropout=0.1"))
 
     def losses(out):
         return {r["step"]: r["loss"] for r in read_metrics(out) if r["kind"] == "train"}
@@ -132,6 +206,66 @@ def test_resume_auto_after_a_stopped_run_continues_from_its_last_checkpoint(tiny
     # The resumed run appends to the crashed run's record; steps 3 and 4 are those of the clean run.
     for step in (3, 4):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-12)
+
+
+def test_resume_continues_the_wandb_run_and_drops_the_steps_logged_after_its_checkpoint(tiny_dir, tmp_path, capsys):
+    settings = ("train.max_steps=4", "train.save_interval=2", "wandb.mode=offline")
+    run = train.setup(_config(tiny_dir, tmp_path, *settings))
+    first_id = run.tracker.wandb_run_id
+    forwards = []
+
+    def crash_in_step_4(module, inputs, out):  # 2 micro batches per step: forward 7 is step 4's first
+        forwards.append(1)
+        if len(forwards) == 7:
+            raise RuntimeError("node lost")
+        return out
+
+    hook = run.model.base_model.model.norm.register_forward_hook(crash_in_step_4)
+    with pytest.raises(RuntimeError, match="node lost"):
+        train.fit(run)
+    hook.remove()
+    run.tracker.run.finish(exit_code=1)  # what wandb does for a process that dies
+    assert [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "train"] == [1, 2, 3]
+
+    train.train(_config(tiny_dir, tmp_path, *settings, "train.resume=auto"))
+    # Step 3 was logged after the step-2 checkpoint: the resumed run logs it again, once.
+    assert [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "train"] == [1, 2, 3, 4]
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and [find_wandb_run_file(r).name for r in runs] == [f"run-{first_id}.wandb"] * 2
+    resumed = [r["_step"] for r in read_wandb_history(runs[1]) if "train/loss" in r]
+    assert resumed == [3, 4]  # `wandb sync` of both folders: one run, steps 1-2 then 3-4
+
+
+def test_fresh_run_into_an_output_dir_with_checkpoints_exits_2(tiny_dir, tmp_path, capsys):
+    (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000002\n")
+    code = cli.main(["train", str(TINY), f"model.path={tiny_dir}", f"train.output_dir={tmp_path}",
+                     "wandb.mode=disabled"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-dist: error:")]
+    assert code == 2 and len(errors) == 1
+    assert "already holds checkpoints" in errors[0] and "train.overwrite_output_dir=true" in errors[0]
+    assert (tmp_path / "checkpoints" / "latest").is_file()
+
+
+def test_overwrite_output_dir_deletes_the_old_checkpoints_before_a_fresh_run(tiny_dir, tmp_path, capsys):
+    (tmp_path / "checkpoints" / "step-00000009").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000009\n")
+    run = train.setup(_config(tiny_dir, tmp_path, "train.overwrite_output_dir=true"))
+    assert run.step == 0 and not (tmp_path / "checkpoints").exists()
+
+
+def test_fp16_compute_without_deepspeed_is_refused_naming_what_to_use(tiny_dir, tmp_path):
+    # No GradScaler on the single-process path: fp16 gradients of small adapters underflow to 0.
+    with pytest.raises(ConfigError, match="use model.compute_dtype=bf16, or DeepSpeed's fp16"):
+        train.setup(_config(tiny_dir, tmp_path, "model.compute_dtype=fp16"))
+
+
+def test_eval_without_an_eval_split_exits_2(tiny_dir, tmp_path, capsys):
+    code = cli.main(["eval", str(TINY), f"model.path={tiny_dir}", f"train.output_dir={tmp_path}",
+                     "wandb.mode=disabled", "data.eval_fraction=0"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-dist: error:")]
+    assert code == 2
+    assert errors == ["lora-dist: error: no eval split: set data.eval_fraction or data.eval_path"]
 
 
 # ============================================================ random bases, random tokens, fused kernels
