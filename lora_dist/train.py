@@ -19,7 +19,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import torch
 from lora_dist import adapters, checkpoint, data, distributed
 from lora_dist.config import BUILTIN_MODEL, Config, ConfigError, random_shapes
 from lora_dist.data import IGNORE_INDEX, RANDOM_TOKENS
-from lora_dist.launch import cluster_info
+from lora_dist.launch import cluster_info, free_port
 from lora_dist.model import LoRAModel
 from lora_dist.optim import LoRAOptimizer
 from lora_dist.tracking import Tracker
@@ -202,7 +201,7 @@ def _init_processes(cfg: Config) -> tuple[int, int, bool]:
     if "WORLD_SIZE" not in os.environ:
         # DeepSpeed asked for in a plain `python` run: a process group of one.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, world_size = distributed.init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
     return rank, world_size, True
 
@@ -252,12 +251,6 @@ def _prepare_output_dir(cfg: Config, rank: int) -> tuple[Path, int, str | None] 
 
 def _holds_checkpoints(root: Path) -> bool:
     return root.is_dir() and any(p.name == checkpoint.LATEST or p.name.startswith("step-") for p in root.iterdir())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _device() -> torch.device:
