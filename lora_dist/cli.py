@@ -1,4 +1,4 @@
-"""`lora-dist`: train, eval, merge, inspect (and bench, where lora_dist/bench.py exists).
+"""`lora-dist`: train, eval, merge, inspect, bench.
 
     lora-dist train configs/tiny-cpu.yaml [section.key=value ...]
     lora-dist eval  configs/tiny-cpu.yaml [section.key=value ...] [--adapter DIR]
@@ -7,15 +7,14 @@
 
 Under `deepspeed` (`deepspeed --num_gpus N --module lora_dist train ...`) the launcher adds
 `--local_rank=N`; it is accepted anywhere and ignored (LOCAL_RANK in the environment says the same).
-Bad configs and bad data exit with status 2 and one line on stderr; a stopped run (non-finite loss)
-exits with 1.
+Bad configs and bad data exit with status 2 and one line on stderr; a run stopped on purpose (a
+non-finite loss or gradient under nan_policy "stop", too many skipped steps) exits with 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import sys
 
 EXIT_USAGE = 2  # bad config, bad data, bad arguments: the user can fix it
@@ -49,12 +48,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="describe an adapter folder")
     inspect.add_argument("path", help="adapter folder")
 
-    if importlib.util.find_spec("lora_dist.bench") is not None:
-        bench_parser = sub.add_parser("bench", help="throughput / memory benchmark against PEFT")
-        if command == "bench":  # its imports are heavy: only when it runs
-            from lora_dist import bench
+    bench_parser = sub.add_parser("bench", help="throughput / memory benchmark against PEFT")
+    if command == "bench":  # its imports are heavy: only when it runs
+        from lora_dist import bench
 
-            bench.add_arguments(bench_parser)
+        bench.add_arguments(bench_parser)
     return parser
 
 
