@@ -63,7 +63,7 @@ class ModelConfig:
     """Local folder or hub id of a causal LM; `builtin:tiny-llama` builds the embedded tiny Llama into
     `<train.output_dir>/tiny-llama` and loads it back from there."""
     bits: int | None = 4
-    """4 (QLoRA NF4/FP4), 8 (LLM.int8) or null for a dense base."""
+    """4 (QLoRA NF4/FP4), 8 (LLM.int8) or none (null) for a dense base."""
     quant_type: str = "nf4"
     """"nf4" or "fp4" (4-bit only)."""
     double_quant: bool = True
@@ -469,6 +469,8 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
             ok, out = _coerce(value, arg)
             if ok:
                 return True, out
+        if type(None) in args and isinstance(value, str) and value.lower() == "none":
+            return True, None  # `model.bits=none` as users write it
         return False, value
     if tp is Any:
         return True, value

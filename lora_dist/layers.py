@@ -189,7 +189,7 @@ class LoRALayer(nn.Module):
 
         Dense base: W += delta in place (the original W is kept for an exact unmerge).
         Quantized base, requantize=False: the base stays packed and untouched; the layer computes
-        with a dense dequantize(W) + delta in the adapter dtype.
+        with a dense dequantize(W) + delta in the base's compute dtype (fp32 when it has none).
         Quantized base, requantize=True: dequantize(W) + delta is quantized back into the base with
         its own settings, so memory stays 4/8-bit; this adds one quantization error on top of the
         base's own (see the README's tolerance table). The original bytes are kept for unmerge.
@@ -205,7 +205,8 @@ class LoRALayer(nn.Module):
             self._quant_backup = quant.requantize_(base, quant.dequantize_weight(base) + delta)
         else:
             merged = quant.dequantize_weight(base) + delta
-            self.merged_weight = merged.to(self.lora_A.weight.dtype)
+            # the dtype the base computes in (bf16 for a bf16 QLoRA): fp32 would cost 8x the packed bytes
+            self.merged_weight = merged.to(getattr(base, "compute_dtype", None) or torch.float32)
         self.merged = True
 
     @torch.no_grad()

@@ -53,7 +53,7 @@ def load_base_model(
         raise ValueError(f"bits must be 4, 8 or None (dense), got {bits!r}")
     if quant_type not in quant.QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {quant.QUANT_TYPES}, got {quant_type!r}")
-    _check_local(name_or_path)
+    check_local_path(name_or_path)
 
     kwargs: dict = {"dtype": compute_dtype}
     if bits is not None:
@@ -94,7 +94,7 @@ def load_base_model(
     return model, tokenizer
 
 
-def _check_local(name_or_path: str) -> None:
+def check_local_path(name_or_path: str) -> None:
     """Clear errors for a local path that is not a model folder (hub ids pass through)."""
     path = Path(name_or_path).expanduser()
     if path.exists():

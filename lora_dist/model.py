@@ -251,6 +251,12 @@ class LoRAModel(nn.Module):
 
         adapters.load_adapter(self, path)
 
+    def merge_and_export(self, path, **kwargs):
+        """Write a standalone merged Hugging Face model folder; see `lora_dist.adapters.merge_and_export`."""
+        from lora_dist import adapters
+
+        return adapters.merge_and_export(self, path, **kwargs)
+
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path) -> "LoRAModel":
         """Wrap `base_model` as an adapter folder describes and load it; see `lora_dist.adapters`."""

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lora_dist import adapters, checkpoint, data, distributed
+from lora_dist import adapters, checkpoint, data, distributed, loading
 from lora_dist.config import BUILTIN_MODEL, Config, ConfigError, random_shapes
 from lora_dist.data import IGNORE_INDEX, RANDOM_TOKENS
 from lora_dist.launch import cluster_info, free_port
@@ -288,6 +288,7 @@ def _materialize_model(cfg: Config, rank: int) -> str:
 def _load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
+    loading.check_local_path(path)  # "folder does not exist" beats a hub-id syntax error
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:

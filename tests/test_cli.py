@@ -148,6 +148,7 @@ BAD_CONFIGS = [
     ("seq len 0", ["data.max_seq_len=0"], "data.max_seq_len"),
     ("batch not divisible", ["train.global_batch_size=20"], "multiple of train.micro_batch_size"),
     ("missing data file", ["data.path=/nonexistent/rows.jsonl"], "not found"),
+    ("missing model folder", ["model.path=/nonexistent/model"], "model folder /nonexistent/model does not exist"),
     ("bits 3", ["model.bits=3"], "model.bits must be 4, 8 or null"),
     ("zero stage 5", ["distributed.zero_stage=5"], "distributed.zero_stage"),
     ("wandb mode", ["wandb.mode=sometimes"], "wandb.mode must be one of"),

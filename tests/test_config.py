@@ -37,6 +37,12 @@ def test_dotted_overrides_parse_numbers_lists_and_null():
     assert cfg.model.bits is None and cfg.train.max_steps == 12
 
 
+@pytest.mark.parametrize("word", ["none", "None", "null"])
+def test_model_bits_none_means_a_dense_base(word):
+    cfg = load_config(None, ["model.path=some/model", f"data.path={BUILTIN_DATASET}", f"model.bits={word}"])
+    assert cfg.model.bits is None
+
+
 def test_pyyaml_exponent_without_dot_is_read_as_a_float(tmp_path):
     # PyYAML (YAML 1.1) reads `2e-4` as the string "2e-4"; users write it that way all the time.
     path = _write(tmp_path, f"model: {{path: m}}\ndata: {{path: {BUILTIN_DATASET}}}\ntrain: {{lr: 2e-4}}\n")

@@ -156,13 +156,14 @@ def test_int8_eval_output_within_llm_int8_activation_bound():
     assert diff.max() > 0  # the activation quantization is real, so the bound is exercised
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("requantize", [False, True])
 @pytest.mark.parametrize("kind", BASES)
-def test_merge_then_unmerge_restores_base_bitwise(kind, requantize):
-    base = make_base(kind, torch.float32)
+def test_merge_then_unmerge_restores_base_bitwise(kind, requantize, dtype):
+    base = make_base(kind, dtype)
     layer = LoRALayer.from_base(base, rank=RANK, alpha=16)
     randomize_adapter(layer)
-    x = torch.randn(3, IN)
+    x = torch.randn(3, IN, dtype=dtype)
     with torch.no_grad():
         layer(x)  # int8 moves its scales to layer.state on the first forward: test that layout
     before = base_bytes(base)
@@ -248,11 +249,12 @@ def test_merge_reads_a_weight_bitsandbytes_repacked_for_the_cpu():
     assert torch.allclose(dequantize_weight(base), reference, rtol=2**-8, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", BASES)
-def test_gradients_reach_only_adapter(kind):
-    layer = LoRALayer.from_base(make_base(kind, torch.float32), rank=RANK)
+def test_gradients_reach_only_adapter(kind, dtype):
+    layer = LoRALayer.from_base(make_base(kind, dtype), rank=RANK)
     randomize_adapter(layer)
-    layer(torch.randn(4, IN)).sum().backward()
+    layer(torch.randn(4, IN, dtype=dtype)).float().sum().backward()
     assert layer.lora_A.weight.grad is not None and layer.lora_A.weight.grad.abs().sum() > 0
     assert layer.lora_B.weight.grad is not None and layer.lora_B.weight.grad.abs().sum() > 0
     for name, p in layer.base_layer.named_parameters():
@@ -403,3 +405,12 @@ def test_adapter_is_float32_over_a_bf16_base(kind):
 def test_int8_bias_keeps_its_dtype():
     base = make_base("int8", torch.bfloat16)  # compute_dtype is a 4-bit setting; int8 ignores it
     assert base.bias.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merged_quantized_layer_computes_in_the_base_compute_dtype(kind):
+    layer = LoRALayer.from_base(make_base(kind, torch.bfloat16), rank=4)
+    layer.merge_lora_weights()
+    # 4-bit: its compute dtype (bf16 here), not fp32 (8x the packed bytes); int8 has none: fp32
+    expected = torch.bfloat16 if kind == "nf4" else torch.float32
+    assert layer.merged_weight.dtype == expected

@@ -185,16 +185,28 @@ def test_optimizer_state_dict_round_trips():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("optimizer_class", [bnb.optim.AdamW8bit, bnb.optim.PagedAdamW])
+@pytest.mark.parametrize("optimizer_class", [bnb.optim.AdamW8bit, bnb.optim.PagedAdamW8bit, bnb.optim.PagedAdamW])
 def test_bitsandbytes_optimizers_train_the_adapter(optimizer_class):
     model = LoRAModel(tiny_llama(), {"target_modules": ATTN, "rank": 4})
-    opt = LoRAOptimizer(model, lr=1e-2, optimizer_class=optimizer_class)
+    # min_8bit_size=0: our tiny adapters (256 values) are below bnb's default 4096, which would keep fp32 state
+    opt = LoRAOptimizer(model, lr=1e-2, optimizer_class=optimizer_class, min_8bit_size=0)
     ids = batch()
     before = [p.detach().clone() for p in model.get_trainable_parameters()]
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     after = model.get_trainable_parameters()
     assert any(not torch.equal(b, a) for b, a in zip(before, after))
+    state = opt.state[after[0]]["state1"]
+    assert state.dtype == (torch.float32 if optimizer_class is bnb.optim.PagedAdamW else torch.uint8)
+    fresh = LoRAOptimizer(model, lr=1e-2, optimizer_class=optimizer_class, min_8bit_size=0)
+    fresh.load_state_dict(opt.state_dict())
+    assert torch.equal(fresh.state[after[0]]["state1"], state)
+
+
+def test_merge_and_export_is_a_model_method(tmp_path):
+    model = LoRAModel(tiny_llama(), {"target_modules": ATTN})
+    out = model.merge_and_export(tmp_path / "merged", dtype=torch.float32)
+    assert (out / "config.json").is_file()
 
 
 @pytest.mark.parametrize("bits", [None, 4, 8])
