@@ -809,14 +809,16 @@ def save(run: Run) -> Path:
 
 def finish(run: Run, adapter_dir: Path, wall_time: float) -> dict[str, Any]:
     """Print and record the summary: losses, throughput, and where every output went."""
-    first, last = run.evals[0], run.evals[-1]
     summary: dict[str, Any] = {
         "steps": run.step,
         "skipped_steps": run.skipped_steps,
         "tokens_seen": run.tokens_seen,
-        "eval_loss_start": first["loss"],
-        "eval_loss_end": last["loss"],
-        "eval_perplexity_end": last["perplexity"],
+    }
+    if run.eval_dataset is not None:  # a run without an eval split has no eval line to report
+        first, last = run.evals[0], run.evals[-1]
+        summary.update(eval_loss_start=first["loss"], eval_loss_end=last["loss"],
+                       eval_perplexity_end=last["perplexity"])
+    summary |= {
         "wall_time_s": round(wall_time, 1),
         "tokens_per_s": round(run.tokens_seen / max(wall_time, 1e-9), 1),
     }

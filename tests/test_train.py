@@ -275,6 +275,12 @@ RANDOM = ["model.path=random:tiny", "data.path=random-tokens", "data.max_seq_len
           "train.eval_interval=0", "train.save_interval=0", "train.log_interval=100", "wandb.mode=disabled"]
 
 
+def test_run_without_eval_split_reports_no_eval_fields(tmp_path):
+    summary = train.train(load_config(None, [*RANDOM, f"train.output_dir={tmp_path}"]))
+    assert summary["steps"] == 3
+    assert not any(key.startswith("eval_") for key in summary)  # no nan placeholders for an eval never run
+
+
 def test_random_base_is_the_same_for_a_seed_and_changes_with_another():
     def weights(seed):
         model = train.build_random_base("tiny", bits=4, compute_dtype=torch.float32, seed=seed)
