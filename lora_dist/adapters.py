@@ -481,7 +481,7 @@ def merge_and_export(
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _swap_into_place(tmp, path)
+        swap_into_place(tmp, path)
     return path
 
 
@@ -559,7 +559,7 @@ def _plain_config(hf_config, dtype: torch.dtype):
     return config
 
 
-def _swap_into_place(tmp: Path, path: Path) -> None:
+def swap_into_place(tmp: Path, path: Path) -> None:
     """Rename the finished folder to `path`; an existing one is moved aside first, then removed."""
     if not path.exists():
         os.replace(tmp, path)

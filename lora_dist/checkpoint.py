@@ -291,16 +291,23 @@ def _complete_steps(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def _pointed(root: Path) -> tuple[Path | None, Path | None]:
+    """(the step folder `root/latest` names, or None; that folder if it is complete, else None)."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None, None
+    target = root / pointer.read_text().strip()
+    return target, (target if _is_complete(target) else None)
+
+
 def find_latest(root: str | Path) -> Path | None:
     """The newest complete checkpoint under root (where `latest` points, else the highest step), or None."""
     root = Path(root)
     if not root.is_dir():
         return None
-    pointer = root / LATEST
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if _is_complete(target):
-            return target
+    named, complete_target = _pointed(root)
+    if complete_target is not None:
+        return complete_target
     complete = _complete_steps(root)
     return complete[-1] if complete else None
 
@@ -311,13 +318,12 @@ def _resolve(path_or_root: str | Path) -> Path:
         raise FileNotFoundError(f"no checkpoint at {path}: the path does not exist")
     if _is_complete(path):
         return path
-    pointer = path / LATEST
-    if pointer.is_file():
-        target = path / pointer.read_text().strip()
-        if _is_complete(target):
-            return target
+    named, complete_target = _pointed(path)
+    if complete_target is not None:
+        return complete_target
+    if named is not None:
         raise ValueError(
-            f"{pointer} names {target.name}, which is missing or incomplete; "
+            f"{path / LATEST} names {named.name}, which is missing or incomplete; "
             f"resume from a complete one: {[p.name for p in _complete_steps(path)] or 'none found'}"
         )
     if path.name.startswith(("step-", ".step-")):

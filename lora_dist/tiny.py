@@ -8,13 +8,14 @@ the same `from_pretrained` path it uses for real models.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from lora_dist.adapters import swap_into_place
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -93,7 +94,7 @@ def build_tiny_model(
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _replace_dir(staging, out_dir)
+        swap_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
@@ -160,13 +161,3 @@ def _check_shape(hidden: int, layers: int, heads: int, kv_heads: int, intermedia
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Swap src in as dst: the old dst is moved aside first, then deleted."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

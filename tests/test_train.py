@@ -38,16 +38,21 @@ def _adapter_snapshot(run):
     return {n: t.clone() for n, t in run.model.adapter_state_dict().items()}
 
 
+def _reference_loss(run, window) -> tuple[float, torch.Tensor]:
+    """One cross entropy over every labelled (shifted) token of all micro batches, and those targets."""
+    with torch.no_grad():
+        logits = [run.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in window]
+        pred = torch.cat([lg[:, :-1].reshape(-1, lg.shape[-1]) for lg in logits]).float()
+        target = torch.cat([b["labels"][:, 1:].reshape(-1) for b in window])
+        return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX).item(), target
+
+
 def test_step_loss_is_the_mean_over_all_response_tokens_of_the_global_batch(tiny_dir, tmp_path, capsys):
     run = train.setup(_config(tiny_dir, tmp_path))
     window = _window(run)
     assert len(window) == 2  # global batch 16 = 2 micro batches of 8: their token counts differ
     # Reference: one cross entropy over every labelled (shifted) token of both micro batches.
-    with torch.no_grad():
-        logits = [run.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in window]
-        pred = torch.cat([lg[:, :-1].reshape(-1, lg.shape[-1]) for lg in logits]).float()
-        target = torch.cat([b["labels"][:, 1:].reshape(-1) for b in window])
-        expected = F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX).item()
+    expected, target = _reference_loss(run, window)
     stats = train.train_step(run, window)
     # Same forward in fp32 summed in a different order: float32 rounding, ~1e-6 relative.
     assert stats["loss"] == pytest.approx(expected, rel=1e-5)
@@ -344,11 +349,7 @@ def test_fused_loss_is_the_mean_over_all_response_tokens_of_the_global_batch(tin
                               "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"))
     assert run.fused and hasattr(run.model.base_model, "_lora_dist_original_forward")  # the chunked loss is on
     window = _window(run)
-    with torch.no_grad():  # without labels the patched forward returns full logits
-        logits = [run.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in window]
-        pred = torch.cat([lg[:, :-1].reshape(-1, lg.shape[-1]) for lg in logits]).float()
-        target = torch.cat([b["labels"][:, 1:].reshape(-1) for b in window])
-        expected = F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX).item()
+    expected, _ = _reference_loss(run, window)  # without labels the patched forward returns full logits
     stats = train.train_step(run, window)
     # fp32 on both sides, sums in another order: ~1e-6 relative (as in the plain test above).
     assert stats["loss"] == pytest.approx(expected, rel=1e-5)
