@@ -67,12 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = _without_local_rank(sys.argv[1:] if argv is None else list(argv))
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     # Imported after argument parsing: `lora-dist --help` stays quick.
-    from lora_dist.config import ConfigError
-    from lora_dist.data import DataError
+    from lora_dist.errors import UserError
 
     try:
         return _dispatch(args)
-    except (ConfigError, DataError) as err:
+    except UserError as err:
         _fail(str(err))
         return EXIT_USAGE
     except FileNotFoundError as err:  # a model folder or adapter that is not there

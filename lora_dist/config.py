@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from lora_dist.data import RANDOM_TOKENS, DataConfig
+from lora_dist.errors import ConfigError
 from lora_dist.model import LoRAConfig
 
 # Names of things shipped inside the package, usable where a path is expected.
@@ -45,14 +46,6 @@ ENGINES = ("auto", "deepspeed", "none")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
-class ConfigError(ValueError):
-    """An invalid configuration; the message lists every problem on one line."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
-        where = f"{source}: " if source else ""
-        count = f"{len(problems)} problems: " if len(problems) > 1 else ""
-        super().__init__(f"{where}{count}{'; '.join(problems)}")
 
 
 @dataclass

@@ -23,6 +23,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from lora_dist.errors import DataError
+
 IGNORE_INDEX = -100
 FORMATS = ("text", "instruction", "chat")
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -34,10 +36,6 @@ INSTRUCTION_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response
 # Part of every cache fingerprint: any edit of this module (templates, masking, packing) invalidates
 # tokenizations cached by the older code, with no version number to forget to bump.
 _CODE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-
-
-class DataError(ValueError):
-    """Bad data: a missing file, an empty dataset or a malformed row (the message names it)."""
 
 
 @dataclass
