@@ -34,18 +34,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lora_dist.shapes import SHAPES
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("ours", "peft", "peft+liger")
-
-SHAPES: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
-    # all 80 layers hold 35 GB in NF4: the default measures a few and computes the rest
-    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, rope_theta=10000.0, max_position_embeddings=256),
-}
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -115,14 +107,6 @@ class Setup:
         return d
 
 
-def _llama_config(setup: Setup):
-    from transformers import LlamaConfig
-
-    kw = dict(SHAPES[setup.shape])
-    kw["num_hidden_layers"] = setup.layers
-    return LlamaConfig(**kw, attn_implementation="sdpa")
-
-
 def build_base(setup: Setup) -> nn.Module:
     """The random-weight (or loaded) causal LM of `setup`, its seven linears per layer quantized."""
     from lora_dist import quant
@@ -134,15 +118,10 @@ def build_base(setup: Setup) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=setup.dtype, attn_implementation="sdpa")
         model.to(setup.device)
     else:
-        from transformers import LlamaForCausalLM
+        from lora_dist.shapes import build_random_model
 
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(setup.dtype)
-        try:
-            with torch.device(setup.device):
-                model = LlamaForCausalLM(_llama_config(setup))
-        finally:
-            torch.set_default_dtype(old)
+        model = build_random_model(setup.shape, bits=None, compute_dtype=setup.dtype, device=setup.device,
+                                   seed=setup.seed, num_layers=setup.layers)
     model.config.use_cache = False
     if setup.quant != "none":
         quant.quantize_model(model, 4, setup.quant, setup.double_quant, setup.dtype, skip_modules=("lm_head",))
@@ -174,7 +153,7 @@ def _matmul_weights(model: nn.Module) -> int:
 def _count_n(setup: Setup, model: nn.Module) -> int:
     if setup.model_path:
         return _matmul_weights(model)
-    c = SHAPES[setup.shape]
+    c = SHAPES[setup.shape].fields
     d, i, h, kv = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"]
     hd = d // h
     per_layer = d * (h * hd) * 2 + d * (kv * hd) * 2 + 3 * d * i
@@ -428,7 +407,7 @@ def _try_step(side: Side, batch: torch.Tensor) -> bool:
 def extrapolate_peak(setup: Setup, names: list[str], layer_pair: tuple[int, int], checkpointing: bool,
                      args: argparse.Namespace) -> list[dict]:
     """Peak allocated memory measured at two depths, and the full depth's computed linearly from them."""
-    full = SHAPES[setup.shape]["num_hidden_layers"]
+    full = SHAPES[setup.shape].num_layers
     a, b = layer_pair
     out = []
     for name in names:
@@ -544,7 +523,7 @@ def _write_json(report: dict[str, Any], path: str) -> None:
 def _setup_from_args(args: argparse.Namespace) -> Setup:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tiny = args.shape == "tiny"
-    default_layers = 4 if args.shape == "llama3-70b" else SHAPES[args.shape]["num_hidden_layers"]
+    default_layers = 4 if args.shape == "llama3-70b" else SHAPES[args.shape].num_layers
     return Setup(
         shape=args.shape,
         model_path=args.model,

@@ -95,16 +95,11 @@ class ModelConfig:
         return self.path[len(RANDOM_MODEL_PREFIX):] if self.path.startswith(RANDOM_MODEL_PREFIX) else None
 
 
-def random_shapes() -> dict[str, dict[str, Any]]:
-    """LlamaConfig keyword arguments of every `random:<shape>`: the benchmark's shapes plus Llama-3.2-1B."""
-    from lora_dist.bench import SHAPES
+def random_shapes() -> dict[str, Any]:
+    """The shapes `random:NAME` accepts (`lora_dist.shapes.SHAPES`)."""
+    from lora_dist.shapes import SHAPES
 
-    return {
-        **SHAPES,
-        "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                            num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-                            max_position_embeddings=131072, tie_word_embeddings=True),
-    }
+    return SHAPES
 
 
 @dataclass

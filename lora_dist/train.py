@@ -28,7 +28,8 @@ from typing import Any, Iterator
 import torch
 
 from lora_dist import adapters, checkpoint, data, distributed, loading
-from lora_dist.config import BUILTIN_MODEL, Config, ConfigError, random_shapes
+from lora_dist import shapes
+from lora_dist.config import BUILTIN_MODEL, Config, ConfigError
 from lora_dist.data import IGNORE_INDEX, RANDOM_TOKENS
 from lora_dist.launch import cluster_info, free_port
 from lora_dist.model import LoRAModel
@@ -144,7 +145,7 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
     total_steps = _total_steps(cfg, len(train_loader), accum)
 
     if cfg.model.random_shape():
-        base = build_random_base(
+        base = shapes.build_random_model(
             cfg.model.random_shape(), bits=cfg.model.bits, quant_type=cfg.model.quant_type,
             double_quant=cfg.model.double_quant, compute_dtype=TORCH_DTYPES[cfg.model.compute_dtype],
             device=device, seed=cfg.train.seed, attn_implementation=cfg.model.attn_implementation,
@@ -299,56 +300,9 @@ def _load_tokenizer(path: str) -> Any:
 def _random_tokens(cfg: Config, tokenizer: Any, sequences_per_step: int) -> data.RandomTokens:
     """Random-token rows for exactly `train.max_steps` optimizer steps (each row is seen once)."""
     shape = cfg.model.random_shape()
-    vocab = random_shapes()[shape]["vocab_size"] if shape else len(tokenizer)
+    vocab = shapes.shape(shape).vocab_size if shape else len(tokenizer)
     rows = cfg.train.max_steps * cfg.train.micro_batch_size * sequences_per_step
     return data.RandomTokens(rows, cfg.data.max_seq_len, vocab, seed=cfg.train.seed)
-
-
-@torch.no_grad()
-def build_random_base(
-    shape: str,
-    *,
-    bits: int | None,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: torch.dtype = torch.bfloat16,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    attn_implementation: str | None = None,
-) -> torch.nn.Module:
-    """A Llama causal LM of a named shape (`config.random_shapes()`) with random weights, quantized.
-
-    Built on the meta device, then allocated straight on `device` in `compute_dtype` and quantized
-    there: no dense copy on the CPU and nothing written to disk. Every weight is drawn from its own
-    generator on `device`, seeded by (seed, parameter index), so ranks that build it agree bit for bit.
-    Norms are 1, other weights N(0, 0.02) (transformers' Llama init).
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lora_dist import quant
-
-    device = torch.device(device)
-    config = LlamaConfig(**random_shapes()[shape], attn_implementation=attn_implementation or "sdpa")
-    config.use_cache = False
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(compute_dtype)
-    try:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(old)
-    model.to_empty(device=device)
-    for index, (name, param) in enumerate(model.named_parameters()):
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-        else:
-            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
-            param.normal_(0.0, 0.02, generator=gen)
-    # The rotary frequencies are a computed buffer: to_empty left it uninitialized, so compute it again.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
-    if bits is not None:
-        quant.quantize_model(model, bits, quant_type, double_quant, compute_dtype, skip_modules=("lm_head",))
-    return model
 
 
 def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device) -> bool:

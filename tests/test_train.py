@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_dist import cli, tiny, train
+from lora_dist import cli, shapes, tiny, train
 from lora_dist.config import ConfigError, load_config
 from lora_dist.data import IGNORE_INDEX
 from lora_dist.tracking import find_wandb_run_file, read_metrics, read_wandb_history
@@ -288,7 +288,7 @@ def test_run_without_eval_split_reports_no_eval_fields(tmp_path):
 
 def test_random_base_is_the_same_for_a_seed_and_changes_with_another():
     def weights(seed):
-        model = train.build_random_base("tiny", bits=4, compute_dtype=torch.float32, seed=seed)
+        model = shapes.build_random_model("tiny", bits=4, compute_dtype=torch.float32, seed=seed)
         return {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
 
     a, b, c = weights(0), weights(0), weights(1)
@@ -297,13 +297,10 @@ def test_random_base_is_the_same_for_a_seed_and_changes_with_another():
 
 
 def test_random_base_computes_its_rotary_frequencies_instead_of_leaving_them_empty():
-    from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from lora_dist.config import random_shapes
-
-    model = train.build_random_base("tiny", bits=None, compute_dtype=torch.float32)
-    expected = LlamaRotaryEmbedding(LlamaConfig(**random_shapes()["tiny"])).inv_freq
+    model = shapes.build_random_model("tiny", bits=None, compute_dtype=torch.float32)
+    expected = LlamaRotaryEmbedding(shapes.shape("tiny").hf_config()).inv_freq
     assert torch.equal(model.model.rotary_emb.inv_freq, expected)
 
 
