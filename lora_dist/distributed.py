@@ -510,3 +510,170 @@ def gathered_adapter_state_dict(engine_or_model: Any) -> dict[str, torch.Tensor]
     model = _model_of(engine_or_model)
     with gathered(engine_or_model):
         return {name: t.detach().to("cpu", copy=True) for name, t in model.adapter_state_dict().items()}
+
+
+# ---- checkpoint state (owned by checkpoint.py)
+# The optimizer state of the adapters, whole and by parameter name, so that a checkpoint is data
+# (safetensors + JSON) and loads at any world size. DeepSpeed 0.19.8 gives each rank's share of a
+# parameter's fp32 master weight and Adam moments through deepspeed.utils' safe_get_full_* (an
+# all-reduce: every rank gets the whole tensor) and takes them back through safe_set_full_*. Supported:
+# ZeRO-1/2 and stage 0 with bf16 (parameters linked to a flat fp32 partition: `_hp_mapping`), ZeRO-3
+# (`ds_id`), and stage 0 in fp32 (torch's optimizer holds the parameters themselves). Anything else
+# (stage 0 fp16's FP16_Optimizer) is refused by name.
+
+
+def _flat_groups(engine: Any) -> list[tuple[int, list[nn.Parameter], torch.Tensor]]:
+    """(param group index, its adapter parameters, the flat fp32 partition holding their masters) per flat group."""
+    zero = engine.optimizer
+    inner = zero.optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3: sub groups of the param groups
+        return [(zero.sub_group_to_group_id[j], list(zero.fp16_groups[j]), flat)
+                for j, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+    lp_groups = getattr(zero, "bit16_groups", None) or zero.bf16_groups  # ZeRO-1/2, or bf16 stage 0
+    return [(i, list(lp_groups[i]), group["params"][0]) for i, group in enumerate(inner.param_groups)]
+
+
+def _kind(engine: Any, params: list[nn.Parameter]) -> str:
+    if all(hasattr(p, "ds_id") for p in params):
+        return "zero3"
+    if all(hasattr(p, "_hp_mapping") for p in params):
+        return "linked"
+    optimizer = engine.optimizer
+    if isinstance(optimizer, torch.optim.Optimizer) and all(
+        any(p is q for g in optimizer.param_groups for q in g["params"]) for p in params
+    ):
+        return "plain"
+    from lora_dist.errors import CheckpointError
+
+    raise CheckpointError(
+        f"checkpoints do not support DeepSpeed's {type(optimizer).__name__} (ZeRO stage "
+        f"{engine.zero_optimization_stage()}); use ZeRO stage 1-3, or bf16/fp32 at stage 0"
+    )
+
+
+def _hyper_parameters(groups: list[dict]) -> list[dict]:
+    out = []
+    for group in groups:
+        out.append({k: list(v) if isinstance(v, tuple) else v for k, v in group.items()
+                    if k != "params" and isinstance(v, (int, float, str, bool, tuple, list, type(None)))})
+    return out
+
+
+def _engine_counters(engine: Any) -> dict:
+    counters = {k: int(getattr(engine, k)) for k in ("global_steps", "global_samples", "skipped_steps")}
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is not None:  # fp16's dynamic loss scale
+        counters["loss_scaler"] = {k: v for k, v in vars(scaler).items()
+                                   if isinstance(v, (int, float, bool)) and not k.startswith("_")}
+    return counters
+
+
+def full_optimizer_state(engine: Any, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The engine's adapter optimizer state, whole: (tensors, JSON). A collective: every rank calls it.
+
+    Tensors (every rank gets them all): "<name>::fp32" master weight, "<name>::<key>" per optimizer
+    state tensor (exp_avg, exp_avg_sq), "group<i>::<key>" per group scalar (Adam's step). JSON: the
+    param groups' hyper-parameters and parameter names, the engine's step counters, the loss scale.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from lora_dist.checkpoint import torch_optimizer_state
+
+    params = _model_of(engine).get_trainable_parameters()
+    kind = _kind(engine, params)
+    if kind == "plain":
+        tensors, meta = torch_optimizer_state(engine.optimizer, names)
+        return tensors, {**meta, "counters": _engine_counters(engine)}
+    flat_groups = _flat_groups(engine)
+    inner = engine.optimizer.optimizer
+    n_groups = len(engine.optimizer.param_groups)
+    members: list[list[str]] = [[] for _ in range(n_groups)]
+    group_state: list[dict] = [{} for _ in range(n_groups)]
+    tensors: dict[str, torch.Tensor] = {}
+    for group_id, lp_params, flat in flat_groups:
+        members[group_id] += [names[id(p)] for p in lp_params]
+        for key, value in inner.state.get(flat, {}).items():
+            if torch.is_tensor(value) and value.shape == flat.shape:
+                continue  # per element: gathered per parameter below
+            if torch.is_tensor(value):
+                tensors[f"group{group_id}::{key}"] = value.detach().cpu().clone()
+            group_state[group_id][key] = float(value) if torch.is_tensor(value) else value
+    keys = sorted({k for _, _, flat in flat_groups for k, v in inner.state.get(flat, {}).items()
+                   if torch.is_tensor(v) and v.shape == flat.shape})
+    for p in params:  # the same order on every rank: each call is an all-reduce
+        name = names[id(p)]
+        tensors[f"{name}::fp32"] = safe_get_full_fp32_param(p).detach().float().cpu()
+        for key in keys:
+            tensors[f"{name}::{key}"] = safe_get_full_optimizer_state(p, key).detach().cpu()
+    groups = _hyper_parameters(engine.optimizer.param_groups)
+    for group, member in zip(groups, members):
+        group["params"] = member
+    return tensors, {"param_groups": groups, "groups": group_state, "scalars": {}, "counters": _engine_counters(engine)}
+
+
+def set_full_optimizer_state(engine: Any, names: dict[int, str], tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Put back what `full_optimizer_state` returned (from any world size): masters, moments, adapter
+    weights, hyper-parameters, step counters. A collective: every rank calls it with the same data."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from lora_dist.checkpoint import _to_torch_layout, set_torch_optimizer_state
+    from lora_dist.errors import CheckpointError
+
+    model = _model_of(engine)
+    params = model.get_trainable_parameters()
+    missing = [names[id(p)] for p in params if f"{names[id(p)]}::fp32" not in tensors]
+    if missing:
+        raise CheckpointError(f"the checkpoint has no optimizer state for {missing[0]} (and {len(missing) - 1} more)")
+    kind = _kind(engine, params)
+    if kind == "plain":
+        if meta.get("groups") is not None:  # written by a ZeRO optimizer: one step per group
+            _to_torch_layout(meta, names, tensors)
+        set_torch_optimizer_state(engine.optimizer, names, tensors, meta)
+    else:
+        inner = engine.optimizer.optimizer
+        saved_groups = meta["param_groups"]
+        keys = sorted({k.split("::", 1)[1] for k in tensors if "::" in k and not k.startswith("group")} - {"fp32"})
+        for group_id, lp_params, flat in _flat_groups(engine):
+            if keys:  # ZeRO-1/2 create Adam's state lazily, at the first step: create it now
+                entry = inner.state.setdefault(flat, {})
+                for key in keys:
+                    entry.setdefault(key, torch.zeros_like(flat))
+                for key, value in meta["groups"][group_id].items():
+                    held = tensors.get(f"group{group_id}::{key}")
+                    entry[key] = held.clone().to(flat.device) if held is not None else value
+                for p in lp_params:
+                    if getattr(p, "_hp_mapping", None) is not None:
+                        p._hp_mapping.set_optim_state_fragment(flat, entry)
+        if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+            engine.optimizer._hp_optimizer_states_linked = True
+        for p in params:
+            name = names[id(p)]
+            safe_set_full_fp32_param(p, tensors[f"{name}::fp32"].to(_device_of(p)))
+            for key in keys:
+                safe_set_full_optimizer_state(p, tensors[f"{name}::{key}"].to(_device_of(p)), key)
+        # The adapter weights the forward uses (bf16 copies, ZeRO-3 partitions) from the masters.
+        if kind == "zero3":
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+                for p in params:
+                    p.copy_(tensors[f"{names[id(p)]}::fp32"])
+        else:
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(tensors[f"{names[id(p)]}::fp32"])
+        for saved, group in zip(saved_groups, engine.optimizer.param_groups):
+            for key, value in saved.items():
+                if key != "params" and key in group:
+                    group[key] = tuple(value) if isinstance(group[key], tuple) else value
+    counters = meta.get("counters", {})
+    for key in ("global_steps", "global_samples", "skipped_steps"):
+        if key in counters:
+            setattr(engine, key, counters[key])
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for key, value in counters.get("loss_scaler", {}).items():
+        if scaler is not None and hasattr(scaler, key):
+            setattr(scaler, key, value)
+
+
+def _device_of(p: nn.Parameter) -> torch.device:
+    return p.ds_tensor.device if hasattr(p, "ds_tensor") else p.device
