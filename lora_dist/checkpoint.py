@@ -539,6 +539,8 @@ def load_checkpoint(
 
         if state["optimizer"] is None:
             raise CheckpointError(f"{path} holds no optimizer state; start DeepSpeed from its adapter only")
+        state["optimizer"].setdefault("counters", {  # written without DeepSpeed
+            "global_steps": state["step"], "global_samples": state["step"] * engine.train_batch_size()})
         distributed.set_full_optimizer_state(engine, names, tensors, state["optimizer"])
         scheduler = engine.lr_scheduler
     elif optimizer is not None:

@@ -517,9 +517,9 @@ def gathered_adapter_state_dict(engine_or_model: Any) -> dict[str, torch.Tensor]
 # (safetensors + JSON) and loads at any world size. DeepSpeed 0.19.8 gives each rank's share of a
 # parameter's fp32 master weight and Adam moments through deepspeed.utils' safe_get_full_* (an
 # all-reduce: every rank gets the whole tensor) and takes them back through safe_set_full_*. Supported:
-# ZeRO-1/2 and stage 0 with bf16 (parameters linked to a flat fp32 partition: `_hp_mapping`), ZeRO-3
-# (`ds_id`), and stage 0 in fp32 (torch's optimizer holds the parameters themselves). Anything else
-# (stage 0 fp16's FP16_Optimizer) is refused by name.
+# ZeRO-1/2 (parameters linked to a flat fp32 partition: `_hp_mapping`), ZeRO-3 (`ds_id`), stage 0 in
+# bf16/fp16 through FP16_UnfusedOptimizer (an fp32 master per parameter) and stage 0 in fp32 (torch's
+# optimizer holds the parameters themselves). Anything else is refused by name.
 
 
 def _flat_groups(engine: Any) -> list[tuple[int, list[nn.Parameter], torch.Tensor]]:
@@ -539,6 +539,8 @@ def _kind(engine: Any, params: list[nn.Parameter]) -> str:
     if all(hasattr(p, "_hp_mapping") for p in params):
         return "linked"
     optimizer = engine.optimizer
+    if hasattr(optimizer, "fp32_groups") and hasattr(optimizer, "fp16_groups"):
+        return "unfused"  # FP16_UnfusedOptimizer (stage 0, bf16/fp16): one fp32 master per parameter
     if isinstance(optimizer, torch.optim.Optimizer) and all(
         any(p is q for g in optimizer.param_groups for q in g["params"]) for p in params
     ):
@@ -581,8 +583,9 @@ def full_optimizer_state(engine: Any, names: dict[int, str]) -> tuple[dict[str, 
 
     params = _model_of(engine).get_trainable_parameters()
     kind = _kind(engine, params)
-    if kind == "plain":
-        tensors, meta = torch_optimizer_state(engine.optimizer, names)
+    if kind in ("plain", "unfused"):
+        optimizer, masters = _torch_view(engine, names)
+        tensors, meta = torch_optimizer_state(optimizer, masters)
         return tensors, {**meta, "counters": _engine_counters(engine)}
     flat_groups = _flat_groups(engine)
     inner = engine.optimizer.optimizer
@@ -626,14 +629,23 @@ def set_full_optimizer_state(engine: Any, names: dict[int, str], tensors: dict[s
     if missing:
         raise CheckpointError(f"the checkpoint has no optimizer state for {missing[0]} (and {len(missing) - 1} more)")
     kind = _kind(engine, params)
-    if kind == "plain":
+    if kind in ("plain", "unfused"):
         if meta.get("groups") is not None:  # written by a ZeRO optimizer: one step per group
             _to_torch_layout(meta, names, tensors)
-        set_torch_optimizer_state(engine.optimizer, names, tensors, meta)
+        optimizer, masters = _torch_view(engine, names)
+        set_torch_optimizer_state(optimizer, masters, tensors, meta)
+        if kind == "unfused":
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(tensors[f"{names[id(p)]}::fp32"])
     else:
+        if meta.get("groups") is None:  # written by a torch optimizer: one step per parameter
+            _to_group_layout(meta, tensors)
         inner = engine.optimizer.optimizer
         saved_groups = meta["param_groups"]
-        keys = sorted({k.split("::", 1)[1] for k in tensors if "::" in k and not k.startswith("group")} - {"fp32"})
+        # Per-element state (Adam's moments); 0-dim entries (a torch optimizer's per-parameter step) are per group here.
+        keys = sorted({k.split("::", 1)[1] for k, t in tensors.items()
+                       if not k.startswith("group") and t.dim() > 0} - {"fp32"})
         for group_id, lp_params, flat in _flat_groups(engine):
             if keys:  # ZeRO-1/2 create Adam's state lazily, at the first step: create it now
                 entry = inner.state.setdefault(flat, {})
@@ -673,6 +685,27 @@ def set_full_optimizer_state(engine: Any, names: dict[int, str], tensors: dict[s
     for key, value in counters.get("loss_scaler", {}).items():
         if scaler is not None and hasattr(scaler, key):
             setattr(scaler, key, value)
+
+
+def _torch_view(engine: Any, names: dict[int, str]) -> tuple[torch.optim.Optimizer, dict[int, str]]:
+    """(the torch optimizer holding the fp32 masters, {id(master): parameter name})."""
+    optimizer = engine.optimizer
+    if not hasattr(optimizer, "fp32_groups"):
+        return optimizer, names
+    masters = {id(fp32): names[id(lp)] for lp_group, fp32_group in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+               for lp, fp32 in zip(lp_group, fp32_group)}
+    return optimizer.optimizer, masters
+
+
+def _to_group_layout(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Turn torch's layout (a step per parameter) into ZeRO's (one per flat group), in place."""
+    meta["groups"] = []
+    for i, group in enumerate(meta["param_groups"]):
+        first = group["params"][0] if group["params"] else None
+        step = tensors.get(f"{first}::step")
+        if step is not None:
+            tensors[f"group{i}::step"] = step.clone()
+        meta["groups"].append({"step": float(step)} if step is not None else {})
 
 
 def _device_of(p: nn.Parameter) -> torch.device:

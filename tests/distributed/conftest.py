@@ -23,8 +23,9 @@ WORLD = 2
 TIMEOUT_S = 240
 
 
-def launch(phase: str, out: Path, world: int = WORLD) -> dict:
-    """Run ds_worker.py `phase` on `world` ranks; returns {scenario: [result of rank 0, rank 1, ...]}."""
+def launch(phase: str, out: Path, world: int = WORLD, worker: Path = WORKER, log_name: str | None = None) -> dict:
+    """Run `worker` (ds_worker.py) `phase` on `world` ranks; returns {scenario: [result of rank 0, rank 1, ...]}."""
+    log_name = log_name or phase
     port = free_port()
     procs = []
     for rank in range(world):
@@ -39,8 +40,8 @@ def launch(phase: str, out: Path, world: int = WORLD) -> dict:
             LOCAL_WORLD_SIZE=str(world),
             OMP_NUM_THREADS="1",  # 2 ranks on 2 cores: no oversubscription
         )
-        log = open(out / f"{phase}-rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), phase, str(out)], env=env, stdout=log, stderr=log))
+        log = open(out / f"{log_name}-rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, str(worker), phase, str(out)], env=env, stdout=log, stderr=log))
     codes = []
     for proc in procs:
         try:
@@ -49,9 +50,9 @@ def launch(phase: str, out: Path, world: int = WORLD) -> dict:
             proc.kill()
             codes.append("timeout")
     if any(code != 0 for code in codes):
-        tail = (out / f"{phase}-rank0.log").read_text()[-4000:]
-        raise RuntimeError(f"ds_worker {phase} exited with {codes}; rank 0 log tail:\n{tail}")
-    return _read(out, phase, world)
+        tail = (out / f"{log_name}-rank0.log").read_text()[-4000:]
+        raise RuntimeError(f"{worker.name} {phase} exited with {codes}; rank 0 log tail:\n{tail}")
+    return _read(out, log_name, world)
 
 
 def _read(out: Path, phase: str, world: int) -> dict:
