@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lora_dist import files
 from lora_dist.adapters import load_adapter, save_adapter
@@ -243,6 +243,25 @@ def _resolve(path_or_root: str | Path) -> Path:
     return found
 
 
+def remove_stale_temporaries(root: str | Path) -> list[Path]:
+    """Remove what crashed saves left in the checkpoint folder `root`; returns what was removed.
+
+    `.step-XXXXXXXX.tmp-*` / `.latest.tmp-*` (and `.step-XXXXXXXX.partial` / `.stale` of format 2).
+    Call it on rank 0 before the run writes anything: a live save's temporary folder looks the same.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    names = {LATEST} | {item.name[1:].split(files.TMP_MARK)[0] for item in root.iterdir()
+                        if item.name.startswith(".step-") and files.TMP_MARK in item.name}
+    removed = [p for name in sorted(names) for p in files.remove_stale_temporaries(root, name)]
+    for item in root.glob(".step-*"):
+        if item.name.endswith((".partial", ".stale")) and item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+            removed.append(item)
+    return removed
+
+
 # ---------------------------------------------------------------------- RNG
 def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """This process's RNG states: (uint8 tensors, JSON metadata) for one safetensors file."""
@@ -263,9 +282,7 @@ def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _set_rng(file: Path) -> None:
-    with safe_open(str(file), "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    tensors, meta = _read_tensors(file)
     version, internal, gauss = json.loads(meta["python"])
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(tensors["torch"])
@@ -467,9 +484,29 @@ def save_checkpoint(
 
 
 def _describe(err: BaseException) -> str:
+    """The OS's reason for a failed write ("No space left on device: <file>"), from OSError or safetensors."""
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    found = re.search(r'message: "([^"]+)"', str(err))  # safetensors wraps Rust's io::Error
+    return found.group(1) if found else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file this checkpoint lists; anything else is refused."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{file} is not a safetensors file ({str(err).splitlines()[0][:120]}); resume from a checkpoint this tool wrote"
+        ) from None
+
+
+def _load_adapter(model: LoRAModel, path: Path) -> None:
+    try:
+        load_adapter(model, path)
+    except ValueError as err:  # adapters reports a damaged or mismatched adapter as ValueError
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
 
 
 # ---------------------------------------------------------------------- load
@@ -533,7 +570,7 @@ def load_checkpoint(
     _check_lora(path, state["lora"], model.lora_config.to_dict())
     rank, _ = _rank_world()
     names = trainable_names(model)
-    tensors = load_file(str(path / OPTIMIZER_FILE)) if (path / OPTIMIZER_FILE).is_file() else {}
+    tensors = _read_tensors(path / OPTIMIZER_FILE)[0] if (path / OPTIMIZER_FILE).is_file() else {}
     if engine is not None:
         from lora_dist import distributed
 
@@ -550,7 +587,7 @@ def load_checkpoint(
             _to_torch_layout(state["optimizer"], names, tensors)
         set_torch_optimizer_state(getattr(optimizer, "optimizer", optimizer), names, tensors, state["optimizer"])
     else:
-        load_adapter(model, path)
+        _load_adapter(model, path)
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     rng_file = path / f"rng-rank{rank:05d}.safetensors"
@@ -622,7 +659,7 @@ def _load_legacy(path: Path, state: dict, *, model: LoRAModel, engine: Any, opti
     if engine is None:
         if state["deepspeed"] and (optimizer is not None or scheduler is not None):
             raise CheckpointError(f"{path} holds DeepSpeed optimizer state; resume it with DeepSpeed (or load its adapter only)")
-        load_adapter(model, path)
+        _load_adapter(model, path)
         if optimizer is not None:
             getattr(optimizer, "optimizer", optimizer).load_state_dict(_torch_load_data(path / "optimizer.pt"))
         if scheduler is not None:

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lora_dist import adapters, checkpoint, data, distributed, loading
+from lora_dist import adapters, checkpoint, data, distributed, files, loading
 from lora_dist import shapes
 from lora_dist.config import BUILTIN_MODEL, Config, ConfigError
 from lora_dist.data import IGNORE_INDEX, RANDOM_TOKENS
@@ -225,6 +225,9 @@ def _prepare_output_dir(cfg: Config, rank: int) -> tuple[Path, int, str | None] 
     """
     root = cfg.output_dir / "checkpoints"
     t = cfg.train
+    if rank == 0:  # before anything is written: what crashed saves left behind
+        checkpoint.remove_stale_temporaries(root)
+        files.remove_stale_temporaries(cfg.output_dir, "adapter")
     if t.resume is None:
         if _holds_checkpoints(root):
             if not t.overwrite_output_dir:
