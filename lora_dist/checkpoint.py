@@ -41,6 +41,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -487,8 +488,8 @@ def _describe(err: BaseException) -> str:
     """The OS's reason for a failed write ("No space left on device: <file>"), from OSError or safetensors."""
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-    found = re.search(r'message: "([^"]+)"', str(err))  # safetensors wraps Rust's io::Error
-    return found.group(1) if found else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    found = re.search(r"os error (\d+)", str(err))  # safetensors wraps Rust's io::Error
+    return os.strerror(int(found.group(1))) if found else f"{type(err).__name__}: {str(err).splitlines()[0]}"
 
 
 def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
