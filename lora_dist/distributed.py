@@ -363,47 +363,6 @@ def setup_engine(model: LoRAModel, ds_config: dict) -> Any:
     return engine
 
 
-def to_universal(ds_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """Convert one DeepSpeed checkpoint tag folder into a universal checkpoint in `out_dir`.
-
-    A universal checkpoint stores each parameter's fp32 weights and optimizer moments whole, so
-    `load_universal` can re-shard them for any world size. Run it on one rank.
-    """
-    import argparse
-
-    from deepspeed.checkpoint import ds_to_universal
-
-    args = argparse.Namespace(
-        input_folder=str(ds_dir),
-        output_folder=str(out_dir),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        # Our checkpoints do not carry DeepSpeed's (Megatron-oriented) universal_checkpoint_info;
-        # the converter fills in the default in memory.
-        inject_missing_state=True,
-    )
-    ds_to_universal.main(args)
-
-
-def load_universal(engine: Any, folder: str | os.PathLike) -> None:
-    """Load a universal checkpoint folder (from `to_universal`) into `engine`, at any world size."""
-    from pathlib import Path
-
-    folder = Path(folder)
-    # DeepSpeed reads this flag from its config at load time only; set it for this one load.
-    engine._config.load_universal_checkpoint = True
-    try:
-        loaded, _ = engine.load_checkpoint(
-            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-    finally:
-        engine._config.load_universal_checkpoint = False
-    if loaded is None:
-        raise ValueError(f"DeepSpeed could not load the universal checkpoint {folder}; see its log above")
-
-
 def _model_of(engine_or_model: Any) -> LoRAModel:
     if isinstance(engine_or_model, LoRAModel):
         return engine_or_model
