@@ -253,8 +253,8 @@ def remove_stale_temporaries(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    names = {LATEST} | {item.name[1:].split(files.TMP_MARK)[0] for item in root.iterdir()
-                        if item.name.startswith(".step-") and files.TMP_MARK in item.name}
+    names = {LATEST} | {item.name[1:].split(files.TMP_MARK)[0].split(".old-")[0] for item in root.iterdir()
+                        if item.name.startswith(".step-") and (files.TMP_MARK in item.name or ".old-" in item.name)}
     removed = [p for name in sorted(names) for p in files.remove_stale_temporaries(root, name)]
     for item in root.glob(".step-*"):
         if item.name.endswith((".partial", ".stale")) and item.is_dir() and not item.is_symlink():
@@ -565,13 +565,20 @@ def load_checkpoint(
             checkpoint this version cannot read safely.
     """
     path = _verified_on_all_ranks(path_or_root, collective=engine is not None)
-    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    state = _read_state(path)
     if state.get("format_version") == LEGACY_FORMAT:
         return _load_legacy(path, state, model=model, engine=engine, optimizer=optimizer, scheduler=scheduler)
     _check_lora(path, state["lora"], model.lora_config.to_dict())
     rank, _ = _rank_world()
     names = trainable_names(model)
     tensors = _read_tensors(path / OPTIMIZER_FILE)[0] if (path / OPTIMIZER_FILE).is_file() else {}
+    if engine is not None or optimizer is not None:
+        _check_tensors(path, model, names, tensors)
+    own_scheduler = engine.lr_scheduler if engine is not None else scheduler
+    if own_scheduler is not None and state["scheduler"] is not None and (
+        set(state["scheduler"]) != set(own_scheduler.state_dict())
+    ):
+        raise CheckpointError(f"{path / STATE_FILE} holds another kind of LR schedule; resume with the same settings")
     if engine is not None:
         from lora_dist import distributed
 
@@ -593,8 +600,46 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     rng_file = path / f"rng-rank{rank:05d}.safetensors"
     if rng_file.is_file():  # a rank beyond the saved world size keeps its own seed
-        _set_rng(rng_file)
+        try:
+            _set_rng(rng_file)
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{rng_file} holds no valid RNG state ({type(err).__name__}: {err})") from None
     return {"step": state["step"], "data_state": state["data_state"], "extra": state["extra"]}
+
+
+STATE_TYPES = {"format_version": int, "step": int, "world_size": int, "deepspeed": bool, "lora": dict,
+               "optimizer": (dict, type(None)), "scheduler": (dict, type(None)), "data_state": (dict, type(None)),
+               "extra": (dict, type(None))}
+
+
+def _read_state(path: Path) -> dict:
+    """trainer_state.json of a verified checkpoint, its keys and types checked (format 2: as written then)."""
+    file = path / STATE_FILE
+    try:
+        state = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file} is not readable JSON ({err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} is not a lora_dist trainer state")
+    if state.get("format_version") == LEGACY_FORMAT:
+        return state
+    for key, kind in STATE_TYPES.items():
+        if not isinstance(state.get(key), kind) or (key == "step" and state[key] < 0):
+            raise CheckpointError(f"{file} has no valid {key!r}: it is not a checkpoint this version of lora_dist wrote")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{file} is format {state['format_version']}; this lora_dist reads {FORMAT_VERSION} and 2")
+    return state
+
+
+def _check_tensors(path: Path, model: LoRAModel, names: dict[int, str], tensors: dict[str, torch.Tensor]) -> None:
+    """Every trainable parameter has its fp32 value, and every per-element state has its shape."""
+    for p in model.get_trainable_parameters():
+        name, shape = names[id(p)], tuple(getattr(p, "ds_shape", p.shape))
+        if f"{name}::fp32" not in tensors:
+            raise CheckpointError(f"{path / OPTIMIZER_FILE} holds no state for {name}; resume with the model it was written for")
+        for key, tensor in tensors.items():
+            if key.startswith(name + "::") and tensor.dim() > 0 and tuple(tensor.shape) != shape:
+                raise CheckpointError(f"{path / OPTIMIZER_FILE}: {key} has shape {tuple(tensor.shape)}, the model {shape}")
 
 
 def _to_torch_layout(meta: dict, names: dict[int, str], tensors: dict[str, torch.Tensor]) -> None:

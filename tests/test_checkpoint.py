@@ -412,6 +412,47 @@ def test_a_planted_pickle_in_a_format_2_deepspeed_file_is_refused_and_never_runs
     assert not sentinel.exists()
 
 
+def _forge_state(folder: Path) -> None:
+    state = json.loads((folder / STATE_FILE).read_text())
+    del state["lora"]
+    (folder / STATE_FILE).write_text(json.dumps(state))
+
+
+def _forge_tensor(folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    key = next(k for k in tensors if k.endswith("::exp_avg"))
+    tensors[key] = torch.zeros(3)
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+
+
+def _forge_rng(folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"torch": torch.zeros(3, dtype=torch.uint8)}, str(folder / "rng-rank00000.safetensors"),
+              metadata={"python": "[3, [1, 2], null]"})
+
+
+FORGED = {  # edits with a recomputed manifest: data that is not what this tool writes
+    "state without its LoRA settings": (_forge_state, r"trainer_state.json has no valid 'lora'"),
+    "optimizer tensor of another shape": (_forge_tensor, r"exp_avg has shape \(3,\), the model \(4, 64\)"),
+    "RNG state of the wrong kind": (_forge_rng, r"rng-rank00000.safetensors holds no valid RNG state"),
+}
+
+
+@pytest.mark.parametrize("forged", list(FORGED))
+def test_forged_data_with_a_recomputed_manifest_is_refused_in_one_line(tmp_path, forged):
+    _, path = two_checkpoints(tmp_path)
+    forge, message = FORGED[forged]
+    forge(path)
+    rewrite_manifest(path)
+    model, optimizer, scheduler = build()
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    assert "\n" not in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------- format 2
 def test_the_format_2_single_process_fixture_resumes_as_the_old_code_did(tmp_path):
     record = json.loads((FIXTURES / "single.json").read_text())
@@ -522,11 +563,13 @@ def test_training_into_a_read_only_checkpoint_folder_exits_2_with_one_line(tmp_p
 # ---------------------------------------------------------------------------------------------- stale temporaries
 def test_stale_temporaries_of_crashed_saves_are_removed_and_checkpoints_kept(tmp_path):
     _, second = two_checkpoints(tmp_path)
-    stale = [tmp_path / ".step-00000003.tmp-partial", tmp_path / ".latest.tmp-k2j4", tmp_path / ".step-00000004.partial"]
+    stale = [tmp_path / ".step-00000003.tmp-partial", tmp_path / ".latest.tmp-k2j4", tmp_path / ".step-00000004.partial",
+             tmp_path / ".step-00000002.old-x81s"]
     stale[0].mkdir()
     (stale[0] / "adapter_model.safetensors").write_bytes(b"half")
     stale[1].write_text("step-0000")
     stale[2].mkdir()
+    stale[3].mkdir()
     removed = remove_stale_temporaries(tmp_path)
     assert sorted(removed) == sorted(stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001", "step-00000002"]
