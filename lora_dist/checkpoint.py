@@ -453,7 +453,8 @@ def save_checkpoint(
             try:
                 save_adapter(model, partial)
                 if tensors:
-                    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial / OPTIMIZER_FILE))
+                    # Copies: safetensors refuses tensors that share memory (an optimizer may share a table).
+                    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(partial / OPTIMIZER_FILE))
             except WRITE_ERRORS as err:
                 error = _describe(err)
     if error is None:
