@@ -94,6 +94,21 @@ def test_gradient_accumulation_over_micro_batches_is_exact():
                     _loss_and_grads(_model("hf")[0], batch, micro_batches=2))
 
 
+def test_offload_keeps_checkpoint_early_stop_so_down_proj_gemm_is_not_recomputed(monkeypatch):
+    # torch's non-reentrant checkpoint stops its recompute once every saved tensor is back; the
+    # fused down projection saves nothing after its input, so its base GEMM runs in forward and
+    # backward only (a reentrant recompute would run it a third time: ~9% more step FLOPs).
+    fetched = []
+    original = kernels._base_weight
+    monkeypatch.setattr(kernels, "_base_weight", lambda base, dtype: fetched.append(base) or original(base, dtype))
+    model, _ = _model("offload")
+    _loss_and_grads(model, _batch())
+    down = [l.base_layer for n, l in model.lora_layers.items() if n.endswith("down_proj")]
+    o_proj = [l.base_layer for n, l in model.lora_layers.items() if n.endswith("o_proj")]
+    assert all(sum(f is b for f in fetched) == 2 for b in down)
+    assert all(sum(f is b for f in fetched) == 3 for b in o_proj)
+
+
 def test_each_input_is_saved_once_and_copied_back_one_layer_ahead():
     model, offloader = _model("offload")
     batch = _batch()
