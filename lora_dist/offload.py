@@ -101,6 +101,7 @@ class ActivationOffloader:
 
     # ---------------------------------------------------------------------------- forward side
 
+    @torch.no_grad()  # copies of data, not steps of the graph
     def save(self, x: torch.Tensor) -> OffloadedInput:
         """Start copying `x` to the target; the returned handle holds `x` until `release_source`."""
         saved = OffloadedInput(self, x, self._last() if self._last is not None else None)
@@ -145,6 +146,7 @@ class ActivationOffloader:
         self.stats.resident -= 1
         return x.detach().requires_grad_(saved.requires_grad)
 
+    @torch.no_grad()
     def _copy_back(self, saved: OffloadedInput) -> None:
         host, device = saved.host, saved.device
         # allocated here, on the compute stream, so it is freed (and reused) in that stream's order

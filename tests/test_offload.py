@@ -178,3 +178,14 @@ def test_cuda_offload_to_pinned_host_memory_is_exact_and_keeps_two_inputs():
     _assert_bitwise(offloaded, _loss_and_grads(_model("hf", device="cuda", dtype=torch.bfloat16, bits=4)[0], batch))
     s = offloader.stats
     assert (s.saved, s.fetched_on_demand, s.prefetched, s.max_resident) == (LAYERS, 1, LAYERS - 1, 2)
+
+
+def test_host_copy_is_exact_and_outside_the_graph():
+    offloader = offload.ActivationOffloader()
+    x = torch.randn(4, 8, requires_grad=True) * 3  # a non-leaf, as a layer input is
+    saved = offloader.save(x)
+    assert torch.equal(saved.host, x.detach()) and saved.host.data_ptr() != x.data_ptr()
+    assert not saved.host.requires_grad and saved.host.grad_fn is None
+    offloader.release_source(saved)
+    back = offloader.load(saved)
+    assert torch.equal(back, x.detach()) and back.requires_grad and back.grad_fn is None
