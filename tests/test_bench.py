@@ -169,15 +169,14 @@ def test_peer_process_past_its_timeout_is_stopped(peer):
     assert "ran past --peer-timeout 1 s" in row["error"]
 
 
-def test_unsloth_process_without_gpu_writes_an_error_row(tmp_path):
-    # the real child, on this CPU-only machine: it fails before importing unsloth and says why
-    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
-    spec.write_text(json.dumps({"checkpointing": False}))
-    proc = subprocess.run([sys.executable, "-m", "lora_dist.bench_unsloth", str(spec), str(result)],
-                          capture_output=True, text=True, timeout=300, check=False)
-    row = json.loads(result.read_text())
-    assert proc.returncode == 1
-    assert row["failed_stage"] == "import" and "no CUDA device" in row["error"] and row["checkpointing"] == "off"
+def test_unsloth_side_without_gpu_comes_back_as_an_error_row(tmp_path):
+    # the real Unsloth process, given the real spec, on this CPU-only machine: it stops before
+    # importing unsloth and says why, and the bench gets that as the row's error
+    args = _args("--shape", "tiny", "--device", "cpu", "--unsloth-site", str(tmp_path), "--peer-timeout", "300")
+    setup = bench._setup_from_args(args)
+    row = bench.run_unsloth(setup, True, args, tmp_path / "model")
+    assert row["side"] == "unsloth" and row["checkpointing"] == "offload"
+    assert row["failed_stage"] == "import" and "no CUDA device" in row["error"]
 
 
 def test_unsloth_process_module_imports_no_library_unsloth_must_precede():
