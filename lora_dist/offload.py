@@ -160,7 +160,9 @@ class ActivationOffloader:
                 saved.ready.record(side)
         else:
             buf.copy_(host)
-        saved.device_copy, saved.host = buf, None  # a pinned buffer is kept until its copy is done
+        # dropping the host buffer now is safe: torch's pinned-memory cache hands it out again only once
+        # the copies that use it have finished
+        saved.device_copy, saved.host = buf, None
         self.stats.resident += 1
         self.stats.max_resident = max(self.stats.max_resident, self.stats.resident)
 
@@ -173,8 +175,8 @@ class ActivationOffloader:
         return stream
 
     def anchor(self, device: torch.device) -> torch.Tensor:
-        """A zero-size tensor on `device`: checkpoint's only tensor argument, so it stashes that device's
-        RNG state (dropout in the recompute draws the forward's masks) and keeps nothing large."""
+        """A zero-size tensor on `device`: checkpoint's one top-level tensor argument, so it stashes that
+        device's RNG state (dropout in the recompute draws the forward's masks) and keeps nothing large."""
         t = self._anchors.get(device)
         if t is None:
             t = self._anchors[device] = torch.empty(0, device=device)
