@@ -429,9 +429,11 @@ def save_dense_model(setup: Setup, folder: Path) -> bool:
     # Unsloth zero that embedding row, and the random batch may hold that id
     model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     tmp = files.temporary_folder(folder)
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+    model.save_pretrained(tmp, max_shard_size="5GB")
     del model
     _free()
+    if not any(tmp.glob("*.safetensors")) or any(tmp.glob("*.bin")):
+        raise RuntimeError(f"save_pretrained wrote no safetensors weights to {tmp}; this bench loads no pickles")
     tokenizer.save_pretrained(tmp)
     (tmp / _MODEL_SPEC).write_text(json.dumps(spec) + "\n")
     files.publish_folder(tmp, folder)

@@ -212,6 +212,7 @@ def test_saved_dense_model_is_our_base_before_quantization_and_is_reused(tmp_pat
     setup = bench._setup_from_args(_args("--shape", "tiny", "--device", "cpu"))
     folder = tmp_path / "model"
     assert bench.save_dense_model(setup, folder)
+    assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     ours = shapes.build_random_model("tiny", bits=None, compute_dtype=torch.bfloat16, seed=setup.seed)
     theirs = loaded.state_dict()
