@@ -83,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "reused while it matches)")
     p.add_argument("--peer-timeout", type=float, default=600.0, metavar="S",
                    help="seconds one Unsloth process may run (import, load, compile, steps)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="start no new row after S seconds; the rows not run are listed as such")
     p.add_argument("--plain", action="store_true", help="our side without kernels.patch_model_for_speed")
     p.add_argument("--block-checkpointing", action="store_true",
                    help="our side checkpoints attention and MLP blocks separately (more memory, less recompute)")
@@ -342,7 +344,7 @@ def result_row(side: Side, setup: Setup, checkpointing: bool, res: dict[str, Any
     return {
         "side": side.name,
         "gradient_checkpointing": checkpointing,
-        "checkpointing": ("offload" if offload else "on") if checkpointing else "off",
+        "checkpointing": _label(checkpointing, offload),
         "tokens_per_s": tok_s,
         "step_s": res["step_s"],
         "host_issue_s": res["host_issue_s"],
@@ -380,10 +382,15 @@ def unsloth_importable(site: str | None) -> bool:
     return importlib.machinery.PathFinder.find_spec("unsloth", path) is not None
 
 
-def _unsloth_model_dir(setup: Setup, args: argparse.Namespace) -> Path:
-    if args.unsloth_model_dir:
-        return Path(args.unsloth_model_dir)
-    return Path(tempfile.gettempdir()) / f"lora-dist-bench-{setup.shape}-{setup.layers}l-seed{setup.seed}"
+def _unsloth_model(setup: Setup, args: argparse.Namespace) -> Path:
+    """The folder Unsloth loads: --model's, or the saved random dense model of `setup` (saved once)."""
+    if setup.model_path:
+        return Path(setup.model_path)
+    folder = Path(args.unsloth_model_dir or Path(tempfile.gettempdir()) /
+                  f"lora-dist-bench-{setup.shape}-{setup.layers}l-seed{setup.seed}")
+    wrote = save_dense_model(setup, folder)
+    _progress(args, f"  unsloth: {'saved' if wrote else 'reusing'} the dense model in {folder}")
+    return folder
 
 
 def build_tokenizer(vocab_size: int):
@@ -712,6 +719,10 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _label(checkpointing: bool, offload: bool) -> str:
+    return ("offload" if offload else "on") if checkpointing else "off"
+
+
 def _ckpt(row: dict[str, Any]) -> str:
     """A row's checkpointing: on, off, or offload (layer inputs in host memory)."""
     return row.get("checkpointing") or ("on" if row["gradient_checkpointing"] else "off")
@@ -833,15 +844,17 @@ def main(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"setup": setup.summary(), "torch": torch.__version__, "results": []}
     if setup.device.startswith("cuda"):
         report["device"] = torch.cuda.get_device_name()
+    started = time.monotonic()
+    unsloth_model: Path | None = None
     for name in names if not args.skip_throughput else []:
-        if name == "unsloth":
-            model_dir = Path(setup.model_path) if setup.model_path else _unsloth_model_dir(setup, args)
-            if not setup.model_path:
-                wrote = save_dense_model(setup, model_dir)
-                _progress(args, f"  unsloth: {'saved' if wrote else 'reusing'} the dense model in {model_dir}")
         for checkpointing, offload in plan[name]:
-            if name == "unsloth":
-                row = run_unsloth(setup, checkpointing, args, model_dir)
+            if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+                row = {"side": name, "gradient_checkpointing": checkpointing,
+                       "checkpointing": _label(checkpointing, offload),
+                       "error": f"not run: --time-budget {args.time_budget:g} s spent"}
+            elif name == "unsloth":
+                unsloth_model = unsloth_model or _unsloth_model(setup, args)
+                row = run_unsloth(setup, checkpointing, args, unsloth_model)
             else:
                 row = run_side(name, setup, checkpointing, args, offload=offload)
             report["results"].append(row)

@@ -255,3 +255,14 @@ def test_busy_time_is_the_union_of_overlapping_device_intervals():
     # a copy on a side stream (5-12) overlapping kernels (0-10, 11-20), and a gap (20-30)
     assert bench.busy_time([(0, 10), (5, 12), (11, 20), (30, 35)]) == 25
     assert bench.busy_time([]) == 0
+
+
+def test_rows_past_the_time_budget_are_listed_as_not_run(tmp_path):
+    path = tmp_path / "bench.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = bench.main(_args("--shape", "tiny", "--gradient-checkpointing", "both", "--warmup", "0", "--steps", "1",
+                              "--time-budget", "0", "--json", str(path)))
+    rows = json.loads(path.read_text())["results"]
+    assert rc == 1
+    assert [(r["checkpointing"], r["error"]) for r in rows] == [("on", "not run: --time-budget 0 s spent"),
+                                                               ("off", "not run: --time-budget 0 s spent")]
