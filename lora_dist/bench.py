@@ -1,7 +1,16 @@
-"""`lora-dist bench`: tokens/s, step time, peak memory and MFU of our LoRA training step, and of PEFT's.
+"""`lora-dist bench`: tokens/s, step time, peak memory and MFU of our LoRA training step, and of peers'.
 
     lora-dist bench --shape llama3-8b --vs peft --gradient-checkpointing both
+    lora-dist bench --vs unsloth --vs peft --gradient-checkpointing both --activation-offload both
     python -m lora_dist.bench --shape tiny --vs peft --json -
+
+Peers: PEFT (and PEFT + liger-kernel) run in this process; Unsloth runs in its own process
+(`lora_dist.bench_unsloth`), because it must be imported before transformers and patches it. Its
+model is the same random dense model, saved once as safetensors (`--unsloth-model-dir`, reused
+while it matches) and loaded with `load_in_4bit` (NF4 + double quant, as ours quantizes the same
+weights); its adapters get our init where PEFT's layer names allow (every one of them here).
+With checkpointing Unsloth runs its offloaded mode (`use_gradient_checkpointing="unsloth"`); ours
+can offload too (`--activation-offload`, lora_dist/offload.py).
 
 Each side builds the same random-weight model (same seed, so the same base bytes), quantizes the
 same seven linears per layer (NF4 + double quant by default), puts LoRA on them with the same
@@ -21,15 +30,18 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.machinery
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +49,7 @@ from torch import nn
 from lora_dist.shapes import SHAPES
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SIDES = ("ours", "peft", "peft+liger")
+SIDES = ("ours", "unsloth", "peft", "peft+liger")
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -60,8 +72,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", choices=("on", "off", "both"), default="on")
+    p.add_argument("--activation-offload", choices=("on", "off", "both"), default="off",
+                   help="ours with checkpointing keeps layer inputs in pinned host memory (both: with and without)")
     p.add_argument("--vs", action="append", default=[], choices=SIDES[1:],
-                   help="also run the peer in the same process (repeatable)")
+                   help="also run the peer (repeatable); unsloth runs in its own process")
+    p.add_argument("--unsloth-site", default=None, metavar="DIR",
+                   help="a folder holding unsloth and its dependencies, put first on the Unsloth process's path")
+    p.add_argument("--unsloth-model-dir", default=None, metavar="DIR",
+                   help="where the random dense model is saved for Unsloth to load (default: under the temp dir; "
+                        "reused while it matches)")
+    p.add_argument("--peer-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds one Unsloth process may run (import, load, compile, steps)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="start no new row after S seconds; the rows not run are listed as such")
     p.add_argument("--plain", action="store_true", help="our side without kernels.patch_model_for_speed")
     p.add_argument("--block-checkpointing", action="store_true",
                    help="our side checkpoints attention and MLP blocks separately (more memory, less recompute)")
@@ -105,6 +128,11 @@ class Setup:
         d = asdict(self)
         d["dtype"] = str(self.dtype).replace("torch.", "")
         return d
+
+    @classmethod
+    def from_summary(cls, d: dict[str, Any]) -> Setup:
+        """The inverse of `summary` (how the Unsloth process gets the run's setup)."""
+        return cls(**{**d, "dtype": getattr(torch, d["dtype"])})
 
 
 def build_base(setup: Setup) -> nn.Module:
@@ -170,15 +198,25 @@ class Side:
     params: list[nn.Parameter]
 
 
-def build_ours(setup: Setup, checkpointing: bool, fast: bool = True, block: bool = False) -> Side:
+def build_ours(setup: Setup, checkpointing: bool, fast: bool = True, block: bool = False,
+               offload: bool = False) -> Side:
+    """Our side: LoRAModel over the quantized base, with `kernels.patch_model_for_speed` when `fast`.
+
+    Checkpointing is per decoder layer (the model's own switch), per block with `block`, or per
+    layer with each layer input in pinned host memory with `offload` (`offload.enable_activation_offload`).
+    """
     from lora_dist import kernels
     from lora_dist.model import LoRAConfig, LoRAModel
+    from lora_dist.offload import enable_activation_offload
 
     base = build_base(setup)
     model = LoRAModel(base, LoRAConfig(rank=setup.rank, alpha=setup.alpha, dropout=0.0, target_modules=TARGETS))
     _init_adapters([(n, l.lora_A.weight, l.lora_B.weight) for n, l in model.lora_layers.items()], setup.seed)
-    block = block and fast and checkpointing
-    if checkpointing and not block:
+    block = block and fast and checkpointing and not offload
+    offload = offload and checkpointing
+    if offload:
+        enable_activation_offload(model)
+    elif checkpointing and not block:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if fast:
         kernels.patch_model_for_speed(model, block_checkpointing=block)
@@ -187,6 +225,15 @@ def build_ours(setup: Setup, checkpointing: bool, fast: bool = True, block: bool
     fused = setup.device.startswith("cuda")
     optimizer = torch.optim.AdamW(params, lr=setup.lr, weight_decay=0.0, fused=fused)
     return Side("ours" if fast else "ours-plain", model, optimizer, params)
+
+
+def peft_adapter_pairs(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(module name, lora_A weight, lora_B weight) of every PEFT LoRA layer (PEFT's and Unsloth's models)."""
+    pairs = []
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and isinstance(module.lora_A, nn.ModuleDict) and module.lora_A:
+            pairs.append((name, module.lora_A["default"].weight, module.lora_B["default"].weight))
+    return pairs
 
 
 def build_peft(setup: Setup, checkpointing: bool, liger: bool = False) -> Side:
@@ -202,21 +249,20 @@ def build_peft(setup: Setup, checkpointing: bool, liger: bool = False) -> Side:
         base.enable_input_require_grads()
     config = LoraConfig(r=setup.rank, lora_alpha=setup.alpha, lora_dropout=0.0, target_modules=TARGETS)
     model = get_peft_model(base, config)
-    pairs = []
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and isinstance(getattr(module, "lora_A"), nn.ModuleDict) and module.lora_A:
-            pairs.append((name, module.lora_A["default"].weight, module.lora_B["default"].weight))
-    _init_adapters(pairs, setup.seed)
+    _init_adapters(peft_adapter_pairs(model), setup.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=setup.lr, weight_decay=0.0)
     return Side("peft+liger" if liger else "peft", model, optimizer, params)
 
 
-def build_side(name: str, setup: Setup, checkpointing: bool, fast: bool = True, block: bool = False) -> Side:
+def build_side(name: str, setup: Setup, checkpointing: bool, fast: bool = True, block: bool = False,
+               offload: bool = False) -> Side:
     if name == "ours":
-        return build_ours(setup, checkpointing, fast, block)
-    return build_peft(setup, checkpointing, liger=name == "peft+liger")
+        return build_ours(setup, checkpointing, fast, block, offload)
+    if name in ("peft", "peft+liger"):
+        return build_peft(setup, checkpointing, liger=name == "peft+liger")
+    raise ValueError(f"{name} is not built in this process")
 
 
 # ------------------------------------------------------------------------------------ running
@@ -274,34 +320,176 @@ def time_steps(side: Side, batch: torch.Tensor, setup: Setup, warmup: int, steps
     return out
 
 
-def run_side(name: str, setup: Setup, checkpointing: bool, args: argparse.Namespace) -> dict[str, Any]:
-    side = build_side(name, setup, checkpointing, fast=not args.plain, block=args.block_checkpointing)
-    n = _count_n(setup, side.model)
-    vocab = side.model.config.vocab_size
-    batch = make_batch(setup, vocab)
+def run_side(name: str, setup: Setup, checkpointing: bool, args: argparse.Namespace,
+             offload: bool = False) -> dict[str, Any]:
+    side = build_side(name, setup, checkpointing, fast=not args.plain, block=args.block_checkpointing,
+                      offload=offload)
+    batch = make_batch(setup, side.model.config.vocab_size)
     res = time_steps(side, batch, setup, args.warmup, args.steps)
-    tokens = setup.micro_batch * setup.seq
-    tok_s = tokens / res["step_s"]
-    hw_per_token = (6 if checkpointing else 4) * n
-    result = {
-        "side": side.name,
-        "gradient_checkpointing": checkpointing,
-        "tokens_per_s": tok_s,
-        "step_s": res["step_s"],
-        "host_issue_s": res["host_issue_s"],
-        "peak_allocated_gib": res.get("peak_allocated_gib"),
-        "peak_reserved_gib": res.get("peak_reserved_gib"),
-        "mfu": tok_s * 6 * n / (args.peak_tflops * 1e12),
-        "hfu": tok_s * hw_per_token / (args.peak_tflops * 1e12),
-        "n_matmul_weights": n,
-        "trainable": sum(p.numel() for p in side.params),
-        "losses": res["losses"],
-    }
+    result = result_row(side, setup, checkpointing, res, args.peak_tflops, offload=offload)
     if args.profile and name == "ours":
         result["profile"] = profile_step(side, batch, setup)
     del side
     _free()
     return result
+
+
+def result_row(side: Side, setup: Setup, checkpointing: bool, res: dict[str, Any], peak_tflops: float,
+               offload: bool = False) -> dict[str, Any]:
+    """One side's row of the report, from `time_steps`' measurements (also built in the Unsloth process)."""
+    n = _count_n(setup, side.model)
+    tokens = setup.micro_batch * setup.seq
+    tok_s = tokens / res["step_s"]
+    hw_per_token = (6 if checkpointing else 4) * n
+    return {
+        "side": side.name,
+        "gradient_checkpointing": checkpointing,
+        "checkpointing": _label(checkpointing, offload),
+        "tokens_per_s": tok_s,
+        "step_s": res["step_s"],
+        "host_issue_s": res["host_issue_s"],
+        "peak_allocated_gib": res.get("peak_allocated_gib"),
+        "peak_reserved_gib": res.get("peak_reserved_gib"),
+        "mfu": tok_s * 6 * n / (peak_tflops * 1e12),
+        "hfu": tok_s * hw_per_token / (peak_tflops * 1e12),
+        "n_matmul_weights": n,
+        "trainable": sum(p.numel() for p in side.params),
+        "losses": res["losses"],
+    }
+
+
+# ------------------------------------------------------------------------------------ Unsloth (own process)
+
+UNSLOTH_ENV = {
+    # no network, no usage statistics, compiled caches out of the work tree; the caller's values win
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "UNSLOTH_DISABLE_CPU_FALLBACK": "1",  # without a GPU: fail, never train quietly on the CPU
+    "UNSLOTH_COMPILE_LOCATION": os.path.join(tempfile.gettempdir(), "unsloth_compiled_cache"),
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+_MODEL_SPEC = "lora_dist_bench_model.json"
+
+
+def unsloth_importable(site: str | None) -> bool:
+    """Whether `import unsloth` would find it, with `site` first on the path (nothing is imported)."""
+    path = ([site] if site else []) + sys.path
+    return importlib.machinery.PathFinder.find_spec("unsloth", path) is not None
+
+
+def _unsloth_model(setup: Setup, args: argparse.Namespace) -> Path:
+    """The folder Unsloth loads: --model's, or the saved random dense model of `setup` (saved once)."""
+    if setup.model_path:
+        return Path(setup.model_path)
+    folder = Path(args.unsloth_model_dir or Path(tempfile.gettempdir()) /
+                  f"lora-dist-bench-{setup.shape}-{setup.layers}l-seed{setup.seed}")
+    wrote = save_dense_model(setup, folder)
+    _progress(args, f"  unsloth: {'saved' if wrote else 'reusing'} the dense model in {folder}")
+    return folder
+
+
+def build_tokenizer(vocab_size: int):
+    """A word-level tokenizer with exactly `vocab_size` ids and bos, eos and pad tokens (pad != eos).
+
+    Unsloth loads a tokenizer from the model folder and checks it: with one id per embedding row
+    it never resizes the embeddings, and a distinct pad is left alone. The bench feeds token ids
+    and never tokenizes text. Special ids: Llama-3's where the vocabulary has them (the setting
+    Unsloth was measured with), else the last three.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos, pad = (128000, 128001, 128004) if vocab_size >= 128256 else range(vocab_size - 3, vocab_size)
+    names = {bos: "<|begin_of_text|>", eos: "<|end_of_text|>", pad: "<|finetune_right_pad_id|>"}
+    vocab = {names.get(i, f"<t{i}>"): i for i in range(vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=f"<t{vocab_size - 4}>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.add_special_tokens(list(names.values()))
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=names[bos], eos_token=names[eos],
+                                   pad_token=names[pad], unk_token=f"<t{vocab_size - 4}>")
+
+
+def save_dense_model(setup: Setup, folder: Path) -> bool:
+    """Save the random dense model of `setup` (our base before quantization) with a tokenizer to `folder`.
+
+    Reuses `folder` when its spec file says it holds this model. Returns whether it wrote.
+    """
+    from lora_dist import files
+    from lora_dist.shapes import build_random_model
+
+    spec = {"shape": setup.shape, "layers": setup.layers, "seed": setup.seed, "dtype": "bfloat16", "format": 1}
+    try:
+        if json.loads((folder / _MODEL_SPEC).read_text()) == spec:
+            return False
+    except (OSError, ValueError):
+        pass
+    files.remove_stale_temporaries(folder.parent, folder.name)
+    model = build_random_model(setup.shape, bits=None, compute_dtype=torch.bfloat16, device=setup.device,
+                               seed=setup.seed, num_layers=setup.layers)
+    tokenizer = build_tokenizer(model.config.vocab_size)
+    # the tokenizer's ids in the config; the pad id stays unset, as in ours: a padding_idx would let
+    # Unsloth zero that embedding row, and the random batch may hold that id
+    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tmp = files.temporary_folder(folder)
+    model.save_pretrained(tmp, max_shard_size="5GB")
+    del model
+    _free()
+    if not any(tmp.glob("*.safetensors")) or any(tmp.glob("*.bin")):
+        raise RuntimeError(f"save_pretrained wrote no safetensors weights to {tmp}; this bench loads no pickles")
+    tokenizer.save_pretrained(tmp)
+    (tmp / _MODEL_SPEC).write_text(json.dumps(spec) + "\n")
+    files.publish_folder(tmp, folder)
+    return True
+
+
+def run_peer_process(command: list[str], spec: dict[str, Any], timeout: float,
+                     env: dict[str, str] | None = None, stdout: Any = None) -> dict[str, Any]:
+    """Run `command SPEC.json RESULT.json` and return the row it wrote, or a row with an "error".
+
+    The peer reads its spec, trains, and writes one JSON object (its report row, or one with an
+    "error" field) to RESULT.json; anything else (no file, bad JSON, a timeout) becomes an error row.
+    """
+    base = {"side": spec.get("side", "peer"), "gradient_checkpointing": spec.get("checkpointing"),
+            "checkpointing": "offload" if spec.get("checkpointing") else "off"}
+    with tempfile.TemporaryDirectory(prefix="lora-dist-peer-") as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        try:
+            rc = subprocess.run([*command, str(spec_path), str(result_path)], check=False, env=env, timeout=timeout,
+                                stdout=stdout).returncode
+        except subprocess.TimeoutExpired:
+            return {**base, "error": f"ran past --peer-timeout {timeout:g} s and was stopped"}
+        try:
+            row = json.loads(result_path.read_text())
+        except FileNotFoundError:
+            return {**base, "error": f"exited with code {rc} without writing a result"}
+        except ValueError as err:
+            return {**base, "error": f"wrote an unreadable result ({err})"}
+    if not isinstance(row, dict):
+        return {**base, "error": f"wrote {type(row).__name__}, not a result row"}
+    if rc != 0 and "error" not in row:
+        row["error"] = f"exited with code {rc}"
+    return {**base, **row}
+
+
+def run_unsloth(setup: Setup, checkpointing: bool, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """Unsloth's row: `lora_dist.bench_unsloth` in its own process, over the model saved in `model_dir`."""
+    spec = {"side": "unsloth", "setup": setup.summary(), "model_dir": str(model_dir),
+            "checkpointing": checkpointing, "warmup": args.warmup, "steps": args.steps,
+            "peak_tflops": args.peak_tflops, "targets": TARGETS}
+    env = dict(os.environ)
+    for key, value in UNSLOTH_ENV.items():
+        env.setdefault(key, value)
+    root = str(Path(__file__).resolve().parent.parent)  # this lora_dist, whatever the caller's path
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (args.unsloth_site, root, env.get("PYTHONPATH")) if p)
+    # with --json - the report owns stdout: the peer's log goes to stderr
+    stdout = sys.stderr if args.json == "-" else None
+    return run_peer_process([sys.executable, "-m", "lora_dist.bench_unsloth"], spec, args.peer_timeout, env, stdout)
 
 
 # ------------------------------------------------------------------------------------ profile
@@ -312,7 +500,8 @@ _CATEGORIES = (
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas", "matmul")),
     ("fused (triton)", ("triton",)),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("copy/cast", ("copy", "cast", "convert", "cat")),
+    ("copies (host<->device)", ("memcpy dtoh", "memcpy htod", "memcpy d2h", "memcpy h2d")),
+    ("copy/cast", ("copy", "memcpy", "memset", "cast", "convert", "cat")),
 )
 
 
@@ -324,8 +513,23 @@ def _category(kernel: str) -> str:
     return "other elementwise"
 
 
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: device time with at least one kernel or copy running."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
 def profile_step(side: Side, batch: torch.Tensor, setup: Setup) -> dict[str, Any]:
-    """Device time per kernel category over one training step (torch profiler)."""
+    """Device time per kernel category over one training step (torch profiler), and the device's idle time.
+
+    Category times are summed per kernel, so overlapped work (side-stream copies) counts in full;
+    `device_busy_ms` is the union of all device intervals and `device_idle_ms` the rest of the wall.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     _sync(setup.device)
@@ -333,20 +537,23 @@ def profile_step(side: Side, batch: torch.Tensor, setup: Setup) -> dict[str, Any
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         train_step(side, batch)
         _sync(setup.device)
-    wall = time.perf_counter() - t0
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    cuda = torch.autograd.DeviceType.CUDA
     kernels: dict[str, float] = {}
     for evt in prof.key_averages():
         dev = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
-        if dev and evt.device_type == torch.autograd.DeviceType.CUDA:
+        if dev and evt.device_type == cuda:
             kernels[evt.key] = kernels.get(evt.key, 0.0) + dev / 1e3  # ms
+    intervals = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == cuda]
+    busy_ms = busy_time(intervals) / 1e3
     cats: dict[str, float] = {}
     for k, ms in kernels.items():
         cats[_category(k)] = cats.get(_category(k), 0.0) + ms
-    busy = sum(cats.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
     return {
-        "wall_ms_profiled": wall * 1e3,
-        "device_busy_ms": busy,
+        "wall_ms_profiled": wall_ms,
+        "device_busy_ms": busy_ms,
+        "device_idle_ms": max(wall_ms - busy_ms, 0.0),
         "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
         "top_kernels_ms": {k[:90]: round(v, 2) for k, v in top},
     }
@@ -438,24 +645,28 @@ def extrapolate_peak(setup: Setup, names: list[str], layer_pair: tuple[int, int]
 
 
 def _ratios(results: list[dict]) -> list[dict]:
+    """Ours against each peer row with checkpointing on/off alike (ours' ckpt and ckpt+offload both face
+    Unsloth's offloaded mode); failed rows have no ratio."""
     rows = []
-    for r in results:
+    ok = [r for r in results if "error" not in r]
+    for r in ok:
         if r["side"] == "ours":
             continue
-        ours = next((o for o in results if o["side"] == "ours"
-                     and o["gradient_checkpointing"] == r["gradient_checkpointing"]), None)
-        if ours is None:
-            continue
-        row = {
-            "vs": r["side"],
-            "gradient_checkpointing": r["gradient_checkpointing"],
-            "speedup": ours["tokens_per_s"] / r["tokens_per_s"],
-            "final_loss_diff": ours["losses"][-1] - r["losses"][-1],
-            "first_loss_diff": ours["losses"][0] - r["losses"][0],
-        }
-        if ours.get("peak_allocated_gib") and r.get("peak_allocated_gib"):
-            row["memory_ratio"] = ours["peak_allocated_gib"] / r["peak_allocated_gib"]
-        rows.append(row)
+        for ours in ok:
+            if ours["side"] != "ours" or ours["gradient_checkpointing"] != r["gradient_checkpointing"]:
+                continue
+            row = {
+                "vs": r["side"],
+                "gradient_checkpointing": r["gradient_checkpointing"],
+                "ours_checkpointing": ours.get("checkpointing", "on" if ours["gradient_checkpointing"] else "off"),
+                "vs_checkpointing": r.get("checkpointing", "on" if r["gradient_checkpointing"] else "off"),
+                "speedup": ours["tokens_per_s"] / r["tokens_per_s"],
+                "final_loss_diff": ours["losses"][-1] - r["losses"][-1],
+                "first_loss_diff": ours["losses"][0] - r["losses"][0],
+            }
+            if ours.get("peak_allocated_gib") and r.get("peak_allocated_gib"):
+                row["memory_ratio"] = ours["peak_allocated_gib"] / r["peak_allocated_gib"]
+            rows.append(row)
     return rows
 
 
@@ -470,11 +681,14 @@ def _fmt(v: Any, nd: int = 2) -> str:
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"lora-dist bench: {json.dumps(report['setup'])}"]
     if report["results"]:
-        lines.append(f"{'side':<12}{'ckpt':<6}{'tokens/s':>11}{'step s':>9}{'peak GiB':>10}{'resv GiB':>10}"
+        lines.append(f"{'side':<12}{'ckpt':<9}{'tokens/s':>11}{'step s':>9}{'peak GiB':>10}{'resv GiB':>10}"
                      f"{'MFU':>7}{'HFU':>7}{'loss0':>9}{'lossN':>9}")
         for r in report["results"]:
+            if "error" in r:
+                lines.append(f"{r['side']:<12}{_ckpt(r):<9}FAILED: {r['error']}")
+                continue
             lines.append(
-                f"{r['side']:<12}{'on' if r['gradient_checkpointing'] else 'off':<6}"
+                f"{r['side']:<12}{_ckpt(r):<9}"
                 f"{r['tokens_per_s']:>11,.0f}{r['step_s']:>9.3f}{_fmt(r['peak_allocated_gib']):>10}"
                 f"{_fmt(r['peak_reserved_gib']):>10}{r['mfu']:>7.1%}{r['hfu']:>7.1%}"
                 f"{r['losses'][0]:>9.4f}{r['losses'][-1]:>9.4f}"
@@ -482,15 +696,15 @@ def format_report(report: dict[str, Any]) -> str:
     for row in report.get("ratios", []):
         mem = f", memory x{row['memory_ratio']:.2f}" if "memory_ratio" in row else ""
         lines.append(
-            f"ours vs {row['vs']} (ckpt {'on' if row['gradient_checkpointing'] else 'off'}): "
+            f"ours (ckpt {row['ours_checkpointing']}) vs {row['vs']} (ckpt {row['vs_checkpointing']}): "
             f"speed x{row['speedup']:.2f}{mem}, loss diff first {row['first_loss_diff']:+.2e} "
             f"last {row['final_loss_diff']:+.2e}"
         )
     for r in report["results"]:
         prof = r.get("profile")
         if prof:
-            lines.append(f"profile of ours (ckpt {'on' if r['gradient_checkpointing'] else 'off'}): "
-                         f"wall {prof['wall_ms_profiled']:.1f} ms, device busy {prof['device_busy_ms']:.1f} ms")
+            lines.append(f"profile of ours (ckpt {_ckpt(r)}): wall {prof['wall_ms_profiled']:.1f} ms, device busy "
+                         f"{prof['device_busy_ms']:.1f} ms, idle {prof.get('device_idle_ms', 0.0):.1f} ms")
             for cat, ms in prof["categories_ms"].items():
                 lines.append(f"  {cat:<20}{ms:>9.1f} ms {ms / max(prof['device_busy_ms'], 1e-9):>6.1%}")
             for k, ms in prof["top_kernels_ms"].items():
@@ -505,16 +719,23 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _label(checkpointing: bool, offload: bool) -> str:
+    return ("offload" if offload else "on") if checkpointing else "off"
+
+
+def _ckpt(row: dict[str, Any]) -> str:
+    """A row's checkpointing: on, off, or offload (layer inputs in host memory)."""
+    return row.get("checkpointing") or ("on" if row["gradient_checkpointing"] else "off")
+
+
 def _write_json(report: dict[str, Any], path: str) -> None:
+    from lora_dist import files
+
     text = json.dumps(report, indent=2, default=str)
     if path == "-":
         print(text)
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    files.atomic_write_text(path, text + "\n")
 
 
 # ------------------------------------------------------------------------------------ entry point
@@ -555,12 +776,20 @@ def _check_args(args: argparse.Namespace) -> list[str]:
             import liger_kernel  # noqa: F401
         except ImportError:
             problems.append("--vs peft+liger needs liger-kernel: pip install liger-kernel (or drop it)")
-    if args.vs:
+    if any(v.startswith("peft") for v in args.vs):
         try:
             import peft  # noqa: F401
         except ImportError:
             problems.append("--vs peft needs peft: pip install peft")
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if "unsloth" in args.vs:
+        problems += _unsloth_problems(args, cuda)
+    if args.activation_offload != "off" and args.gradient_checkpointing == "off":
+        problems.append("--activation-offload offloads checkpointed layer inputs: use --gradient-checkpointing on "
+                        "or both, or drop --activation-offload")
+    if args.activation_offload != "off" and (args.block_checkpointing or args.plain):
+        problems.append("--activation-offload checkpoints whole layers of our fused model: drop "
+                        "--block-checkpointing and --plain")
     if (args.fit_memory is not None or args.extrapolate_layers) and not cuda:
         problems.append("--fit-memory and --extrapolate-layers measure GPU memory: run them on a CUDA device")
     if args.extrapolate_layers:
@@ -570,6 +799,33 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         except (ValueError, AssertionError):
             problems.append(f"--extrapolate-layers takes two depths A<B like 2,4; got {args.extrapolate_layers!r}")
     return problems
+
+
+def _unsloth_problems(args: argparse.Namespace, cuda: bool) -> list[str]:
+    problems = []
+    if not cuda:
+        problems.append("--vs unsloth needs a CUDA GPU (Unsloth trains on CUDA only): run it on one, or drop --vs unsloth")
+    if not unsloth_importable(args.unsloth_site):
+        where = f"in {args.unsloth_site} or " if args.unsloth_site else ""
+        problems.append(f"--vs unsloth: unsloth is not importable {where}in this Python: pip install unsloth, "
+                        f"or point --unsloth-site at a folder holding it, or drop --vs unsloth")
+    if args.quant != "nf4" or args.no_double_quant:
+        problems.append("--vs unsloth compares NF4 + double quant (Unsloth's load_in_4bit): drop --quant and "
+                        "--no-double-quant")
+    if args.model and not Path(args.model).is_dir():
+        problems.append(f"--vs unsloth loads --model from a local folder; {args.model!r} is not one")
+    return problems
+
+
+def _settings(args: argparse.Namespace) -> dict[str, list[tuple[bool, bool]]]:
+    """(checkpointing, offload) runs per side, in the order they run."""
+    ckpt = {"on": [True], "off": [False], "both": [True, False]}[args.gradient_checkpointing]
+    offload = {"off": [False], "on": [True], "both": [False, True]}[args.activation_offload]
+    ours = [(c, o) for c in ckpt for o in (offload if c else [False])]
+    peer = [(c, False) for c in ckpt]
+    # liger patches transformers for the whole process: it goes last
+    names = ["ours"] + [v for v in SIDES[1:] if v in args.vs]
+    return {name: ours if name == "ours" else peer for name in names}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -583,30 +839,49 @@ def main(args: argparse.Namespace) -> int:
 
     kernels.set_compile(not args.no_compile)
     setup = _setup_from_args(args)
-    settings = {"on": [True], "off": [False], "both": [True, False]}[args.gradient_checkpointing]
-    names = ["ours"] + [v for v in SIDES[1:] if v in args.vs]  # liger patches globally: it goes last
+    plan = _settings(args)
+    names = list(plan)
     report: dict[str, Any] = {"setup": setup.summary(), "torch": torch.__version__, "results": []}
     if setup.device.startswith("cuda"):
         report["device"] = torch.cuda.get_device_name()
+    started = time.monotonic()
+    unsloth_model: Path | None = None
     for name in names if not args.skip_throughput else []:
-        for checkpointing in settings:
-            report["results"].append(run_side(name, setup, checkpointing, args))
-            if args.json != "-":
-                r = report["results"][-1]
-                print(f"  {r['side']} ckpt={'on' if checkpointing else 'off'}: {r['tokens_per_s']:,.0f} tok/s, "
-                      f"peak {_fmt(r['peak_allocated_gib'])} GiB", flush=True)
+        for checkpointing, offload in plan[name]:
+            if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+                row = {"side": name, "gradient_checkpointing": checkpointing,
+                       "checkpointing": _label(checkpointing, offload),
+                       "error": f"not run: --time-budget {args.time_budget:g} s spent"}
+            elif name == "unsloth":
+                unsloth_model = unsloth_model or _unsloth_model(setup, args)
+                row = run_unsloth(setup, checkpointing, args, unsloth_model)
+            else:
+                row = run_side(name, setup, checkpointing, args, offload=offload)
+            report["results"].append(row)
+            status = (f"FAILED: {row['error']}" if "error" in row else
+                      f"{row['tokens_per_s']:,.0f} tok/s, peak {_fmt(row['peak_allocated_gib'])} GiB")
+            _progress(args, f"  {row['side']} ckpt={_ckpt(row)}: {status}")
+            if args.json not in (None, "-"):
+                _write_json(report, args.json)  # a run stopped later still leaves the rows so far
     report["ratios"] = _ratios(report["results"])
     if args.fit_memory is not None:
         seqs = [int(s) for s in args.fit_seqs.split(",")]
-        report["fit_memory"] = fit_memory(setup, names, args.fit_memory, seqs, settings[0])
+        report["fit_memory"] = fit_memory(setup, [n for n in names if n != "unsloth"], args.fit_memory, seqs,
+                                          plan["ours"][0][0])
     if args.extrapolate_layers:
         a, b = (int(v) for v in args.extrapolate_layers.split(","))
-        report["extrapolated_peak"] = extrapolate_peak(setup, names, (a, b), settings[0], args)
+        report["extrapolated_peak"] = extrapolate_peak(setup, [n for n in names if n != "unsloth"], (a, b),
+                                                       plan["ours"][0][0], args)
     if args.json is not None:
         _write_json(report, args.json)
     if args.json != "-":
         print(format_report(report))
-    return 0
+    return 1 if any("error" in r for r in report["results"]) else 0
+
+
+def _progress(args: argparse.Namespace, line: str) -> None:
+    if args.json != "-":
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ accumulation, as under `torch.autocast`; the adapter weights and their gradients
 plain path casts the activations to fp32 first. The bf16 rounding of `x @ A.T` and of the scaled
 B (exact when alpha / r is a power of two) each add a relative error of at most 2**-9 to an update
 that is itself small next to the base output, whose own bf16 rounding (2**-9) both paths share.
+LoRA dropout scales the kept inputs by 1 / (1 - p) in that dtype too (one more 2**-9 rounding of
+the adapter input); in fp32 both paths draw the same masks and agree to summation order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 from typing import Callable, Sequence
@@ -60,16 +63,39 @@ def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def supports_fast_path(layer: nn.Module) -> bool:
-    """Whether `lora_group` can run this layer: an unmerged LoRALayer without dropout over a dense
-    or 4-bit base (8-bit bases keep bitsandbytes' own int8 matmul, which this path would change)."""
+    """Whether `lora_group` can run this layer: an unmerged LoRALayer, with no dropout or torch's
+    `nn.Dropout` on its adapter input, over a dense or 4-bit base (8-bit bases keep bitsandbytes'
+    own int8 matmul, which this path would change)."""
     from lora_dist.layers import LoRALayer  # layers imports this module lazily too
 
     return (
         isinstance(layer, LoRALayer)
         and not layer.merged
-        and isinstance(layer.lora_dropout, nn.Identity)
+        and type(layer.lora_dropout) in (nn.Identity, nn.Dropout)
         and quant.bits_of(layer.base_layer) != 8
     )
+
+
+def _dropout_p(layer: nn.Module) -> float:
+    """The adapter-input dropout probability `layer` applies now (0 in eval mode or without dropout)."""
+    drop = layer.lora_dropout
+    return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator that dropout on `device` draws from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def _replayed_rng(device: torch.device, state: torch.Tensor):
+    """Draw from `state` inside, and leave the generators as they were outside."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
 
 
 # ------------------------------------------------------------------------------------ LoRA linear
@@ -82,27 +108,59 @@ class _LoRAProject(torch.autograd.Function):
     none, so a checkpointed layer's recompute, which stops once every saved tensor is back
     (torch's non-reentrant early stop), never reruns a base GEMM whose output backward does not
     need: the down projection's, about a quarter of a Llama layer's FLOPs.
+
+    With dropout (p_i > 0 for layer i) each layer reads its own dropped copy of x,
+    xa_i = dropout_i(x) @ A_i.T, its mask drawn in layer order, as the layers' plain forwards
+    draw theirs. No mask is stored: backward replays the generator state saved in forward and
+    draws the same masks again, then returns the adapter part of x's gradient through them
+    (without dropout `_LoRAOutput` folds that part into its own GEMM instead).
     """
 
     @staticmethod
-    def forward(ctx, x2, *a_params):
-        # x2: (M, in); a_params: (r_i, in) each
-        a_cat = torch.cat([a.to(x2.dtype) for a in a_params])  # (R, in)
+    def forward(ctx, x2, dropouts, *a_params):
+        # x2: (M, in); dropouts: p_i per layer; a_params: (r_i, in) each
         ctx.save_for_backward(x2)
         ctx.ranks = [a.shape[0] for a in a_params]
         ctx.dtypes = [a.dtype for a in a_params]
-        return x2 @ a_cat.t()  # (M, R)
+        ctx.dropouts = dropouts
+        if not any(dropouts):
+            a_cat = torch.cat([a.to(x2.dtype) for a in a_params])  # (R, in)
+            return x2 @ a_cat.t()  # (M, R)
+        ctx.a_params = a_params  # parameters, changed by the optimizer only after backward
+        ctx.rng_state = _rng_state(x2.device)
+        # one (M, in) dropped copy alive at a time; (M, r_i) each
+        return torch.cat([_dropped(x2, p) @ a.to(x2.dtype).t() for a, p in zip(a_params, dropouts)], dim=1)
 
     @staticmethod
     def backward(ctx, g_xa):
         (x2,) = ctx.saved_tensors
-        # grad of x comes from _LoRAOutput.backward, which folds g_xa @ A into its own GEMM output
-        grad_a_cat = _mm_f32(g_xa.t(), x2)  # (R, in)
-        grads, start = [], 0
-        for needs, r, dtype in zip(ctx.needs_input_grad[1:], ctx.ranks, ctx.dtypes):
-            grads.append(grad_a_cat[start : start + r].to(dtype) if needs else None)
-            start += r
-        return (None, *grads)
+        needs_a = ctx.needs_input_grad[2:]
+        if not any(ctx.dropouts):
+            # grad of x comes from _LoRAOutput.backward, which folds g_xa @ A into its own GEMM output
+            grad_a_cat = _mm_f32(g_xa.t(), x2)  # (R, in)
+            grads, start = [], 0
+            for needs, r, dtype in zip(needs_a, ctx.ranks, ctx.dtypes):
+                grads.append(grad_a_cat[start : start + r].to(dtype) if needs else None)
+                start += r
+            return (None, None, *grads)
+        grad_x, grads, start = None, [], 0
+        with _replayed_rng(x2.device, ctx.rng_state), torch.enable_grad():
+            for a, p, r, dtype, needs in zip(ctx.a_params, ctx.dropouts, ctx.ranks, ctx.dtypes, needs_a, strict=True):
+                g = g_xa[:, start : start + r]  # (M, r)
+                start += r
+                x_in = x2.detach().requires_grad_(ctx.needs_input_grad[0] and p > 0)
+                x_drop = _dropped(x_in, p)  # the forward's mask, drawn again in the same order
+                grads.append(_mm_f32(g.t(), x_drop.detach()).to(dtype) if needs else None)  # (r, in)
+                if ctx.needs_input_grad[0]:
+                    g_drop = g @ a.to(g.dtype)  # (M, in)
+                    g_in = torch.autograd.grad(x_drop, x_in, g_drop)[0] if p > 0 else g_drop
+                    grad_x = g_in if grad_x is None else grad_x.add_(g_in)
+        return (grad_x, None, *grads)
+
+
+def _dropped(x: torch.Tensor, p: float) -> torch.Tensor:
+    """dropout(x) with keep probability 1 - p and scale 1 / (1 - p), as nn.Dropout in training; x if p is 0."""
+    return F.dropout(x, p, training=True) if p > 0 else x
 
 
 class _LoRAOutput(torch.autograd.Function):
@@ -150,13 +208,15 @@ class _LoRAOutput(torch.autograd.Function):
         )
         grad_x = None
         if ctx.needs_input_grad[0]:
-            a_cat = torch.cat([a.to(dtype) for a in ctx.a_params])  # (R, in)
-            grad_x = g_xa @ a_cat  # (M, in): the adapter part first, the big GEMMs accumulate onto it
+            if not any(_dropout_p(layer) for layer in layers):
+                a_cat = torch.cat([a.to(dtype) for a in ctx.a_params])  # (R, in)
+                grad_x = g_xa @ a_cat  # (M, in): the adapter part first, the big GEMMs accumulate onto it
+            # (with dropout, _LoRAProject.backward returns the adapter part, through the masks)
             for g, layer in zip(gs, layers):
                 if g is None:
                     continue
                 w = _base_weight(layer.base_layer, dtype)  # dequantize again, free at once
-                grad_x.addmm_(g, w)
+                grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
                 del w
         grad_bs, start = [], 0
         for g, b, layer, needs in zip(gs, b_params, layers, ctx.needs_input_grad[3:]):
@@ -174,7 +234,9 @@ def lora_group(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tens
 
     Args:
         x: (..., in_features) in the compute dtype (bf16 on GPU).
-        layers: LoRALayers with the same in_features, each passing `supports_fast_path`.
+        layers: LoRALayers with the same in_features, each passing `supports_fast_path`. A layer
+            in training mode with `nn.Dropout` on its adapter input draws its own mask, from the
+            generator of x's device, in the order of `layers`.
 
     Returns:
         One (..., out_features_i) tensor per layer, in x's dtype.
@@ -182,7 +244,8 @@ def lora_group(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tens
     layers = tuple(layers)
     x2 = x.reshape(-1, x.shape[-1])  # (M, in)
     a_params = [layer.lora_A.weight for layer in layers]
-    xa = _LoRAProject.apply(x2, *a_params)  # (M, R)
+    dropouts = tuple(_dropout_p(layer) for layer in layers)
+    xa = _LoRAProject.apply(x2, dropouts, *a_params)  # (M, R)
     outs = _LoRAOutput.apply(x2, xa, layers, *[layer.lora_B.weight for layer in layers])
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 

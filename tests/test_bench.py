@@ -2,9 +2,12 @@
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,7 +56,7 @@ def test_bench_prints_a_table_with_both_sides_and_the_ratio(tiny_run):
     _, printed, _ = tiny_run
     assert "tokens/s" in printed
     assert "\nours " in printed and "\npeft " in printed
-    assert "ours vs peft (ckpt off): speed x" in printed
+    assert "ours (ckpt off) vs peft (ckpt off): speed x" in printed
 
 
 def test_matmul_weight_count_matches_the_built_model():
@@ -89,3 +92,177 @@ def test_bench_memory_studies_run_on_cuda(tmp_path):
     assert report["fit_memory"][0]["largest_micro_batch_per_seq"]["64"] >= 1
     (peak,) = report["extrapolated_peak"]
     assert peak["computed_full_peak_gib"] >= peak["measured_peak_gib"]["2"] > 0
+
+
+# ------------------------------------------------------------------------------------ activation offload
+
+
+def test_bench_offload_row_trains_to_bitwise_the_same_losses_as_checkpointing(tmp_path):
+    # ours with checkpointing, then with its layer inputs offloaded: the copies are exact
+    path = tmp_path / "bench.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = bench.main(_args("--shape", "tiny", "--gradient-checkpointing", "on", "--activation-offload", "both",
+                              "--warmup", "0", "--steps", "2", "--json", str(path)))
+    rows = json.loads(path.read_text())["results"]
+    assert rc == 0
+    assert [(r["side"], r["checkpointing"]) for r in rows] == [("ours", "on"), ("ours", "offload")]
+    assert rows[0]["losses"] == rows[1]["losses"]
+
+
+def test_activation_offload_without_checkpointing_is_refused(capsys):
+    rc = bench.main(_args("--shape", "tiny", "--gradient-checkpointing", "off", "--activation-offload", "on"))
+    assert rc == 2
+    assert "--activation-offload offloads checkpointed layer inputs" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ Unsloth side
+
+PEER = '''
+import json, sys, time
+spec_path, result_path = sys.argv[1:]
+spec = json.load(open(spec_path))
+mode = spec["mode"]
+if mode == "ok":
+    row = {"side": "unsloth", "tokens_per_s": 123.0, "losses": [2.0, 1.5], "seen_steps": spec["steps"]}
+    open(result_path, "w").write(json.dumps(row))
+    sys.exit(0)
+elif mode == "exit-code":
+    open(result_path, "w").write(json.dumps({"tokens_per_s": 1.0}))
+elif mode == "error":
+    open(result_path, "w").write(json.dumps({"error": "boom", "failed_stage": "train"}))
+    sys.exit(1)
+elif mode == "garbage":
+    open(result_path, "w").write("{not json")
+elif mode == "sleep":
+    time.sleep(30)
+sys.exit(3)
+'''
+
+
+@pytest.fixture
+def peer(tmp_path):
+    script = tmp_path / "peer.py"
+    script.write_text(PEER)
+    return lambda mode, timeout=60.0: bench.run_peer_process(
+        [sys.executable, str(script)], {"side": "unsloth", "checkpointing": True, "mode": mode, "steps": 7}, timeout)
+
+
+def test_peer_process_row_comes_back_with_the_spec_it_was_given(peer):
+    row = peer("ok")
+    assert row["tokens_per_s"] == 123.0 and row["losses"] == [2.0, 1.5] and row["seen_steps"] == 7
+    assert row["side"] == "unsloth" and row["gradient_checkpointing"] is True and "error" not in row
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("error", "boom"),
+    ("garbage", "unreadable result"),
+    ("nothing", "exited with code 3 without writing a result"),
+    ("exit-code", "exited with code 3"),
+])
+def test_peer_process_failures_become_error_rows(peer, mode, message):
+    row = peer(mode)
+    assert message in row["error"] and row["side"] == "unsloth" and row["checkpointing"] == "offload"
+
+
+def test_peer_process_past_its_timeout_is_stopped(peer):
+    row = peer("sleep", timeout=1.0)
+    assert "ran past --peer-timeout 1 s" in row["error"]
+
+
+def test_unsloth_side_without_gpu_comes_back_as_an_error_row(tmp_path):
+    # the real Unsloth process, given the real spec, on this CPU-only machine: it stops before
+    # importing unsloth and says why, and the bench gets that as the row's error
+    args = _args("--shape", "tiny", "--device", "cpu", "--unsloth-site", str(tmp_path), "--peer-timeout", "300")
+    setup = bench._setup_from_args(args)
+    row = bench.run_unsloth(setup, True, args, tmp_path / "model")
+    assert row["side"] == "unsloth" and row["checkpointing"] == "offload"
+    assert row["failed_stage"] == "import" and "no CUDA device" in row["error"]
+
+
+def test_unsloth_process_module_imports_no_library_unsloth_must_precede():
+    code = ("import sys, lora_dist.bench_unsloth; "
+            "print(sorted(m for m in ('transformers', 'peft', 'trl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_vs_unsloth_without_gpu_or_unsloth_is_refused_one_line_each(capsys):
+    assert importlib.util.find_spec("unsloth") is None  # this machine: no GPU, no unsloth
+    rc = bench.main(_args("--shape", "tiny", "--vs", "unsloth", "--device", "cpu", "--quant", "fp4"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 3 and all(line.startswith("lora-dist bench: --vs unsloth") for line in err)
+    assert "needs a CUDA GPU" in err[0]
+    assert "unsloth is not importable in this Python" in err[1]
+    assert "NF4 + double quant" in err[2]
+
+
+def test_unsloth_site_is_searched_without_importing_unsloth(tmp_path):
+    (tmp_path / "unsloth").mkdir()
+    (tmp_path / "unsloth" / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    assert bench.unsloth_importable(str(tmp_path))
+    assert not bench.unsloth_importable(str(tmp_path / "empty"))
+    assert "unsloth" not in sys.modules
+
+
+def test_saved_dense_model_is_our_base_before_quantization_and_is_reused(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_dist import shapes
+
+    setup = bench._setup_from_args(_args("--shape", "tiny", "--device", "cpu"))
+    folder = tmp_path / "model"
+    assert bench.save_dense_model(setup, folder)
+    assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    ours = shapes.build_random_model("tiny", bits=None, compute_dtype=torch.bfloat16, seed=setup.seed)
+    theirs = loaded.state_dict()
+    assert ours.state_dict().keys() == theirs.keys()
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
+    assert loaded.config.pad_token_id is None  # no padding_idx: Unsloth has no pad row to zero
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert len(tok) == 512 and (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (509, 510, 511)
+    assert not bench.save_dense_model(setup, folder)  # same spec: reused
+    other = bench.Setup(**{**setup.__dict__, "seed": 1})
+    assert bench.save_dense_model(other, folder)  # another model: written again
+
+
+def test_llama3_tokenizer_has_every_id_and_llama3_special_ids():
+    tok = bench.build_tokenizer(128256)
+    assert len(tok) == 128256
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (128000, 128001, 128004)
+
+
+def _row(side, ckpt, tok_s, gib, losses=(2.0, 1.0)):
+    return {"side": side, "gradient_checkpointing": ckpt != "off", "checkpointing": ckpt, "tokens_per_s": tok_s,
+            "step_s": 1.0, "host_issue_s": 0.5, "peak_allocated_gib": gib, "peak_reserved_gib": gib, "mfu": 0.5,
+            "hfu": 0.5, "losses": list(losses)}
+
+
+def test_ratios_put_each_of_ours_beside_the_peer_rows_with_the_same_checkpointing():
+    results = [_row("ours", "on", 120.0, 9.0), _row("ours", "offload", 110.0, 7.0), _row("ours", "off", 160.0, 40.0),
+               _row("unsloth", "offload", 100.0, 8.0), {"side": "unsloth", "gradient_checkpointing": False,
+                                                         "checkpointing": "off", "error": "out of GPU memory"}]
+    ratios = bench._ratios(results)
+    assert [(r["ours_checkpointing"], r["vs"], r["vs_checkpointing"]) for r in ratios] == [
+        ("on", "unsloth", "offload"), ("offload", "unsloth", "offload")]
+    assert ratios[1]["speedup"] == pytest.approx(1.1) and ratios[1]["memory_ratio"] == pytest.approx(7 / 8)
+    text = bench.format_report({"setup": {}, "results": results, "ratios": ratios})
+    assert "unsloth     off      FAILED: out of GPU memory" in text
+    assert "ours (ckpt offload) vs unsloth (ckpt offload): speed x1.10, memory x0.88" in text
+
+
+def test_busy_time_is_the_union_of_overlapping_device_intervals():
+    # a copy on a side stream (5-12) overlapping kernels (0-10, 11-20), and a gap (20-30)
+    assert bench.busy_time([(0, 10), (5, 12), (11, 20), (30, 35)]) == 25
+    assert bench.busy_time([]) == 0
+
+
+def test_rows_past_the_time_budget_are_listed_as_not_run(tmp_path):
+    path = tmp_path / "bench.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = bench.main(_args("--shape", "tiny", "--gradient-checkpointing", "both", "--warmup", "0", "--steps", "1",
+                              "--time-budget", "0", "--json", str(path)))
+    rows = json.loads(path.read_text())["results"]
+    assert rc == 1
+    assert [(r["checkpointing"], r["error"]) for r in rows] == [("on", "not run: --time-budget 0 s spent"),
+                                                               ("off", "not run: --time-budget 0 s spent")]

@@ -1,0 +1,262 @@
+"""Activation offload: per-layer checkpointing whose saved layer inputs wait in host memory.
+
+With per-layer activation checkpointing the GPU keeps one (B, T, d) input per decoder layer for
+the backward pass to recompute from: 32 layers x 4 x 2048 tokens x 4096 x bf16 is 2 GiB on a
+Llama-3-8B. `enable_activation_offload` checkpoints each decoder layer itself and copies its input
+to (pinned) host memory on a side CUDA stream while the layer computes; backward copies each
+input back one layer ahead (layer i-1's input travels while layer i recomputes and back-props),
+so the GPU holds about two layer inputs instead of all of them.
+
+The checkpointing is torch's own non-reentrant `torch.utils.checkpoint` (same recompute, RNG
+and autocast handling, same early stop as the model's own checkpointing): the only change is
+that the layer input reaches the checkpointed function through an `OffloadedInput` (a plain
+object, which checkpoint keeps as is) instead of as a tensor argument (which it would keep on
+the GPU). The copies are exact, so loss and gradients equal the model's own checkpointing bit
+for bit.
+
+Stream order (CUDA): the forward copy waits for the compute stream (the input exists) and the
+input's memory is not reused before the copy has read it (`record_stream`); a backward copy
+lands in memory allocated on the compute stream, after the work queued there (whose tensors
+that memory may have held), and the compute stream waits for it before the recompute reads it.
+On the CPU the same code copies synchronously, so CPU tests run this module's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+_CACHE_KWARGS = ("use_cache", "cache", "past_key_values", "layer_past")
+
+
+@dataclass
+class OffloadStats:
+    """Counters of one offloader (read by tests and the bench)."""
+
+    saved: int = 0  # layer inputs copied to the target
+    prefetched: int = 0  # copied back ahead of their layer's backward
+    fetched_on_demand: int = 0  # copied back when their layer's backward asked (the last layer's)
+    resident: int = 0  # copies back on the device now
+    max_resident: int = 0
+
+
+class OffloadedInput:
+    """One decoder layer's input: live during the forward, then a host copy, then a device copy."""
+
+    __slots__ = (
+        "__weakref__",
+        "device",
+        "device_copy",
+        "host",
+        "offloader",
+        "previous",
+        "ready",
+        "requires_grad",
+        "source",
+    )
+
+    def __init__(self, offloader: ActivationOffloader, x: torch.Tensor, previous: OffloadedInput | None):
+        self.offloader = offloader
+        self.source: torch.Tensor | None = x  # held only until the layer's forward has run
+        self.device = x.device
+        self.host: torch.Tensor | None = None
+        self.device_copy: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None  # the device copy has landed
+        self.requires_grad = x.requires_grad
+        # the layer before this one, prefetched when this one's backward starts; weak, so a graph
+        # that is dropped without a backward takes its inputs with it
+        self.previous = weakref.ref(previous) if previous is not None else None
+
+    def tensor(self) -> torch.Tensor:
+        """The input for the checkpointed function: the live tensor in the forward, the copy back in
+        the recompute (detached, with the forward's requires_grad, as checkpoint treats its inputs)."""
+        if self.source is not None:
+            return self.source
+        return self.offloader.load(self)
+
+
+class ActivationOffloader:
+    """Copies checkpointed layer inputs to `target` and back, one layer ahead in backward.
+
+    Args:
+        target: where inputs wait between forward and backward (default "cpu").
+        pin_memory: page-lock the host buffers (needed for copies that overlap compute); default:
+            when the inputs are on CUDA and the target is the CPU.
+    """
+
+    def __init__(self, target: str | torch.device = "cpu", pin_memory: bool | None = None):
+        self.target = torch.device(target)
+        self.pin_memory = pin_memory
+        self.stats = OffloadStats()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._anchors: dict[torch.device, torch.Tensor] = {}
+        self._last: weakref.ReferenceType[OffloadedInput] | None = None
+
+    # ---------------------------------------------------------------------------- forward side
+
+    @torch.no_grad()  # copies of data, not steps of the graph
+    def save(self, x: torch.Tensor) -> OffloadedInput:
+        """Start copying `x` to the target; the returned handle holds `x` until `release_source`."""
+        saved = OffloadedInput(self, x, self._last() if self._last is not None else None)
+        pin = self.pin_memory if self.pin_memory is not None else (x.is_cuda and self.target.type == "cpu")
+        saved.host = torch.empty_like(x, device=self.target, pin_memory=pin)
+        if x.is_cuda:
+            side = self._side_stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))  # x has been computed
+            with torch.cuda.stream(side):
+                saved.host.copy_(x, non_blocking=True)
+            x.record_stream(side)  # x's memory is not handed out again before the copy has read it
+        else:
+            saved.host.copy_(x)
+        self._last = weakref.ref(saved)
+        self.stats.saved += 1
+        return saved
+
+    @staticmethod
+    def release_source(saved: OffloadedInput) -> None:
+        """The layer's forward has run: drop the device input (its copy is on the way)."""
+        saved.source = None
+
+    # ---------------------------------------------------------------------------- backward side
+
+    def load(self, saved: OffloadedInput) -> torch.Tensor:
+        """The device copy of `saved` for its recompute; starts the copy back of the layer before."""
+        if saved.device_copy is None:
+            if saved.host is None:
+                raise RuntimeError("an offloaded layer input was read twice: backward through the same graph "
+                                   "twice (retain_graph=True) is not supported with activation offload")
+            self._copy_back(saved)
+            self.stats.fetched_on_demand += 1
+        x = saved.device_copy
+        if saved.ready is not None:
+            torch.cuda.current_stream(x.device).wait_event(saved.ready)
+        previous = saved.previous() if saved.previous is not None else None
+        if previous is not None and previous.host is not None and previous.device_copy is None:
+            self._copy_back(previous)  # overlaps with this layer's recompute and backward
+            self.stats.prefetched += 1
+        # the recompute is the only reader: checkpoint keeps what it needs as saved tensors
+        saved.device_copy, saved.ready = None, None
+        self.stats.resident -= 1
+        return x.detach().requires_grad_(saved.requires_grad)
+
+    @torch.no_grad()
+    def _copy_back(self, saved: OffloadedInput) -> None:
+        host, device = saved.host, saved.device
+        # allocated here, on the compute stream, so it is freed (and reused) in that stream's order
+        buf = torch.empty_like(host, device=device)
+        if device.type == "cuda":
+            compute, side = torch.cuda.current_stream(device), self._side_stream(device)
+            side.wait_stream(compute)  # buf's memory may still be read by work queued on compute
+            with torch.cuda.stream(side):
+                buf.copy_(host, non_blocking=True)
+                saved.ready = torch.cuda.Event()
+                saved.ready.record(side)
+        else:
+            buf.copy_(host)
+        # dropping the host buffer now is safe: torch's pinned-memory cache hands it out again only once
+        # the copies that use it have finished
+        saved.device_copy, saved.host = buf, None
+        self.stats.resident += 1
+        self.stats.max_resident = max(self.stats.max_resident, self.stats.resident)
+
+    # ---------------------------------------------------------------------------- plumbing
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        return stream
+
+    def anchor(self, device: torch.device) -> torch.Tensor:
+        """A zero-size tensor on `device`: checkpoint's one top-level tensor argument, so it stashes that
+        device's RNG state (dropout in the recompute draws the forward's masks) and keeps nothing large."""
+        t = self._anchors.get(device)
+        if t is None:
+            t = self._anchors[device] = torch.empty(0, device=device)
+        return t
+
+
+def offloaded_checkpoint(fn: Callable[..., torch.Tensor], x: torch.Tensor, offloader: ActivationOffloader,
+                         *args: Any, **kwargs: Any) -> torch.Tensor:
+    """`torch.utils.checkpoint(fn, x, *args, **kwargs)`, non-reentrant, with `x` kept on the offload target.
+
+    Only `x` is offloaded: other tensor arguments (a layer's cos/sin, position ids, masks) are
+    kept as checkpoint keeps them.
+    """
+    saved = offloader.save(x)
+    try:
+        out = checkpoint(_call_with_input, fn, saved, offloader.anchor(x.device), args, kwargs, use_reentrant=False)
+    finally:
+        offloader.release_source(saved)
+    return out
+
+
+def _call_with_input(fn, saved: OffloadedInput, _anchor: torch.Tensor, args, kwargs):
+    return fn(saved.tensor(), *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ model wiring
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Hugging Face causal LM (`<lm>.model.layers`), wrapped or not."""
+    for module in model.modules():
+        inner = module._modules.get("model")
+        layers = getattr(inner, "layers", None) if inner is not None else None
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise TypeError(
+        f"activation offload needs a Hugging Face causal LM with .model.layers (Llama, Mistral, Qwen2 and "
+        f"the like), got {type(model).__name__}; turn activation offload off for this model"
+    )
+
+
+def _offloaded_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+    if not (self.training and torch.is_grad_enabled()):
+        return self._lora_dist_offload_original(hidden_states, *args, **kwargs)
+    # as the model's own checkpointing does: a KV cache is written once, never in a recompute
+    kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+    return offloaded_checkpoint(self._lora_dist_offload_original, hidden_states, self._lora_dist_offloader,
+                                *args, **kwargs)
+
+
+def enable_activation_offload(model: nn.Module, target: str | torch.device = "cpu",
+                              pin_memory: bool | None = None) -> ActivationOffloader:
+    """Checkpoint every decoder layer of `model` with its input offloaded to `target`, in place.
+
+    Replaces the model's own per-layer checkpointing (leave `gradient_checkpointing_enable` off):
+    in training with gradients on, each decoder layer runs under non-reentrant checkpointing and
+    its input waits on `target`; in eval or under no_grad the layers run as before.
+
+    Args:
+        model: a LoRAModel or a Hugging Face causal LM with `.model.layers`.
+        target: where inputs wait (default "cpu").
+        pin_memory: see `ActivationOffloader`.
+
+    Returns:
+        The offloader (its `stats` count copies).
+
+    Raises:
+        TypeError: the model has no decoder layers this knows.
+        ValueError: the model's own checkpointing is on, or offload is already enabled.
+    """
+    layers = _decoder_layers(model)
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        raise ValueError("activation offload checkpoints each decoder layer itself: turn the model's own "
+                         "gradient checkpointing off (gradient_checkpointing_disable()) first")
+    offloader = ActivationOffloader(target, pin_memory)
+    for layer in layers:
+        if hasattr(layer, "_lora_dist_offloader"):
+            raise ValueError("activation offload is already enabled on this model")
+        layer._lora_dist_offload_original = layer.forward
+        layer._lora_dist_offloader = offloader
+        layer.forward = types.MethodType(_offloaded_layer_forward, layer)
+    return offloader
+

@@ -1,0 +1,191 @@
+"""Activation offload (lora_dist/offload.py): exact against the model's own checkpointing, inputs off the device.
+
+On the CPU the offload target is the CPU itself with unpinned buffers: the copies, the one-layer-
+ahead prefetch and the bookkeeping are this module's code either way; only the CUDA stream calls
+are skipped (the GPU test below runs them).
+"""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from lora_dist import kernels, offload, shapes
+from lora_dist.model import LoRAConfig, LoRAModel
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LAYERS = 3
+
+
+def _model(mode: str, dropout: float = 0.0, device: str = "cpu", dtype=torch.float32, bits=None, fused=True):
+    """Tiny Llama + LoRA with non-zero B (so every adapter gets a gradient); `mode` picks checkpointing."""
+    base = shapes.build_random_model("tiny", bits=bits, compute_dtype=dtype, device=device, seed=0,
+                                     num_layers=LAYERS)
+    torch.manual_seed(0)  # lora_A's init
+    model = LoRAModel(base, LoRAConfig(rank=4, alpha=8, dropout=dropout, target_modules=TARGETS))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.lora_layers.values():
+            b = layer.lora_B.weight
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
+    offloader = None
+    if mode == "hf":
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif mode == "offload":
+        offloader = offload.enable_activation_offload(model)
+    if fused:
+        kernels.patch_model_for_speed(model)
+    model.train()
+    return model, offloader
+
+
+def _batch(device="cpu"):
+    return torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2)).to(device)
+
+
+def _loss_and_grads(model, batch, seed=3, micro_batches=1):
+    torch.manual_seed(seed)  # the dropout masks
+    losses = []
+    for _ in range(micro_batches):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return torch.stack(losses), grads
+
+
+def _assert_bitwise(a, b):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == LAYERS * 7 * 2
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+    assert all(g.abs().sum() > 0 for g in grads_a.values())  # every adapter got a real gradient
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_offload_equals_model_checkpointing_and_no_checkpointing_bitwise(fused):
+    # The copies are exact and the recompute is torch's own non-reentrant checkpoint: the same ops
+    # on the same values, so nothing may differ, not even in the last bit.
+    batch = _batch()
+    offloaded = _loss_and_grads(_model("offload", fused=fused)[0], batch)
+    _assert_bitwise(offloaded, _loss_and_grads(_model("hf", fused=fused)[0], batch))
+    _assert_bitwise(offloaded, _loss_and_grads(_model("none", fused=fused)[0], batch))
+
+
+def test_offload_recompute_draws_the_forward_dropout_masks():
+    # LoRA dropout 0.2 in every layer: a recompute with other masks would give other gradients.
+    batch = _batch()
+    offloaded = _loss_and_grads(_model("offload", dropout=0.2)[0], batch)
+    _assert_bitwise(offloaded, _loss_and_grads(_model("hf", dropout=0.2)[0], batch))
+    _assert_bitwise(offloaded, _loss_and_grads(_model("none", dropout=0.2)[0], batch))
+
+
+def test_offload_over_4bit_base_equals_model_checkpointing_bitwise():
+    batch = _batch()
+    offloaded = _loss_and_grads(_model("offload", bits=4)[0], batch)
+    _assert_bitwise(offloaded, _loss_and_grads(_model("hf", bits=4)[0], batch))
+
+
+def test_gradient_accumulation_over_micro_batches_is_exact():
+    batch = _batch()
+    _assert_bitwise(_loss_and_grads(_model("offload")[0], batch, micro_batches=2),
+                    _loss_and_grads(_model("hf")[0], batch, micro_batches=2))
+
+
+def test_offload_keeps_checkpoint_early_stop_so_down_proj_gemm_is_not_recomputed(monkeypatch):
+    # torch's non-reentrant checkpoint stops its recompute once every saved tensor is back; the
+    # fused down projection saves nothing after its input, so its base GEMM runs in forward and
+    # backward only (a reentrant recompute would run it a third time: ~9% more step FLOPs).
+    fetched = []
+    original = kernels._base_weight
+    monkeypatch.setattr(kernels, "_base_weight", lambda base, dtype: fetched.append(base) or original(base, dtype))
+    model, _ = _model("offload")
+    _loss_and_grads(model, _batch())
+    down = [l.base_layer for n, l in model.lora_layers.items() if n.endswith("down_proj")]
+    o_proj = [l.base_layer for n, l in model.lora_layers.items() if n.endswith("o_proj")]
+    assert all(sum(f is b for f in fetched) == 2 for b in down)
+    assert all(sum(f is b for f in fetched) == 3 for b in o_proj)
+
+
+def test_each_input_is_saved_once_and_copied_back_one_layer_ahead():
+    model, offloader = _model("offload")
+    batch = _batch()
+    for step in (1, 2):
+        model(input_ids=batch, labels=batch).loss.backward()
+        s = offloader.stats
+        # the last layer's input is fetched when its backward asks; every other one is prefetched
+        # while the layer after it recomputes, so at most 2 copies are back at once
+        assert (s.saved, s.fetched_on_demand, s.prefetched) == (LAYERS * step, step, (LAYERS - 1) * step)
+        assert s.max_resident == 2 and s.resident == 0
+
+
+@pytest.mark.parametrize("mode, kept", [("offload", 0), ("hf", LAYERS)])
+def test_between_forward_and_backward_only_model_checkpointing_keeps_layer_inputs(mode, kept):
+    # The control ("hf": torch's checkpoint keeps every layer input) shows the check can fail.
+    model, _ = _model(mode)
+    refs = []
+    for layer in offload._decoder_layers(model):
+        layer.register_forward_pre_hook(lambda _m, args: refs.append(weakref.ref(args[0])))
+    batch = _batch()
+    loss = model(input_ids=batch, labels=batch).loss
+    gc.collect()
+    assert len(refs) == LAYERS
+    assert sum(r() is not None for r in refs) == kept
+    loss.backward()
+
+
+def test_eval_and_no_grad_forwards_do_not_offload():
+    model, offloader = _model("offload")
+    reference, _ = _model("none")
+    batch = _batch()
+    with torch.no_grad():
+        out = model(input_ids=batch, labels=batch).loss
+        assert torch.equal(out, reference(input_ids=batch, labels=batch).loss)
+    assert offloader.stats.saved == 0
+
+
+def test_reading_an_offloaded_input_twice_is_refused():
+    model, _ = _model("offload")
+    batch = _batch()
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        loss.backward()
+
+
+def test_enabling_over_model_checkpointing_or_twice_is_refused():
+    model, _ = _model("hf", fused=False)
+    with pytest.raises(ValueError, match="gradient_checkpointing_disable"):
+        offload.enable_activation_offload(model)
+    model, _ = _model("offload", fused=False)
+    with pytest.raises(ValueError, match="already enabled"):
+        offload.enable_activation_offload(model)
+
+
+def test_a_model_without_decoder_layers_is_refused():
+    with pytest.raises(TypeError, match="model.layers"):
+        offload.enable_activation_offload(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+@pytest.mark.gpu
+def test_cuda_offload_to_pinned_host_memory_is_exact_and_keeps_two_inputs():
+    # The stream path: side-stream copies to pinned memory and back, in bf16 over an NF4 base.
+    batch = _batch("cuda")
+    model, offloader = _model("offload", device="cuda", dtype=torch.bfloat16, bits=4)
+    offloaded = _loss_and_grads(model, batch)
+    _assert_bitwise(offloaded, _loss_and_grads(_model("hf", device="cuda", dtype=torch.bfloat16, bits=4)[0], batch))
+    s = offloader.stats
+    assert (s.saved, s.fetched_on_demand, s.prefetched, s.max_resident) == (LAYERS, 1, LAYERS - 1, 2)
+
+
+def test_host_copy_is_exact_and_outside_the_graph():
+    offloader = offload.ActivationOffloader()
+    x = torch.randn(4, 8, requires_grad=True) * 3  # a non-leaf, as a layer input is
+    saved = offloader.save(x)
+    assert torch.equal(saved.host, x.detach()) and saved.host.data_ptr() != x.data_ptr()
+    assert not saved.host.requires_grad and saved.host.grad_fn is None
+    offloader.release_source(saved)
+    back = offloader.load(saved)
+    assert torch.equal(back, x.detach()) and back.requires_grad and back.grad_fn is None
