@@ -23,28 +23,30 @@ from lora_dist.families import decoder
 from lora_dist.model import LoRAConfig, LoRAModel
 
 VOCAB, SEQ, WINDOW = 256, 40, 16
-BASE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=64, vocab_size=VOCAB, max_position_embeddings=256, use_cache=False, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2,
-            # weights of std 0.1 give logits and attention scores of order 1, where the soft-caps below bite
-            initializer_range=0.1)
+BASE = {
+    "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 1, "head_dim": 64, "vocab_size": VOCAB, "max_position_embeddings": 256,
+    "use_cache": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    # weights of std 0.1 give logits and attention scores of order 1, where the soft-caps below bite
+    "initializer_range": 0.1,
+}
 
 # Each family's quirks, switched on and set where they change the result (see
 # test_each_quirk_of_the_test_models_changes_the_loss).
 FAMILY_FIELDS: dict[str, dict] = {
     "llama": {},
-    "mistral": dict(sliding_window=WINDOW),
-    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
-    "qwen3": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "mistral": {"sliding_window": WINDOW},
+    "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
+    "qwen3": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
     "gemma": {},
-    "gemma2": dict(sliding_window=WINDOW, attn_logit_softcapping=0.5, final_logit_softcapping=2.0,
-                   query_pre_attn_scalar=48),
-    "gemma3_text": dict(sliding_window=WINDOW, query_pre_attn_scalar=48, final_logit_softcapping=2.0,
-                        layer_types=["sliding_attention", "full_attention"]),
-    "phi3": dict(sliding_window=WINDOW, partial_rotary_factor=0.5),
+    "gemma2": {"sliding_window": WINDOW, "attn_logit_softcapping": 0.5, "final_logit_softcapping": 2.0,
+               "query_pre_attn_scalar": 48},
+    "gemma3_text": {"sliding_window": WINDOW, "query_pre_attn_scalar": 48, "final_logit_softcapping": 2.0,
+                    "layer_types": ["sliding_attention", "full_attention"]},
+    "phi3": {"sliding_window": WINDOW, "partial_rotary_factor": 0.5},
     "olmo2": {},
-    "granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
-                    logits_scaling=8.0),
+    "granite": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.015625,
+                "logits_scaling": 8.0},
 }
 
 # fp32, both paths: the same operations in other orders and fusions (GEMM epilogues, chunked
@@ -262,7 +264,7 @@ def _merged_reference(model_type: str, config, targets: list[str], tokens: torch
     weights = {f"{n}.base_layer.weight": base.weight + s * (b @ a) for n, (base, a, b, s) in params.items()}
     for layer in lora.lora_layers.values():  # route every adapted linear through its base only
         layer.forward = layer.base_layer.forward
-    loss = functional_call(plain, weights, args=(), kwargs=dict(input_ids=tokens, labels=tokens)).loss
+    loss = functional_call(plain, weights, args=(), kwargs={"input_ids": tokens, "labels": tokens}).loss
     loss.backward()
     grads = [g for n in names for g in (params[n][1].grad, params[n][2].grad)]
     return loss.item(), grads
@@ -270,8 +272,8 @@ def _merged_reference(model_type: str, config, targets: list[str], tokens: torch
 
 @pytest.mark.parametrize(
     ("model_type", "fields"),
-    [("cohere", {}), ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
-     ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1))],
+    [("cohere", {}), ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+     ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "decoder_sparse_step": 1})],
 )
 def test_unlisted_and_moe_families_train_on_their_own_forward_under_auto(model_type, fields):
     from transformers import AutoConfig
@@ -343,25 +345,44 @@ def test_random_gemma_model_has_its_embedding_scale(monkeypatch):
 # ------------------------------------------------------------------------------------ bf16 on the GPU
 
 # bf16 on the H200: both paths round activations to bf16 (unit roundoff 2**-9 ~ 2e-3) at different
-# points (the fused path keeps fp32 where the model rounds: norms, RoPE, soft-caps, logits), so they
-# no longer agree to fp32 precision. Both are measured against the model's own forward in fp32 on the
-# same (NF4 or dense) weights: the fused path must be no less accurate than the model's own bf16
-# forward (1.5x its error, plus 2**-9 for the luck of one comparison), and within 3e-2 of fp32 for
-# every adapter gradient (about ten bf16 roundings per layer, two layers, random signs: ~1e-2).
-# A quirk handled wrongly moves the loss by 1e-2 and gradients by 3e-1 (issue 12).
+# points (the fused path keeps fp32 where the model rounds: norms, RoPE, soft-caps, logits), so they no
+# longer agree to fp32 precision. Both are measured against the model's own forward in fp32 on the very
+# weights the bf16 models use (NF4 ones dequantized): the fused path must be no less accurate than the
+# model's own bf16 forward, within 1.5x its error plus 2**-9 (one bf16 rounding: the luck of a single
+# comparison). The same check on the CPU in bf16 (`bf16_errors(..., "cpu")`) gave, over the 20 cases:
+# loss errors <= 5e-4 (own <= 5e-4), adapter gradients <= 3.4e-2 (own <= 3.9e-2), worst ratio 1.19.
+# Those gradient errors (a few bf16 roundings per op, amplified by the cancellation in a 2-layer
+# model's gradient sums) make 8e-2 the absolute ceiling; a quirk handled wrongly moves gradients by
+# 3e-1 and more (issue 12: Qwen3 without q/k norms, cosine 0.69).
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [None, 4], ids=["bf16", "nf4-bf16"])
 @pytest.mark.parametrize("model_type", sorted(FAMILY_FIELDS))
 def test_patched_family_in_bf16_is_as_accurate_as_its_own_bf16_forward(model_type, bits):
-    tokens = batch("cuda")
-    ref_loss, ref_grads = loss_and_grads(build(model_type, bits, torch.float32, "cuda"), tokens)
-    own_loss, own_grads = loss_and_grads(build(model_type, bits, torch.bfloat16, "cuda"), tokens)
-    patched = families.patch_model_for_speed(build(model_type, bits, torch.bfloat16, "cuda"))
-    loss, grads = loss_and_grads(patched, tokens)
+    errors = bf16_errors(model_type, bits, "cuda")
     floor = 2.0**-9
-    assert abs(loss - ref_loss) <= 1.5 * abs(own_loss - ref_loss) + floor * ref_loss, (loss, own_loss, ref_loss)
-    for g, own, ref in zip(grads, own_grads, ref_grads):
-        assert rel_err(g, ref) <= 1.5 * rel_err(own, ref) + floor
-        assert rel_err(g, ref) < 3e-2
+    assert errors["loss"] <= 1.5 * errors["own_loss"] + floor, errors
+    for ours, own in zip(errors["grads"], errors["own_grads"]):
+        assert ours <= 1.5 * own + floor, errors
+        assert ours < 8e-2, errors
+
+
+def bf16_errors(model_type: str, bits: int | None, device: str) -> dict:
+    """Relative errors of the patched and the own bf16 forward against the own fp32 forward, same weights."""
+    tokens = batch(device)
+    own = build(model_type, bits, torch.bfloat16, device)
+    reference = build(model_type, None, torch.float32, device)
+    with torch.no_grad():  # the exact weights the bf16 models compute with (NF4 ones dequantized)
+        for name, layer in reference.lora_layers.items():
+            layer.base_layer.weight.copy_(quant.dequantize_weight(own.lora_layers[name].base_layer, torch.float32))
+    ref_loss, ref_grads = loss_and_grads(reference, tokens)
+    own_loss, own_grads = loss_and_grads(own, tokens)
+    patched = families.patch_model_for_speed(build(model_type, bits, torch.bfloat16, device))
+    loss, grads = loss_and_grads(patched, tokens)
+    return {
+        "loss": abs(loss - ref_loss) / ref_loss,
+        "own_loss": abs(own_loss - ref_loss) / ref_loss,
+        "grads": [rel_err(g, r) for g, r in zip(grads, ref_grads)],
+        "own_grads": [rel_err(g, r) for g, r in zip(own_grads, ref_grads)],
+    }
