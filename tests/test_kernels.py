@@ -252,7 +252,6 @@ def test_kernels_import_neither_the_layer_class_nor_transformers():
     # kernels sits below layers (layers -> kernels, never back: no import cycle) and knows no model
     # family. Read from its source: lora_dist/__init__ imports layers anyway, so sys.modules can't tell.
     import ast
-
     from pathlib import Path
 
     tree = ast.parse(Path(kernels.__file__).read_text())
