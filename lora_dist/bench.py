@@ -37,11 +37,12 @@ from torch import nn
 from lora_dist.shapes import SHAPES
 
 
-def targets(model: nn.Module) -> list[str]:
+def targets(model: nn.Module) -> list[str] | str:
     """The linears LoRA goes on, on both sides: every linear of each layer, as the model's family names them."""
     from lora_dist import families
 
-    return list(families.lora_targets(model.config.model_type))
+    found = families.lora_targets(model.config.model_type)
+    return found if isinstance(found, str) else list(found)
 
 SIDES = ("ours", "peft", "peft+liger")
 

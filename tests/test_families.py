@@ -43,6 +43,8 @@ FAMILY_FIELDS: dict[str, dict] = {
                "query_pre_attn_scalar": 48},
     "gemma3_text": {"sliding_window": WINDOW, "query_pre_attn_scalar": 48, "final_logit_softcapping": 2.0,
                     "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma3": {"sliding_window": WINDOW, "query_pre_attn_scalar": 48,
+               "layer_types": ["sliding_attention", "full_attention"]},
     "phi3": {"sliding_window": WINDOW, "partial_rotary_factor": 0.5},
     "olmo2": {},
     "granite": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.015625,
@@ -65,6 +67,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def _hf_config(model_type: str):
     from transformers import AutoConfig
 
+    if model_type == "gemma3":  # the multimodal class the released checkpoints load as: a tiny SigLIP beside
+        vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "image_size": 28, "patch_size": 14}
+        return AutoConfig.for_model("gemma3", text_config={**BASE, **FAMILY_FIELDS["gemma3"]}, vision_config=vision,
+                                    mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
+                                    eoi_token_index=VOCAB - 2)
     return AutoConfig.for_model(model_type, **BASE, **FAMILY_FIELDS.get(model_type, {}))
 
 
@@ -98,7 +106,7 @@ def build(model_type: str, bits: int | None = None, dtype: torch.dtype = torch.f
     """`build_base` with LoRA on `targets` (default: the family's linears) and a nonzero, seeded B."""
     base = build_base(model_type, bits, dtype, device, config)
     model = LoRAModel(base, LoRAConfig(rank=8, alpha=16, dropout=0.0, bias=bias,
-                                       target_modules=targets or list(families.lora_targets(model_type))))
+                                       target_modules=targets or families.lora_targets(model_type)))
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for layer in model.lora_layers.values():
@@ -108,7 +116,8 @@ def build(model_type: str, bits: int | None = None, dtype: torch.dtype = torch.f
 
 
 def batch(device: str = "cpu") -> torch.Tensor:
-    return torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2)).to(device)
+    # no special ids (0-2) and none of Gemma 3's image markers (VOCAB - 3 and up)
+    return torch.randint(3, VOCAB - 3, (2, SEQ), generator=torch.Generator().manual_seed(2)).to(device)
 
 
 def loss_and_grads(model: LoRAModel, tokens: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
@@ -304,11 +313,11 @@ def test_a_listed_family_with_an_unsupported_setting_is_refused_before_anything_
 # ------------------------------------------------------------------------------------ targets, shapes, bench
 
 
-@pytest.mark.parametrize("model_type", ["llama", "phi3", "gemma2"])
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gemma2", "gemma3"])
 def test_peft_puts_its_adapters_on_the_same_linears_as_ours(model_type):
     from peft import LoraConfig, get_peft_model
 
-    targets = list(families.lora_targets(model_type))
+    targets = families.lora_targets(model_type)
     ours = build(model_type)
     peft_model = get_peft_model(build_base(model_type), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     theirs = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
@@ -317,6 +326,8 @@ def test_peft_puts_its_adapters_on_the_same_linears_as_ours(model_type):
     assert all(type(layer.base_layer) is nn.Linear for layer in ours.lora_layers.values())
     if model_type == "phi3":
         assert {n.rsplit(".", 1)[1] for n in theirs} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    if model_type == "gemma3":  # the language model's seven linears per layer, not the vision tower's
+        assert len(theirs) == 7 * BASE["num_hidden_layers"] and all(".language_model." in n for n in theirs)
 
 
 @pytest.mark.parametrize("name", ["mistral-7b", "qwen3-8b", "gemma2-9b", "gemma3-12b", "phi3.5-mini"])

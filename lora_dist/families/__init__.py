@@ -39,7 +39,7 @@ FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
         llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gemma.FAMILY, gemma2.FAMILY, gemma3.FAMILY,
-        phi3.FAMILY, olmo2.FAMILY, granite.FAMILY,
+        gemma3.MULTIMODAL, phi3.FAMILY, olmo2.FAMILY, granite.FAMILY,
     )
 }
 
@@ -70,8 +70,9 @@ def family_of(model_type: str | None) -> Family:
     raise UnsupportedModel(str(model_type), "no fast path has been written and tested for this family")
 
 
-def lora_targets(model_type: str) -> tuple[str, ...]:
-    """The linears of each decoder layer that "LoRA on all linears" means for this family (PEFT's names)."""
+def lora_targets(model_type: str) -> tuple[str, ...] | str:
+    """The linears that "LoRA on all linears" means for this family: PEFT's name suffixes, or one regex
+    (a string, as `target_modules` takes it) where suffixes would also reach a vision tower."""
     return family_of(model_type).lora_targets
 
 
@@ -83,6 +84,7 @@ def matmul_weights(config: Any, num_layers: int | None = None) -> int:
     `head_dim`-wide heads.
     """
     family_of(config.model_type)  # refuse a family whose linears this count does not describe
+    config = config.get_text_config()
     d, inner = config.hidden_size, config.intermediate_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or d // heads

@@ -92,7 +92,9 @@ class Family:
             before the residual add (Granite; only block checkpointing wires this itself).
         residual_dropout: each sublayer's output goes through `resid_attn_dropout` / `resid_mlp_dropout`
             (Phi-3; likewise).
-        lora_targets: the linears LoRA goes on for "all linears", as PEFT names them.
+        language_model: where the decoder stack (`.layers`, `.norm`) sits under the causal LM.
+        lora_targets: the linears LoRA goes on for "all linears", as PEFT names them: name suffixes, or
+            one regex over full module names where a suffix would also catch a vision tower's linears.
         check: extra config refusals: a list of one-line reasons, empty when supported.
     """
 
@@ -114,7 +116,8 @@ class Family:
     logits_scaling: bool = False
     residual_multiplier: bool = False
     residual_dropout: bool = False
-    lora_targets: tuple[str, ...] = LLAMA_TARGETS
+    language_model: str = "model"
+    lora_targets: tuple[str, ...] | str = LLAMA_TARGETS
     check: Callable[[Any], list[str]] | None = None
 
 
@@ -128,7 +131,7 @@ def _is(module: object, family: Family, name: str) -> bool:
 
 def problems(lm: nn.Module, family: Family) -> list[str]:
     """Everything about `lm` the fast path of `family` would get wrong; empty when it can run it."""
-    config = lm.config
+    config = lm.config.get_text_config()
     if not _is(lm, family, family.causal_lm):
         return [f"the model is a {type(lm).__name__}, the {family.model_type} fast path runs {family.causal_lm}"]
     found = []
@@ -143,18 +146,19 @@ def problems(lm: nn.Module, family: Family) -> list[str]:
     if family.check is not None:
         found += family.check(config)
     expected = ((family.decoder_layer, ""), (family.attention, ".self_attn"), (family.mlp, ".mlp"))
-    for index, layer in enumerate(lm.model.layers):
+    text = lm.get_submodule(family.language_model)
+    for index, layer in enumerate(text.layers):
         for name, attr in expected:
             module = layer.get_submodule(attr[1:]) if attr else layer
             if not _is(module, family, name):
-                found.append(f"model.layers.{index}{attr} is a {type(module).__name__}, not a {name}")
+                found.append(f"layers.{index}{attr} is a {type(module).__name__}, not a {name}")
         for norm in _norms_of(layer, family):
             if not _is(norm, family, family.norm_class):
-                found.append(f"a norm of model.layers.{index} is a {type(norm).__name__}, not a {family.norm_class}")
+                found.append(f"a norm of layers.{index} is a {type(norm).__name__}, not a {family.norm_class}")
         if found:
             break  # one layer's worth is enough to say why
-    if not _is(lm.model.norm, family, family.norm_class):
-        found.append(f"model.norm is a {type(lm.model.norm).__name__}, not a {family.norm_class}")
+    if not _is(text.norm, family, family.norm_class):
+        found.append(f"{family.language_model}.norm is a {type(text.norm).__name__}, not a {family.norm_class}")
     return found
 
 
@@ -170,9 +174,10 @@ def _norms_of(layer: nn.Module, family: Family) -> list[nn.Module]:
 
 def patch(lm: nn.Module, family: Family, *, loss: bool, norms: bool, block_checkpointing: bool) -> None:
     """Rebind the forwards of `lm` (a causal LM that passed `problems`) to the fast paths, in place."""
-    config = lm.config
+    config = lm.config.get_text_config()
     activation = ACTIVATIONS[getattr(config, family.activation_key)]
-    for layer in lm.model.layers:
+    text = lm.get_submodule(family.language_model)
+    for layer in text.layers:
         if block_checkpointing:
             _bind(layer, _decoder_forward, family)
         _bind(layer.self_attn, _attention_forward, family)
@@ -181,7 +186,7 @@ def patch(lm: nn.Module, family: Family, *, loss: bool, norms: bool, block_check
             for norm in _norms_of(layer, family):
                 _bind(norm, _norm_forward, family.norm)
     if norms:
-        _bind(lm.model.norm, _norm_forward, family.norm)
+        _bind(text.norm, _norm_forward, family.norm)
     # A head that is quantized or carries an adapter keeps the model's own logits and loss.
     if loss and type(lm.lm_head) is nn.Linear and lm.lm_head.bias is None:
         scale = 1.0 / config.logits_scaling if family.logits_scaling else 1.0

@@ -3,9 +3,17 @@
 Per-head q/k RMSNorms (Gemma's `1 + w` kind) before RoPE; local (sliding, RoPE base 10k) and global
 layers, each with its own mask and cos/sin tables from the model's forward; `query_pre_attn_scalar`
 scaling; soft-capping where the config sets it (null in the released checkpoints). Bidirectional
-attention (`use_bidirectional_attention`, an embedding-model variant) is refused. The multimodal
-Gemma3ForConditionalGeneration (`model_type` "gemma3") is another class and is not run here.
+attention (`use_bidirectional_attention`, an embedding-model variant) is refused.
+
+Two entries: `gemma3_text` (Gemma3ForCausalLM: the 1B checkpoint, or any text-only config) and
+`gemma3` (Gemma3ForConditionalGeneration: what the released 4B/12B/27B checkpoints load as, its
+decoder under `model.language_model`, a SigLIP vision tower beside it). On the latter the fast path
+runs the language model; images, if any, go through the model's own vision tower and projector,
+LoRA targets only the language model's linears, and, as that class's own forward, no final-logit
+soft-capping is applied.
 """
+
+import dataclasses
 
 from lora_dist.families.decoder import GEMMA_NORM, Family
 
@@ -31,4 +39,13 @@ FAMILY = Family(
     attn_softcap=True,
     final_softcap=True,
     check=_check,
+)
+
+MULTIMODAL = dataclasses.replace(
+    FAMILY,
+    model_type="gemma3",
+    causal_lm="Gemma3ForConditionalGeneration",
+    final_softcap=False,  # Gemma3ForConditionalGeneration.forward does not cap its logits
+    language_model="model.language_model",
+    lora_targets=r".*\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
 )
