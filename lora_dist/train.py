@@ -60,7 +60,7 @@ class Run:
     accum: int
     total_steps: int
     tracker: Tracker
-    fused: bool = False  # the forward runs through kernels.patch_model_for_speed
+    fused: bool = False  # the forward runs through families.patch_model_for_speed
     engine: Any = None  # DeepSpeed engine, or None on the plain path
     optimizer: Any = None  # torch optimizer on the plain path
     scheduler: Any = None

@@ -19,7 +19,8 @@ from lora_dist.families.decoder import GEMMA_NORM, Family
 
 
 def _check(config) -> list[str]:
-    if config.use_bidirectional_attention:
+    # a field of transformers >= 5.2x's config; older releases have no bidirectional variant
+    if getattr(config, "use_bidirectional_attention", False):
         return ["use_bidirectional_attention=True (the fast attention is causal)"]
     return []
 
