@@ -195,6 +195,36 @@ def test_trained_qkv_biases_keep_their_gradients_on_the_fused_path():
     assert max(rel_err(g, r) for g, r in zip(grads, ref_grads)) < GRAD_RTOL
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])  # sdpa's bool masks, eager's additive ones
+def test_padded_batch_runs_fused_through_the_models_padding_mask(model_type):
+    tokens = batch()
+    mask = torch.ones_like(tokens)
+    mask[1, :7] = 0  # left padding on the second row
+    labels = tokens.masked_fill(mask == 0, -100)
+    model = build(model_type)
+    ref = model(input_ids=tokens, attention_mask=mask, labels=labels).loss
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.get_trainable_parameters()]
+    model.zero_grad(set_to_none=True)
+    families.patch_model_for_speed(model)
+    loss = model(input_ids=tokens, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    grads = [p.grad for p in model.get_trainable_parameters()]
+    assert abs(loss.item() - ref.item()) <= LOSS_RTOL * ref.item()
+    assert max(rel_err(g, r) for g, r in zip(grads, ref_grads)) < GRAD_RTOL
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3"])
+def test_generation_after_patching_takes_the_models_own_cached_attention(model_type):
+    model = build(model_type).eval()
+    prompt = batch()[:1, :8]
+    with torch.no_grad():
+        ref = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, use_cache=True)
+        families.patch_model_for_speed(model)
+        out = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, use_cache=True)
+    assert torch.equal(out, ref)
+
+
 QUIRKS = [  # (family, the table entry, a wrong value): the quirk changes the test model's loss
     ("qwen3", "qk_norm", None),
     ("olmo2", "qk_norm", None),
