@@ -15,7 +15,7 @@ can offload too (`--activation-offload`, lora_dist/offload.py).
 Each side builds the same random-weight model (same seed, so the same base bytes), quantizes the
 same seven linears per layer (NF4 + double quant by default), puts LoRA on them with the same
 adapter init, and runs N warm-up plus N timed AdamW steps on the same batch (labels = inputs,
-no padding, no packing, no dropout). Ours is `LoRAModel` + `kernels.patch_model_for_speed`; PEFT's
+no padding, no packing, no dropout). Ours is `LoRAModel` + `families.patch_model_for_speed`; PEFT's
 is `get_peft_model` over the Hugging Face model as PEFT users run it. Peak memory is measured over
 the training steps only (after the model is built).
 
@@ -48,8 +48,19 @@ from torch import nn
 
 from lora_dist.shapes import SHAPES
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("ours", "unsloth", "peft", "peft+liger")
+
+
+def targets(model: nn.Module) -> list[str] | str:
+    """The linears LoRA goes on, on both sides: every linear of each layer, as the model's family names them."""
+    return _family_targets(model.config.model_type)
+
+
+def _family_targets(model_type: str) -> list[str] | str:
+    from lora_dist import families
+
+    found = families.lora_targets(model_type)
+    return found if isinstance(found, str) else list(found)
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -85,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="seconds one Unsloth process may run (import, load, compile, steps)")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no new row after S seconds; the rows not run are listed as such")
-    p.add_argument("--plain", action="store_true", help="our side without kernels.patch_model_for_speed")
+    p.add_argument("--plain", action="store_true", help="our side without families.patch_model_for_speed")
     p.add_argument("--block-checkpointing", action="store_true",
                    help="our side checkpoints attention and MLP blocks separately (more memory, less recompute)")
     p.add_argument("--no-compile", action="store_true", help="fused ops without torch.compile")
@@ -181,11 +192,9 @@ def _matmul_weights(model: nn.Module) -> int:
 def _count_n(setup: Setup, model: nn.Module) -> int:
     if setup.model_path:
         return _matmul_weights(model)
-    c = SHAPES[setup.shape].fields
-    d, i, h, kv = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"]
-    hd = d // h
-    per_layer = d * (h * hd) * 2 + d * (kv * hd) * 2 + 3 * d * i
-    return setup.layers * per_layer + c["vocab_size"] * d
+    from lora_dist import families
+
+    return families.matmul_weights(SHAPES[setup.shape].hf_config(), setup.layers)
 
 
 @dataclass
@@ -200,17 +209,18 @@ class Side:
 
 def build_ours(setup: Setup, checkpointing: bool, fast: bool = True, block: bool = False,
                offload: bool = False) -> Side:
-    """Our side: LoRAModel over the quantized base, with `kernels.patch_model_for_speed` when `fast`.
+    """Our side: LoRAModel over the quantized base, with `families.patch_model_for_speed` when `fast`.
 
     Checkpointing is per decoder layer (the model's own switch), per block with `block`, or per
     layer with each layer input in pinned host memory with `offload` (`offload.enable_activation_offload`).
     """
-    from lora_dist import kernels
+    from lora_dist import families
     from lora_dist.model import LoRAConfig, LoRAModel
     from lora_dist.offload import enable_activation_offload
 
     base = build_base(setup)
-    model = LoRAModel(base, LoRAConfig(rank=setup.rank, alpha=setup.alpha, dropout=0.0, target_modules=TARGETS))
+    config = LoRAConfig(rank=setup.rank, alpha=setup.alpha, dropout=0.0, target_modules=targets(base))
+    model = LoRAModel(base, config)
     _init_adapters([(n, l.lora_A.weight, l.lora_B.weight) for n, l in model.lora_layers.items()], setup.seed)
     block = block and fast and checkpointing and not offload
     offload = offload and checkpointing
@@ -219,7 +229,7 @@ def build_ours(setup: Setup, checkpointing: bool, fast: bool = True, block: bool
     elif checkpointing and not block:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if fast:
-        kernels.patch_model_for_speed(model, block_checkpointing=block)
+        families.patch_model_for_speed(model, block_checkpointing=block)
     model.train()
     params = model.get_trainable_parameters()
     fused = setup.device.startswith("cuda")
@@ -247,7 +257,7 @@ def build_peft(setup: Setup, checkpointing: bool, liger: bool = False) -> Side:
     if checkpointing:  # as PEFT's docs and the measured peer run it
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    config = LoraConfig(r=setup.rank, lora_alpha=setup.alpha, lora_dropout=0.0, target_modules=TARGETS)
+    config = LoraConfig(r=setup.rank, lora_alpha=setup.alpha, lora_dropout=0.0, target_modules=targets(base))
     model = get_peft_model(base, config)
     _init_adapters(peft_adapter_pairs(model), setup.seed)
     model.train()
@@ -481,7 +491,7 @@ def run_unsloth(setup: Setup, checkpointing: bool, args: argparse.Namespace, mod
     """Unsloth's row: `lora_dist.bench_unsloth` in its own process, over the model saved in `model_dir`."""
     spec = {"side": "unsloth", "setup": setup.summary(), "model_dir": str(model_dir),
             "checkpointing": checkpointing, "warmup": args.warmup, "steps": args.steps,
-            "peak_tflops": args.peak_tflops, "targets": TARGETS}
+            "peak_tflops": args.peak_tflops, "targets": _family_targets(SHAPES[setup.shape].model_type)}
     env = dict(os.environ)
     for key, value in UNSLOTH_ENV.items():
         env.setdefault(key, value)

@@ -1,20 +1,24 @@
-"""Fast paths for LoRA training on a frozen (4-bit, 8-bit-free or dense) base.
+"""Generic fast paths for LoRA training on a frozen (4-bit or dense) base: no model family in here.
 
-Three pieces, each usable alone:
-
-- `lora_group(x, layers)`: one autograd function for several LoRALayers that read the same input
+- `lora_group(x, layers)`: one autograd function for several LoRA layers that read the same input
   (q/k/v, gate/up, or a single linear). Forward dequantizes each 4-bit base weight into a
   temporary, runs one GEMM, and folds the rank-r update into that output in place (`addmm_`);
   the adapter inputs of the whole group come from one `x @ cat(A).T`. It saves only `x` (the
   compute-dtype input) and the (M, sum r) adapter activations; backward dequantizes the base again
   and frees it at once. The plain path (and PEFT's) keeps an fp32 copy of `x` per linear and runs
-  five to eight elementwise kernels per linear.
+  five to eight elementwise kernels per linear. A layer here is anything with `base_layer`,
+  `lora_A`, `lora_B` and `scaling`; which layers may take this path is `layers.supports_fast_path`'s
+  call, made by the caller.
 - `chunked_causal_lm_loss(hidden, weight, labels)`: the output head and cross-entropy over chunks of
-  tokens, with the gradient of the hidden states computed in the forward, so the (tokens, vocab)
-  logits never exist in full, in fp32 or otherwise.
-- `patch_model_for_speed(model)`: applies both to a Hugging Face Llama-architecture causal LM
-  (wrapped in a LoRAModel or not), plus fused RMSNorm, RoPE and SwiGLU (torch.compile'd on CUDA).
-  Explicit and opt-in: nothing here runs unless it is called.
+  tokens (with optional logit scaling and tanh soft-capping), the gradient of the hidden states
+  computed in the forward, so the (tokens, vocab) logits never exist in full.
+- Fused elementwise ops with hand-written backward (torch.compile'd on CUDA): RMSNorm in its two
+  conventions (`w * norm(x)` rounded first, or `(offset + w) * norm(x)` in fp32), RoPE (full or
+  partial rotary dims), SwiGLU and tanh-GeGLU; and `attention`, causal SDPA or, with soft-capped
+  scores, the explicit softmax.
+
+Which model uses which piece is `lora_dist.families`' business; nothing here reads a Hugging Face
+module. Nothing here runs unless it is called.
 
 Numerics. The adapter path runs in the compute dtype of the activations (bf16 on GPU) with fp32
 accumulation, as under `torch.autocast`; the adapter weights and their gradients stay fp32. The
@@ -28,9 +32,9 @@ the adapter input); in fp32 both paths draw the same masks and agree to summatio
 from __future__ import annotations
 
 import contextlib
-import types
+import math
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,20 +64,6 @@ def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if quant.bits_of(base) == 4:
         return quant.dequantize_weight(base, dtype)
     return base.weight.detach().to(dtype)
-
-
-def supports_fast_path(layer: nn.Module) -> bool:
-    """Whether `lora_group` can run this layer: an unmerged LoRALayer, with no dropout or torch's
-    `nn.Dropout` on its adapter input, over a dense or 4-bit base (8-bit bases keep bitsandbytes'
-    own int8 matmul, which this path would change)."""
-    from lora_dist.layers import LoRALayer  # layers imports this module lazily too
-
-    return (
-        isinstance(layer, LoRALayer)
-        and not layer.merged
-        and type(layer.lora_dropout) in (nn.Identity, nn.Dropout)
-        and quant.bits_of(layer.base_layer) != 8
-    )
 
 
 def _dropout_p(layer: nn.Module) -> float:
@@ -234,9 +224,10 @@ def lora_group(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tens
 
     Args:
         x: (..., in_features) in the compute dtype (bf16 on GPU).
-        layers: LoRALayers with the same in_features, each passing `supports_fast_path`. A layer
-            in training mode with `nn.Dropout` on its adapter input draws its own mask, from the
-            generator of x's device, in the order of `layers`.
+        layers: LoRA layers with the same in_features, each passing `layers.supports_fast_path`
+            (the caller checks: this module does not know the layer class). A layer in training
+            mode with `nn.Dropout` on its adapter input draws its own mask, from the generator of
+            x's device, in the order of `layers`.
 
     Returns:
         One (..., out_features_i) tensor per layer, in x's dtype.
@@ -255,27 +246,25 @@ def lora_linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return lora_group(x, (layer,))[0]
 
 
-def _group_or_plain(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
-    if all(supports_fast_path(layer) for layer in layers):
-        return lora_group(x, layers)
-    return tuple(layer(x) for layer in layers)
-
-
 # ------------------------------------------------------------------------------------ fused elementwise ops
 # Each op is an autograd function whose forward and backward are plain torch functions; on CUDA
-# those functions are torch.compile'd (one fused kernel each), on the CPU they run eagerly. The
-# math follows Hugging Face Llama's own modules so both paths compute the same function.
+# those functions are torch.compile'd (one fused kernel each), on the CPU they run eagerly. Each
+# forward rounds where the reference implementations (Hugging Face's modules) round, so both paths
+# compute the same function.
 
 
-def _rmsnorm_fwd(x, weight, eps: float):
+def _rmsnorm_fwd(x, weight, eps: float, offset: float, fp32_weight: bool):
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-    return weight * (xf * rstd).to(x.dtype), rstd
+    if fp32_weight:  # (offset + w) * n in fp32, rounded once at the end
+        return ((xf * rstd) * (weight.float() + offset)).to(x.dtype), rstd
+    scale = weight + offset if offset else weight
+    return scale * (xf * rstd).to(x.dtype), rstd  # n rounded to x's dtype first
 
 
-def _rmsnorm_bwd(g, x, weight, rstd):
+def _rmsnorm_bwd(g, x, weight, rstd, offset: float):
     n = x.float() * rstd  # (..., d)
-    gn = g.float() * weight.float()
+    gn = g.float() * (weight.float() + offset)
     gx = rstd * (gn - n * (gn * n).mean(-1, keepdim=True))
     return gx.to(x.dtype)
 
@@ -313,6 +302,22 @@ def _swiglu_bwd(g, gate, up):
     return d_gate.to(gate.dtype), d_up.to(up.dtype)
 
 
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _geglu_fwd(gate, up):
+    return F.gelu(gate, approximate="tanh") * up  # as HF's "gelu_pytorch_tanh" MLPs round it
+
+
+def _geglu_bwd(g, gate, up):
+    # gelu_tanh(x) = x/2 (1 + tanh(u)), u = c (x + 0.044715 x^3): d/dx = (1 + t)/2 + x/2 (1 - t^2) du/dx
+    gf, upf, gg = gate.float(), up.float(), g.float()
+    t = torch.tanh(_GELU_C * (gf + 0.044715 * gf.pow(3)))
+    gelu = 0.5 * gf * (1 + t)
+    d_gelu = 0.5 * (1 + t) + 0.5 * gf * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * gf * gf)
+    return (gg * upf * d_gelu).to(gate.dtype), (gg * gelu).to(up.dtype)
+
+
 _COMPILED: dict[str, Callable] = {}
 _COMPILE_ENABLED = True
 
@@ -332,7 +337,7 @@ def _fused(fn: Callable, *args):
         _COMPILED[fn.__name__] = compiled
     try:
         return compiled(*args)
-    except Exception as err:  # a compiler failure must not stop training: run eagerly
+    except Exception as err:  # noqa: BLE001 -- any compiler failure must not stop training: run eagerly
         warnings.warn(f"torch.compile failed for {fn.__name__} ({type(err).__name__}: {err}); running eagerly")
         _COMPILED[fn.__name__] = fn
         return fn(*args)
@@ -340,15 +345,16 @@ def _fused(fn: Callable, *args):
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = _fused(_rmsnorm_fwd, x, weight, eps)
+    def forward(ctx, x, weight, eps, offset, fp32_weight):
+        y, rstd = _fused(_rmsnorm_fwd, x, weight, eps, offset, fp32_weight)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.offset = offset
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, weight, rstd = ctx.saved_tensors
-        return _fused(_rmsnorm_bwd, g.contiguous(), x, weight, rstd), None, None
+        return _fused(_rmsnorm_bwd, g.contiguous(), x, weight, rstd, ctx.offset), None, None, None, None
 
 
 class _RoPE(torch.autograd.Function):
@@ -364,40 +370,123 @@ class _RoPE(torch.autograd.Function):
         return gq, gk, None, None
 
 
-class _SwiGLU(torch.autograd.Function):
+class _GatedActivation(torch.autograd.Function):
+    """act(gate) * up for a (forward, backward) pair of plain functions: SwiGLU or tanh-GeGLU."""
+
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, fwd, bwd):
         ctx.save_for_backward(gate, up)
-        return _fused(_swiglu_fwd, gate, up)
+        ctx.bwd = bwd
+        return _fused(fwd, gate, up)
 
     @staticmethod
     def backward(ctx, g):
         gate, up = ctx.saved_tensors
-        return _fused(_swiglu_bwd, g.contiguous(), gate, up)
+        return (*_fused(ctx.bwd, g.contiguous(), gate, up), None, None)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama RMSNorm, `weight * (x / rms(x))` with HF's casts; the weight gets no gradient."""
-    return _RMSNorm.apply(x, weight, eps)
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0, fp32_weight: bool = False
+) -> torch.Tensor:
+    """RMSNorm of x over its last dim; the weight gets no gradient.
+
+    Args:
+        x: (..., d) input.
+        weight: (d,) scale.
+        eps: added to the mean square.
+        offset: the scale is `offset + weight` (1.0 for norms stored as `x * (1 + w)`).
+        fp32_weight: multiply by the scale in fp32 and round once (Gemma, OLMo 2); False rounds the
+            normalized x to x's dtype first and multiplies in the weight's dtype (Llama).
+    """
+    return _RMSNorm.apply(x, weight, eps, offset, fp32_weight)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotary embedding of q (B, T, H, D) and k (B, T, Hkv, D) with cos/sin (B, T, D)."""
-    return _RoPE.apply(q, k, cos, sin)
+    """Rotary embedding of q (B, T, H, D) and k (B, T, Hkv, D) with cos/sin (B, T, R), R <= D.
+
+    With R < D (partial rotary) only the first R dims of each head rotate; the rest pass through.
+    """
+    rotary = cos.shape[-1]
+    if rotary == q.shape[-1]:
+        return _RoPE.apply(q, k, cos, sin)
+    q_rot, k_rot = _RoPE.apply(q[..., :rotary], k[..., :rotary], cos, sin)
+    return torch.cat((q_rot, q[..., rotary:]), -1), torch.cat((k_rot, k[..., rotary:]), -1)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, saving only gate and up for backward."""
-    return _SwiGLU.apply(gate, up)
+    return _GatedActivation.apply(gate, up, _swiglu_fwd, _swiglu_bwd)
+
+
+def geglu_tanh(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate, approximate="tanh") * up, saving only gate and up for backward."""
+    return _GatedActivation.apply(gate, up, _geglu_fwd, _geglu_bwd)
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Hkv, T, D) -> (B, heads, T, D), each kv head serving heads / Hkv query heads in turn."""
+    b, hkv, t, d = x.shape
+    if hkv == heads:
+        return x
+    return x[:, :, None].expand(b, hkv, heads // hkv, t, d).reshape(b, heads, t, d)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of q (B, T, H, D) over k, v (B, T, Hkv, D); returns (B, T, H, D).
+
+    Args:
+        scale: factor on q . k (1 / sqrt(D) for most models).
+        mask: None for plain causal attention, else a (B | 1, 1, T, T) mask that already holds the
+            causal pattern (and sliding windows, padding, packing): bool (True attends) or additive float.
+        softcap: scores become `softcap * tanh(scores / softcap)` before the mask; these go through
+            an explicit softmax (fp32, as the eager reference), the rest through SDPA.
+    """
+    heads = q.shape[2]
+    # (B, T, H, D) viewed as (B, H, T, D): the output transposes back without a copy
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if softcap is None:
+        if mask is None:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                                 enable_gqa=kh.shape[1] != heads)
+        else:  # a mask rules out the kernels that take grouped heads: repeat them
+            out = F.scaled_dot_product_attention(qh, _repeat_heads(kh, heads), _repeat_heads(vh, heads),
+                                                 attn_mask=mask, scale=scale)
+        return out.transpose(1, 2)
+    scores = (qh @ _repeat_heads(kh, heads).transpose(2, 3)) * scale  # (B, H, T, T)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        t = q.shape[1]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ _repeat_heads(vh, heads)).transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------ chunked LM loss
 
 
-def _ce_chunk(logits, labels, inv_count):
+def _ce_chunk(logits, labels, inv_count, scale: float, softcap: float | None):
     # logits: (C, V) compute dtype; labels: (C,) with IGNORE_INDEX; inv_count: 0-d fp32 tensor.
-    # HF upcasts the logits to fp32 before its cross-entropy; so does this.
-    lf = logits.float()
+    # HF upcasts the logits to fp32 before its cross-entropy; so does this, and scales and caps
+    # them there (HF does both in the compute dtype: the same function, rounded less).
+    lf = logits.float() * scale
+    if softcap is not None:
+        capped = torch.tanh(lf / softcap)
+        lf = capped * softcap
     lse = torch.logsumexp(lf, dim=-1, keepdim=True)  # (C, 1)
     valid = labels != IGNORE_INDEX
     safe = torch.where(valid, labels, 0).unsqueeze(1)  # (C, 1)
@@ -406,12 +495,16 @@ def _ce_chunk(logits, labels, inv_count):
     cols = torch.arange(lf.shape[1], device=lf.device).unsqueeze(0)  # (1, V)
     grad = torch.exp(lf - lse) - (cols == safe).to(lf.dtype)  # softmax - one_hot
     grad = grad * (valid.unsqueeze(1).to(lf.dtype) * inv_count)
+    if softcap is not None:
+        grad = grad * (1 - capped * capped)  # d(c tanh(z / c)) / dz
+    if scale != 1.0:
+        grad = grad * scale
     return loss_sum, grad.to(logits.dtype)
 
 
 class _ChunkedLMLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens):
+    def forward(ctx, hidden, weight, labels, chunk_tokens, scale, softcap):
         # hidden: (N, d), weight: (V, d) frozen, labels: (N,) already shifted
         # A micro batch with no labelled token (a prompt cut off before its response) scores 0 with a
         # zero gradient, as HF's loss does given num_items_in_batch: every term of the sum is masked,
@@ -423,7 +516,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_tokens):
             h = hidden[start : start + chunk_tokens]
             logits = h @ weight.t()  # (C, V), the only logits alive at a time
-            loss_sum, grad_logits = _fused(_ce_chunk, logits, labels[start : start + chunk_tokens], inv_count)
+            loss_sum, grad_logits = _fused(
+                _ce_chunk, logits, labels[start : start + chunk_tokens], inv_count, scale, softcap
+            )
             del logits
             total += loss_sum
             if grad_hidden is not None:
@@ -434,13 +529,21 @@ class _ChunkedLMLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * g.to(grad_hidden.dtype), None, None, None
+        return grad_hidden * g.to(grad_hidden.dtype), None, None, None, None, None
 
 
 def chunked_causal_lm_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int | None = None,
+    *,
+    scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy of `hidden @ weight.T`, as Hugging Face causal LMs compute it.
+    """Mean next-token cross-entropy of the logits `hidden @ weight.T`, as Hugging Face causal LMs compute it.
+
+    The logits are multiplied by `scale`, then, with `softcap`, capped to `softcap * tanh(z / softcap)`.
 
     The gradient of `hidden` is computed chunk by chunk in the forward (the head is frozen), so
     only (chunk_tokens, vocab) logits exist at any time.
@@ -450,6 +553,8 @@ def chunked_causal_lm_loss(
         weight: (V, d) output head weight (frozen).
         labels: (B, T) token ids; position t is scored against labels[:, t + 1]; -100 is ignored.
         chunk_tokens: tokens per chunk; default: equal chunks of at most about 2**28 logits.
+        scale: factor on the logits (Granite divides them by `logits_scaling`).
+        softcap: tanh soft-capping of the logits (Gemma 2's `final_logit_softcapping`), or None.
 
     Returns:
         Scalar fp32 loss; 0 (with a zero gradient) when no label counts.
@@ -459,153 +564,4 @@ def chunked_causal_lm_loss(
     n = shifted.numel()
     chunks = -(-n * vocab // 2**28)  # ceil: about 2**28 logits per chunk
     chunk = chunk_tokens or -(-n // chunks)  # equal chunks, so one compiled shape
-    return _ChunkedLMLoss.apply(hidden.reshape(-1, d), weight, shifted.reshape(-1), chunk)
-
-
-# ------------------------------------------------------------------------------------ model patching
-
-
-def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-    """Llama self-attention for training: fused q/k/v LoRA, fused RoPE, causal SDPA, fused o LoRA."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if attention_mask is not None or cache is not None or position_embeddings is None:
-        return self._lora_dist_original_forward(
-            hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
-        )
-    b, t, _ = hidden_states.shape
-    d = self.head_dim
-    q, k, v = _group_or_plain(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
-    q, k = rope(q.view(b, t, -1, d), k.view(b, t, -1, d), *position_embeddings)  # (B, T, H, D)
-    v = v.view(b, t, -1, d)
-    # (B, T, H, D) viewed as (B, H, T, D): the kernel's output transposes back without a copy
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        is_causal=True,
-        scale=self.scaling,
-        enable_gqa=k.shape[2] != q.shape[2],
-    )
-    out = out.transpose(1, 2).reshape(b, t, -1)
-    (out,) = _group_or_plain(out, (self.o_proj,))
-    return out, None
-
-
-def _mlp_forward(self, x):
-    gate, up = _group_or_plain(x, (self.gate_proj, self.up_proj))
-    (out,) = _group_or_plain(swiglu(gate, up), (self.down_proj,))
-    return out
-
-
-def _rmsnorm_forward(self, x):
-    if self.weight.requires_grad:  # a trained norm needs its weight gradient: the module's own path
-        return self._lora_dist_original_forward(x)
-    return rms_norm(x, self.weight, self.variance_epsilon)
-
-
-def _causal_lm_forward(self, input_ids=None, labels=None, **kwargs):
-    """Causal LM forward whose loss never builds the full logits; logits come back as None."""
-    if labels is None or kwargs.get("return_dict") is False:
-        return self._lora_dist_original_forward(input_ids=input_ids, labels=labels, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    kwargs.pop("logits_to_keep", None)
-    kwargs.pop("num_items_in_batch", None)
-    outputs = self.model(input_ids=input_ids, **kwargs)
-    hidden = outputs[0]  # (B, T, d)
-    loss = chunked_causal_lm_loss(hidden, self.lm_head.weight, labels)
-    return CausalLMOutputWithPast(loss=loss, logits=None)
-
-
-def _decoder_forward(self, hidden_states, *args, **kwargs):
-    """Llama decoder layer checkpointed as two blocks, attention and MLP, each recomputed alone.
-
-    Saves the residual stream twice per layer (x and x + attn(x)) instead of once, and in return
-    the recompute of each block stops before its last GEMM (o_proj, down_proj), whose output
-    backward never reads.
-    """
-    if args or not (self.training and torch.is_grad_enabled()):
-        return self._lora_dist_original_forward(hidden_states, *args, **kwargs)
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("use_cache", "cache", "past_key_values")}
-
-    def attention_block(h):
-        out = self.self_attn(hidden_states=self.input_layernorm(h), **kwargs)[0]
-        return h + out
-
-    def mlp_block(h):
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-    from torch.utils.checkpoint import checkpoint
-
-    hidden_states = checkpoint(attention_block, hidden_states, use_reentrant=False)
-    return checkpoint(mlp_block, hidden_states, use_reentrant=False)
-
-
-def _bind(module: nn.Module, fn: Callable) -> None:
-    if not hasattr(module, "_lora_dist_original_forward"):
-        module._lora_dist_original_forward = module.forward
-    module.forward = types.MethodType(fn, module)
-
-
-def _find_causal_lm(model: nn.Module) -> nn.Module:
-    for module in model.modules():
-        inner = module._modules.get("model")
-        if "lm_head" in module._modules and hasattr(inner, "layers"):
-            return module
-    raise TypeError(
-        "patch_model_for_speed needs a Hugging Face Llama-architecture causal LM (a module with "
-        f".model.layers and .lm_head), got {type(model).__name__}; use lora_group directly for other models"
-    )
-
-
-def patch_model_for_speed(
-    model: nn.Module, loss: bool = True, norms: bool = True, block_checkpointing: bool = False
-) -> nn.Module:
-    """Route a Llama-architecture causal LM's training forward through the fast paths, in place.
-
-    Patches each decoder layer's attention (fused q/k/v LoRA, fused RoPE, SDPA, o LoRA), MLP
-    (fused gate/up LoRA, fused SwiGLU, down LoRA), and, with `norms`, its RMSNorms; with `loss`,
-    the causal LM forward computes a chunked loss when given labels (and returns logits=None).
-    Layers the fast path cannot run (dropout, 8-bit or merged adapters, padding masks, caches)
-    fall back to their own forward. Activation checkpointing stays the model's own switch
-    (`gradient_checkpointing_enable`); it recomputes the patched forward.
-
-    Args:
-        model: a LoRAModel or a Hugging Face causal LM with `.model.layers` and `.lm_head`.
-        loss: patch the loss (chunked linear + cross-entropy).
-        norms: patch the RMSNorms.
-        block_checkpointing: checkpoint each decoder layer as two blocks (attention, MLP) here,
-            instead of the model's own per-layer checkpointing (leave that off): one more saved
-            (tokens, hidden) tensor per layer, and o_proj's GEMM is not recomputed either.
-
-    Returns:
-        `model`, for chaining.
-    """
-    lm = _find_causal_lm(model)
-    if block_checkpointing and getattr(lm, "is_gradient_checkpointing", False):
-        raise ValueError(
-            "block_checkpointing replaces the model's own checkpointing: call "
-            "model.gradient_checkpointing_disable() first, or pass block_checkpointing=False"
-        )
-    for layer in lm.model.layers:
-        if block_checkpointing:
-            _bind(layer, _decoder_forward)
-        attn, mlp = layer.self_attn, layer.mlp
-        if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
-            raise TypeError(f"{type(attn).__name__} is not a Llama-style attention; patch_model_for_speed cannot run it")
-        _bind(attn, _attention_forward)
-        if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) and _is_silu(mlp):
-            _bind(mlp, _mlp_forward)
-        if norms:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                _bind(norm, _rmsnorm_forward)
-    if norms and hasattr(lm.model, "norm"):
-        _bind(lm.model.norm, _rmsnorm_forward)
-    if loss and type(lm.lm_head) is nn.Linear and lm.lm_head.bias is None:
-        _bind(lm, _causal_lm_forward)
-    return model
-
-
-def _is_silu(mlp: nn.Module) -> bool:
-    act = getattr(mlp, "act_fn", None)
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return _ChunkedLMLoss.apply(hidden.reshape(-1, d), weight, shifted.reshape(-1), chunk, float(scale), softcap)

@@ -174,7 +174,7 @@ class LoRALayer(nn.Module):
                 bias = None if bias is None else bias.to(w.dtype)
                 return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
             return self.base_layer(x)
-        if x.is_cuda and self.bits == 4 and torch.is_grad_enabled() and kernels.supports_fast_path(self):
+        if x.is_cuda and self.bits == 4 and torch.is_grad_enabled() and supports_fast_path(self):
             # Training on a 4-bit base: one autograd function that saves only x and x @ A.T and
             # dequantizes the base again in backward (see kernels.py for the numerics).
             return kernels.lora_linear(x, self)
@@ -228,3 +228,17 @@ class LoRALayer(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"alpha={self.alpha}, scaling={self.scaling:g}, bits={self.bits}, merged={self.merged}"
         )
+
+
+def supports_fast_path(layer: nn.Module) -> bool:
+    """Whether `kernels.lora_group` computes this layer's forward and gradients exactly as its own forward.
+
+    True for an unmerged LoRALayer, with no dropout or torch's `nn.Dropout` on its adapter input
+    (the fused function draws the same mask), over a dense or 4-bit base whose bias, if any, is
+    frozen: the fused function adds the bias but returns no gradient for it, and 8-bit bases keep
+    bitsandbytes' own int8 matmul, which this path would change.
+    """
+    if not isinstance(layer, LoRALayer) or layer.merged or type(layer.lora_dropout) not in (nn.Identity, nn.Dropout):
+        return False
+    bias = layer.base_layer.bias
+    return layer.bits != 8 and (bias is None or not bias.requires_grad)

@@ -41,21 +41,65 @@ class Shape:
         return config
 
 
-_LLAMA3 = dict(num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192)
+_LLAMA3 = {"num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "max_position_embeddings": 8192}
+
+# Gemma 3 12B: five local (sliding window, RoPE base 10k) layers, then one global layer.
+_GEMMA3_LAYER_TYPES = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(48)]
 
 SHAPES: dict[str, Shape] = {
-    "tiny": Shape("llama", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, vocab_size=512, rope_theta=10000.0,
-                                max_position_embeddings=256)),
-    "llama3.2-1b": Shape("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                       rope_theta=500000.0, max_position_embeddings=131072,
-                                       tie_word_embeddings=True)),
-    "llama3-8b": Shape("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                     num_attention_heads=32, **_LLAMA3)),
+    "tiny": Shape("llama", {
+        "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512, "rope_theta": 10000.0, "max_position_embeddings": 256,
+    }),
+    "llama3.2-1b": Shape("llama", {
+        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+        "tie_word_embeddings": True,
+    }),
+    "llama3-8b": Shape("llama", {
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        **_LLAMA3,
+    }),
     # all 80 layers hold 35 GB in NF4: the bench measures a few and computes the rest
-    "llama3-70b": Shape("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                      num_attention_heads=64, **_LLAMA3)),
+    "llama3-70b": Shape("llama", {
+        "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+        **_LLAMA3,
+    }),
+    # Below: the published config.json fields of each model (for Gemma 3, its text_config).
+    "mistral-7b": Shape("mistral", {  # v0.3 (v0.1: vocab 32000, rope_theta 1e4, sliding_window 4096)
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 32768, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5, "sliding_window": None,
+    }),
+    "qwen3-8b": Shape("qwen3", {
+        "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    }),
+    "gemma2-9b": Shape("gemma2", {
+        "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+        "vocab_size": 256000, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+        "rope_theta": 10000.0, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh",
+    }),
+    "gemma3-12b": Shape("gemma3_text", {
+        "hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 1024,
+        "vocab_size": 262208, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh", "layer_types": _GEMMA3_LAYER_TYPES,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    }),
+    # LongRoPE's 48 short/long factors are left out: they change cos/sin values, no shape and no FLOP.
+    "phi3.5-mini": Shape("phi3", {
+        "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "vocab_size": 32064, "rope_theta": 10000.0, "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096, "sliding_window": 262144, "rms_norm_eps": 1e-5,
+        "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000, "tie_word_embeddings": False,
+    }),
 }
 
 
@@ -94,7 +138,8 @@ def build_random_model(
 
     compute_dtype = compute_dtype or torch.bfloat16
     device = torch.device(device)
-    config = shape(name).hf_config(num_layers, attn_implementation=attn_implementation or "sdpa")
+    # sdpa unless the family refuses it (Gemma 2 soft-caps its scores: transformers picks eager there)
+    config = shape(name).hf_config(num_layers, attn_implementation=attn_implementation)
     old = torch.get_default_dtype()
     torch.set_default_dtype(compute_dtype)
     try:
@@ -120,10 +165,16 @@ def build_random_model(
 
 
 def _recompute_buffers(model, config, device) -> None:
-    """Rotary embeddings hold computed (non-persistent) frequencies that `to_empty` left uninitialized:
-    build each again from the config on `device`."""
+    """Rebuild the computed (non-persistent) buffers that `to_empty` left uninitialized.
+
+    Rotary embeddings (frequencies) are built again from the config on `device`; Gemma's scaled
+    embeddings get their sqrt(hidden_size) factor back (held as a Python float beside the buffer).
+    """
     for name, module in list(model.named_modules()):
-        if type(module).__name__.endswith("RotaryEmbedding"):
+        kind = type(module).__name__
+        if kind.endswith("RotaryEmbedding"):
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, type(module)(config=config).to(device))
+        elif kind.endswith("ScaledWordEmbedding"):
+            module.embed_scale.fill_(module.scalar_embed_scale)

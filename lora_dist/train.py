@@ -60,7 +60,7 @@ class Run:
     accum: int
     total_steps: int
     tracker: Tracker
-    fused: bool = False  # the forward runs through kernels.patch_model_for_speed
+    fused: bool = False  # the forward runs through families.patch_model_for_speed
     engine: Any = None  # DeepSpeed engine, or None on the plain path
     optimizer: Any = None  # torch optimizer on the plain path
     scheduler: Any = None
@@ -309,18 +309,19 @@ def _random_tokens(cfg: Config, tokenizer: Any, sequences_per_step: int) -> data
 
 
 def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device) -> bool:
-    """Apply `kernels.patch_model_for_speed` when `model.fused_kernels` asks; returns whether it did."""
-    from lora_dist import kernels
+    """Apply `families.patch_model_for_speed` when `model.fused_kernels` asks; returns whether it did."""
+    from lora_dist import families
 
     mode = cfg.model.fused_kernels
     if mode == "off" or (mode == "auto" and not (device.type == "cuda" and cfg.model.bits == 4)):
         return False
     try:
-        kernels.patch_model_for_speed(model)
-    except TypeError as err:
+        families.patch_model_for_speed(model)
+    except families.UnsupportedModel as err:
         if mode == "on":
-            raise ConfigError([f"model.fused_kernels=on: {err}; set model.fused_kernels=off"]) from None
-        return False  # auto: a model the fast path does not know keeps its own forward
+            raise
+        warnings.warn(f"model.fused_kernels=auto: {err.family}: {err.reason}; training on the model's own forward")
+        return False
     return True
 
 
@@ -661,10 +662,10 @@ def _whole_adapters(run: Run, training: bool):
     """
     if run.engine is None or not run.engine.zero_optimization_partition_weights():
         return contextlib.nullcontext()
-    from lora_dist import kernels
+    from lora_dist.layers import supports_fast_path
 
     layers = list(run.model.lora_layers.values())
-    if not layers or not all(kernels.supports_fast_path(layer) for layer in layers):
+    if not layers or not all(supports_fast_path(layer) for layer in layers):
         return contextlib.nullcontext()  # every layer calls its lora_A / lora_B modules: ZeRO's hooks fetch
     cuda_4bit = training and run.device.type == "cuda" and all(layer.bits == 4 for layer in layers)
     if not (run.fused or cuda_4bit):

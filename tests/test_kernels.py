@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_dist import bench, kernels, quant
-from lora_dist.layers import LoRALayer
+from lora_dist import bench, families, kernels, quant
+from lora_dist.layers import LoRALayer, supports_fast_path
 from lora_dist.model import LoRAConfig, LoRAModel
 
 # fp32 against fp64 over dot products of at most 256 terms: rounding grows like sqrt(K) * 2**-24,
@@ -172,7 +172,8 @@ def test_fused_rmsnorm_rope_swiglu_match_hf_llama_modules():
 def _tiny_lora_model(checkpointing: bool, quant_kind: str = "none") -> LoRAModel:
     setup = bench.Setup(shape="tiny", model_path=None, layers=2, seq=16, micro_batch=2, rank=8, alpha=16.0,
                         quant=quant_kind, double_quant=True, lr=1e-3, seed=0, device="cpu", dtype=torch.float32)
-    model = LoRAModel(bench.build_base(setup), LoRAConfig(rank=8, alpha=16, target_modules=bench.TARGETS))
+    base = bench.build_base(setup)
+    model = LoRAModel(base, LoRAConfig(rank=8, alpha=16, target_modules=bench.targets(base)))
     torch.manual_seed(1)
     with torch.no_grad():
         for layer in model.lora_layers.values():
@@ -194,7 +195,7 @@ def test_patched_checkpointed_model_matches_plain_model_loss_and_grads():
     # reductions) over <= 512-term sums: ~1e-6 relative per op, well under 1e-4 after 2 layers.
     batch = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     plain_loss, plain_grads = _loss_and_grads(_tiny_lora_model(True), batch)
-    patched = kernels.patch_model_for_speed(_tiny_lora_model(True))
+    patched = families.patch_model_for_speed(_tiny_lora_model(True))
     loss, grads = _loss_and_grads(patched, batch)
     assert abs(loss - plain_loss) < 1e-5 * plain_loss
     for g, r in zip(grads, plain_grads):
@@ -211,7 +212,7 @@ def test_checkpointed_recompute_skips_the_base_gemms_whose_outputs_backward_neve
 
     monkeypatch.setattr(kernels, "_base_weight", counting)
     batch = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
-    model = kernels.patch_model_for_speed(_tiny_lora_model(checkpointing=True))
+    model = families.patch_model_for_speed(_tiny_lora_model(checkpointing=True))
     down = [l.base_layer for n, l in model.lora_layers.items() if n.endswith("down_proj")]
     o_proj = [l.base_layer for n, l in model.lora_layers.items() if n.endswith("o_proj")]
     _loss_and_grads(model, batch)
@@ -242,3 +243,130 @@ def test_layer_routes_4bit_training_forward_through_fast_path_on_cuda():
     ref.pow(2).sum().backward()
     assert rel_err(layer.lora_A.weight.grad, ref_params[0].grad) < 2e-2
     assert rel_err(layer.lora_B.weight.grad, ref_params[1].grad) < 2e-2
+
+
+# ------------------------------------------------------------------------------------ the generic pieces the families use
+
+
+def test_kernels_import_neither_the_layer_class_nor_transformers():
+    # kernels sits below layers (layers -> kernels, never back: no import cycle) and knows no model
+    # family. Read from its source: lora_dist/__init__ imports layers anyway, so sys.modules can't tell.
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(kernels.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for alias in node.names}
+    assert imported, "no imports found: the check reads nothing"
+    assert not {name for name in imported if name.startswith(("lora_dist.layers", "lora_dist.model", "transformers"))}
+    assert "lora_dist.quant" in imported  # what it does import: the 4-bit dequantization
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_offset_and_fp32_weight_rmsnorms_match_gemma_and_olmo2_modules(dtype):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 64).to(dtype).requires_grad_()
+    g = torch.randn(2, 7, 64).to(dtype)
+    gemma, olmo2 = GemmaRMSNorm(64, eps=1e-6), Olmo2RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        gemma.weight.normal_(0, 0.3)  # stored as w in x * (1 + w)
+        olmo2.weight.uniform_(0.5, 1.5)
+    for norm, offset in ((gemma, 1.0), (olmo2, 0.0)):
+        norm.to(dtype).weight.requires_grad_(False)
+        ours = kernels.rms_norm(x, norm.weight, 1e-6, offset=offset, fp32_weight=True)
+        ref = norm(x)
+        (gx,) = torch.autograd.grad((ours * g).sum(), x)
+        (rgx,) = torch.autograd.grad((ref * g).sum(), x)
+        # the forward rounds exactly where the module does: equal bits; the gradient is fp32 math
+        # rounded once against autograd's op-by-op rounding: 2**-8 relative in bf16
+        assert torch.equal(ours, ref)
+        assert rel_err(gx, rgx) < (FP32_RTOL if dtype == torch.float32 else 2**-8)
+
+
+def test_geglu_tanh_matches_gelu_tanh_times_up_against_float64():
+    torch.manual_seed(0)
+    gate = (torch.randn(3, 256) * 3).requires_grad_()  # into the tails, where tanh saturates
+    up = torch.randn(3, 256, requires_grad=True)
+    out = kernels.geglu_tanh(gate, up)
+    gout = torch.randn_like(out)
+    ours = torch.autograd.grad((out * gout).sum(), (gate, up))
+    gd, ud = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    ref = F.gelu(gd, approximate="tanh") * ud
+    refs = torch.autograd.grad((ref * gout.double()).sum(), (gd, ud))
+    assert rel_err(out, ref) < FP32_RTOL
+    assert all(rel_err(a, b) < FP32_RTOL for a, b in zip(ours, refs))  # the hand-written derivative
+
+
+def test_partial_rope_matches_phi3_rotating_only_the_first_dims():
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 7, 4, 64, requires_grad=True)  # (B, T, H, D), rotary over 32 of 64 dims
+    k = torch.randn(2, 7, 2, 64, requires_grad=True)
+    ang = torch.randn(1, 7, 16)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    oq, ok = kernels.rope(q, k, cos, sin)
+    rq, rk = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    assert rel_err(oq, rq.transpose(1, 2)) < FP32_RTOL and rel_err(ok, rk.transpose(1, 2)) < FP32_RTOL
+    assert torch.equal(oq[..., 32:], q[..., 32:])
+    g = torch.randn_like(oq), torch.randn_like(ok)
+    ours = torch.autograd.grad((oq * g[0]).sum() + (ok * g[1]).sum(), (q, k))
+    refs = torch.autograd.grad((rq.transpose(1, 2) * g[0]).sum() + (rk.transpose(1, 2) * g[1]).sum(), (q, k))
+    assert all(rel_err(a, b) < FP32_RTOL for a, b in zip(ours, refs))
+
+
+@pytest.mark.parametrize("softcap", [None, 0.7])
+def test_attention_with_a_sliding_mask_and_grouped_heads_matches_eager_attention(softcap):
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    torch.manual_seed(0)
+    b, t, h, hkv, d = 2, 12, 4, 2, 32
+    q, k, v = torch.randn(b, t, h, d), torch.randn(b, t, hkv, d), torch.randn(b, t, hkv, d)
+    i = torch.arange(t)
+    band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 5)  # causal, window 5
+    additive = torch.zeros(t, t).masked_fill(~band, torch.finfo(torch.float32).min)[None, None]
+    module = nn.Module()
+    module.num_key_value_groups, module.training = h // hkv, False
+    ref, _ = eager_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), additive,
+                                     scaling=0.2, softcap=softcap)  # returns (B, T, H, D)
+    for mask in (band[None, None], additive):  # bool (sdpa's masks) or additive float (eager's)
+        out = kernels.attention(q, k, v, scale=0.2, mask=mask, softcap=softcap)
+        assert rel_err(out, ref) < FP32_RTOL
+    causal = (i[None, :] <= i[:, None])[None, None]
+    ref_causal = kernels.attention(q, k, v, scale=0.2, mask=causal, softcap=softcap)
+    assert rel_err(kernels.attention(q, k, v, scale=0.2, softcap=softcap), ref_causal) < FP32_RTOL
+
+
+def test_chunked_loss_with_logit_scaling_and_softcap_matches_capped_cross_entropy():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 64, requires_grad=True)
+    weight = torch.randn(100, 64) * 0.3
+    labels = torch.randint(0, 100, (2, 9))
+    loss = kernels.chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=5, scale=0.125, softcap=0.9)
+    loss.backward()
+    hd = hidden.detach().double().requires_grad_()
+    logits = (hd @ weight.double().t()) / 8.0  # Granite's logits / logits_scaling, then Gemma 2's cap
+    logits = torch.tanh(logits / 0.9) * 0.9
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 100), labels[:, 1:].reshape(-1))
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < FP32_RTOL * ref.item()
+    assert rel_err(hidden.grad, hd.grad) < FP32_RTOL
+
+
+def test_fast_path_takes_only_layers_it_computes_exactly():
+    torch.manual_seed(0)
+    plain = LoRALayer(64, 64, rank=4, bias=False)
+    trained_bias = LoRALayer(64, 64, rank=4, bias=True)
+    frozen_bias = LoRALayer(64, 64, rank=4, bias=True)
+    trained_bias.base_layer.bias.requires_grad_(True)  # lora.bias=lora_only/all: the fused GEMM has no bias gradient
+    dropout = LoRALayer(64, 64, rank=4, dropout=0.1)
+    holder = nn.Sequential(nn.Linear(64, 64, bias=False))
+    quant.quantize_model(holder, bits=8, compute_dtype=torch.float32, skip_modules=())
+    int8 = LoRALayer.from_base(holder[0], rank=4)
+    merged = LoRALayer(64, 64, rank=4, merge_weights=True)
+    assert supports_fast_path(plain) and supports_fast_path(frozen_bias)
+    assert not any(supports_fast_path(m) for m in (trained_bias, dropout, int8, merged, nn.Linear(64, 64)))
