@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from lora_dist import config as config_mod
-from lora_dist import kernels, shapes
-from lora_dist.layers import LoRALayer
+from lora_dist import families, kernels, shapes
+from lora_dist.layers import LoRALayer, supports_fast_path
 from lora_dist.model import LoRAConfig, LoRAModel
 
 # fp32, the same masks: the paths differ in summation order only (base and update summed inside
@@ -51,7 +51,7 @@ def _run(layers, fused: bool, seed: int = 7):
 
 def test_fused_dropout_equals_plain_path_with_the_same_masks():
     layers = _group()
-    assert all(kernels.supports_fast_path(layer) for layer in layers)
+    assert all(supports_fast_path(layer) for layer in layers)
     ys, grads, rng_after = _run(layers, fused=True)
     ys_ref, grads_ref, rng_after_ref = _run(layers, fused=False)
     assert all(rel_err(y, r) < FP32_RTOL for y, r in zip(ys, ys_ref))
@@ -144,7 +144,7 @@ def test_tiny_model_with_dropout_trains_through_the_fused_path_like_the_plain_on
             for layer in m.lora_layers.values():
                 layer.lora_B.weight.normal_(0, 0.02)
         if patched:
-            kernels.patch_model_for_speed(m)
+            families.patch_model_for_speed(m)
         return m.train()
 
     batch = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -166,7 +166,7 @@ def test_shipped_8b_recipe_with_dropout_runs_every_adapter_on_the_fused_path():
     assert cfg.lora.dropout > 0
     base = shapes.build_random_model("tiny", bits=4, compute_dtype=torch.float32, seed=0)
     model = LoRAModel(base, cfg.lora)
-    assert model.lora_layers and all(kernels.supports_fast_path(layer) for layer in model.lora_layers.values())
+    assert model.lora_layers and all(supports_fast_path(layer) for layer in model.lora_layers.values())
 
 
 @pytest.mark.gpu

@@ -363,10 +363,12 @@ def test_fast_path_takes_only_layers_it_computes_exactly():
     trained_bias = LoRALayer(64, 64, rank=4, bias=True)
     frozen_bias = LoRALayer(64, 64, rank=4, bias=True)
     trained_bias.base_layer.bias.requires_grad_(True)  # lora.bias=lora_only/all: the fused GEMM has no bias gradient
-    dropout = LoRALayer(64, 64, rank=4, dropout=0.1)
+    dropout = LoRALayer(64, 64, rank=4, dropout=0.1)  # nn.Dropout: the fused path redraws its mask
+    other_dropout = LoRALayer(64, 64, rank=4)
+    other_dropout.lora_dropout = nn.AlphaDropout(0.1)  # a dropout the fused path does not know
     holder = nn.Sequential(nn.Linear(64, 64, bias=False))
     quant.quantize_model(holder, bits=8, compute_dtype=torch.float32, skip_modules=())
     int8 = LoRALayer.from_base(holder[0], rank=4)
     merged = LoRALayer(64, 64, rank=4, merge_weights=True)
-    assert supports_fast_path(plain) and supports_fast_path(frozen_bias)
-    assert not any(supports_fast_path(m) for m in (trained_bias, dropout, int8, merged, nn.Linear(64, 64)))
+    assert supports_fast_path(plain) and supports_fast_path(frozen_bias) and supports_fast_path(dropout)
+    assert not any(supports_fast_path(m) for m in (trained_bias, other_dropout, int8, merged, nn.Linear(64, 64)))

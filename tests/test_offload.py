@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 
-from lora_dist import kernels, offload, shapes
+from lora_dist import families, kernels, offload, shapes
 from lora_dist.model import LoRAConfig, LoRAModel
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -35,7 +35,7 @@ def _model(mode: str, dropout: float = 0.0, device: str = "cpu", dtype=torch.flo
     elif mode == "offload":
         offloader = offload.enable_activation_offload(model)
     if fused:
-        kernels.patch_model_for_speed(model)
+        families.patch_model_for_speed(model)
     model.train()
     return model, offloader
 
