@@ -17,5 +17,6 @@
 
 set -euo pipefail
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0; fi
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-exec "${LORA_DIST_PYTHON:-python3}" "$here/../lora_dist/launch.py" multinode "$@"
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's lora_dist, installed or not
+exec "${LORA_DIST_PYTHON:-python3}" -m lora_dist.launch multinode "$@"

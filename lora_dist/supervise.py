@@ -95,6 +95,29 @@ def broken_link(chain: list[Link]) -> Link | None:
     return None
 
 
+def process_table() -> dict[int, tuple[int, int]]:
+    """{pid: (parent pid, start time)} of every live process (zombies excluded)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            table[int(entry.name)] = stat
+    return table
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """{pid: start time} of every live process below `pid` (children, their children, ...)."""
+    table = process_table()
+    found: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, started) in table.items():
+            if ppid == parent and child not in found:
+                found[child] = started
+                todo.append(child)
+    return found
+
+
 def watch_launcher(timeout_s: float, poll_s: float = 1.0) -> threading.Thread | None:
     """Stop this process when its launcher dies (see the module docstring).
 
