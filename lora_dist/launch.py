@@ -60,7 +60,8 @@ FORWARD_NAMES = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONUNBUFFERED", "OMP_N
                  "TOKENIZERS_PARALLELISM", "NETRC", "HF_TOKEN_PATH", "TP_SOCKET_IFNAME")
 FORWARD_PREFIXES = ("WANDB_", "NCCL_", "HF_", "TRANSFORMERS_", "TORCH_", "GLOO_", "LORA_DIST_")
 NOT_FORWARDED = ("CUDA_VISIBLE_DEVICES",)  # DeepSpeed sets it per node
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW", re.IGNORECASE)
+# A secret-looking name has one of these words between underscores (TOKENIZERS_PARALLELISM does not).
+SECRET_NAME = re.compile(r"(^|_)(KEY|APIKEY|TOKEN|SECRET|PASSWORD|PASSWD|PASS|CREDENTIALS?)(_|$)", re.IGNORECASE)
 # What survives DeepSpeed's `export K=V;` (it wraps other values in double quotes, which would
 # expand $ and ` and break on " or \).
 SAFE_VALUE = re.compile(r'^[^"$`\\\n]*$')

@@ -308,8 +308,9 @@ def test_launcher_deletes_the_secret_files_however_the_launch_ends(tmp_path, end
 def test_forwarded_environment_moves_secrets_into_0600_files(tmp_path):
     env = {"WANDB_API_KEY": "s3cr3t-wandb", "HF_TOKEN": "s3cr3t-hf", "MY_SERVICE_TOKEN": "s3cr3t-other",
            "WANDB_PROJECT": "p", "NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "$(oops)",
-           "CUDA_VISIBLE_DEVICES": "0,1", "HOME": "/root", "PATH": "/usr/bin"}
-    exports, files, skipped = launch.forwarded_environment(env, tmp_path, extra=["MY_SERVICE_TOKEN"])
+           "CUDA_VISIBLE_DEVICES": "0,1", "HOME": "/root", "PATH": "/usr/bin", "TOKENIZERS_PARALLELISM": "false",
+           "AWS_SECRET_ACCESS_KEY": "s3cr3t-aws", "NCCL_IB_PASSWORD": "s3cr3t-nccl"}
+    exports, files, skipped = launch.forwarded_environment(env, tmp_path, extra=["MY_SERVICE_TOKEN", "AWS_SECRET_ACCESS_KEY"])
     launch.write_deepspeed_env(tmp_path / ".deepspeed_env", exports, files)
 
     written = (tmp_path / ".deepspeed_env").read_text()
@@ -320,7 +321,9 @@ def test_forwarded_environment_moves_secrets_into_0600_files(tmp_path):
     assert exports["WANDB_PROJECT"] == "p" and exports["NCCL_DEBUG"] == "INFO"
     assert "CUDA_VISIBLE_DEVICES" not in exports and "HOME" not in exports
     assert exports["PATH"].startswith(str(Path(sys.executable).parent) + ":")
-    assert sorted(s.split()[0] for s in skipped) == ["MY_SERVICE_TOKEN", "NCCL_SOCKET_IFNAME"]
+    assert exports["TOKENIZERS_PARALLELISM"] == "false"  # a TOKEN inside a word is no secret
+    assert sorted(s.split()[0] for s in skipped) == [
+        "AWS_SECRET_ACCESS_KEY", "MY_SERVICE_TOKEN", "NCCL_IB_PASSWORD", "NCCL_SOCKET_IFNAME"]
     for name in (".deepspeed_env", ".wandb-netrc", ".hf-token"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
 
