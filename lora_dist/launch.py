@@ -532,7 +532,13 @@ def run_launcher(cmd: Sequence[str], env: Mapping[str, str], log_dir: Path, over
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     rank0 = _RankZeroEcho(log_dir, started)
     try:
+        # DeepSpeed's runner starts with SIGUSR1 ignored (an ignored signal stays so across fork and exec,
+        # down to the ranks): SLURM signals every process of a job step, and SIGUSR1's default action
+        # would kill DeepSpeed's launchers above the ranks, losing the ranks' exit status (75: saved,
+        # requeue me). The training job installs its own SIGUSR1 handler over the inherited SIG_IGN.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         proc = subprocess.Popen(list(cmd), env=dict(env), start_new_session=True)
+        signal.signal(signal.SIGUSR1, stop)
         if kill_at:  # a signal came while it was starting
             _stop_ranks(proc, signal.SIGTERM, over_ssh)
         while proc.poll() is None:

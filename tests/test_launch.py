@@ -234,6 +234,108 @@ def test_slurm_plan_refuses_several_tasks_per_node():
         launch.slurm_node_plan(env)
 
 
+def fake_slurm(tmp_path: Path, srun: str) -> dict[str, str]:
+    """`srun` and `scontrol` stand-ins on PATH for the batch part of launch/slurm.sbatch (our script's own
+    logic: what it passes srun, what it does with srun's status). The fake srun records its arguments and
+    exits with `srun` ("wait": runs until SIGUSR1, then exits 75 as the ranks do after saving); the fake
+    scontrol records its calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/bin/sh\n"
+        f"printf '%s\\n' \"$@\" > {tmp_path}/srun.args\n"
+        f"trap 'echo USR1 > {tmp_path}/srun.signal; exit 75' USR1\n"
+        f"if [ {srun} = wait ]; then touch {tmp_path}/srun.started; while :; do sleep 0.1; done; fi\n"
+        f"exit {srun}\n"
+    )
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.calls\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = script_env(SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu[1-2]")
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    return env
+
+
+def run_batch(tmp_path: Path, srun: str, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LAUNCH / "slurm.sbatch"), str(CONFIG), "train.lr=1e-3"],
+                          env={**fake_slurm(tmp_path, srun), **extra}, check=False, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60)
+
+
+def test_slurm_batch_requeues_the_job_when_the_ranks_saved_and_stopped(tmp_path):
+    done = run_batch(tmp_path, "75")
+    assert done.returncode == 75, done.stderr
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    assert args[-2:] == [str(CONFIG), "train.lr=1e-3"]  # a first run starts as submitted
+    assert "--kill-on-bad-exit=1" in args and "--ntasks-per-node=1" in args
+
+
+def test_slurm_requeued_run_resumes_with_resume_auto(tmp_path):
+    done = run_batch(tmp_path, "0", SLURM_RESTART_COUNT="1")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "srun.args").read_text().splitlines()[-3:] == [str(CONFIG), "train.lr=1e-3",
+                                                                       "train.resume=auto"]
+    assert not (tmp_path / "scontrol.calls").exists()
+
+
+@pytest.mark.parametrize("status", ["0", "1", "137"])
+def test_slurm_batch_does_not_requeue_a_finished_or_failed_run(tmp_path, status):
+    done = run_batch(tmp_path, status)
+    assert done.returncode == int(status)
+    assert not (tmp_path / "scontrol.calls").exists()
+
+
+def test_usr1_to_the_batch_shell_reaches_srun_and_the_job_is_requeued(tmp_path):
+    # `#SBATCH --signal=B:USR1@120` signals the batch shell only; it must pass the signal on.
+    proc = subprocess.Popen([str(LAUNCH / "slurm.sbatch"), str(CONFIG)], env=fake_slurm(tmp_path, "wait"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "srun.started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 75, out
+    assert (tmp_path / "srun.signal").read_text() == "USR1\n"
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
+    assert "requeueing job 4242" in out
+
+
+def test_stop_signal_reaches_the_ranks_and_the_launchers_above_them_pass_on_their_status(tmp_path, capfd):
+    # Stands in for DeepSpeed's runner: no SIGUSR1 handler of its own (as DeepSpeed's); one "rank" below
+    # it that, like the training job, handles SIGUSR1 by saving and exiting 75. The rank gets the signal
+    # twice (from SLURM and from the launcher), as under SLURM.
+    rank = tmp_path / "rank.py"
+    rank.write_text(
+        "import pathlib, signal, sys, time\n"
+        "def stop(*_):\n"
+        f"    pathlib.Path({str(tmp_path / 'rank.signal')!r}).write_text('USR1')\n"
+        "    sys.exit(75)\n"
+        "signal.signal(signal.SIGUSR1, stop)\n"
+        f"pathlib.Path({str(tmp_path / 'rank.ready')!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+    runner = tmp_path / "runner.py"
+    runner.write_text(f"import subprocess, sys\nsys.exit(subprocess.call([sys.executable, {str(rank)!r}]))\n")
+
+    def signal_when_ready() -> None:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "rank.ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # as SLURM does: every process of the job step, the launcher under test (this one) and all below it
+        for pid in supervise.descendants(os.getpid()):
+            os.kill(pid, signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    import threading
+
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    code = launch.run_launcher([sys.executable, str(runner)], script_env(), tmp_path / "logs")
+    assert code == 75  # the runner survived SIGUSR1 (ignored, as launched) and passed the rank's status on
+    assert (tmp_path / "rank.signal").read_text() == "USR1"
+    assert "SIGUSR1: stopping the ranks" in capfd.readouterr().err
+
+
 # ============================================================================================ config, env
 
 
