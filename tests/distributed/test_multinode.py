@@ -18,6 +18,7 @@ import getpass
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -127,7 +128,7 @@ def rank_processes(out: Path) -> dict[int, dict[str, str]]:
 
 def every_command_line() -> str:
     """What `ps` shows of every process on this machine (full argument lists)."""
-    return subprocess.run(["ps", "-eww", "-o", "args"], check=True, capture_output=True, text=True).stdout
+    return subprocess.run(["ps", "-eww", "-o", "pid=,args="], check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +209,41 @@ def test_wandb_variables_and_secrets_reach_every_rank_off_the_command_lines(mult
     logs = multinode_run["out"] / "run" / "logs"
     assert not (logs / ".wandb-netrc").exists() and not (logs / ".hf-token").exists()  # deleted at the end
     assert list((multinode_run["out"] / "run" / "wandb").glob("offline-run-*"))  # rank 0 reported
+
+
+def job_processes(out: Path) -> list[str]:
+    """Every process on this machine whose command line names run folder `out`: DeepSpeed's runner,
+    pdsh and its ssh clients, the remote shells, DeepSpeed's per-node launchers and the ranks."""
+    return [line for line in every_command_line().splitlines() if str(out) in line and "ps -eww" not in line]
+
+
+def test_killing_the_launcher_stops_every_process_on_every_node(ssh_server, tmp_path):
+    # kill -9 leaves the launcher no chance to clean up: DeepSpeed's runner gets SIGTERM from the kernel
+    # (PR_SET_PDEATHSIG) and stops the ranks of every host over pdsh.
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    out = tmp_path / "run"
+    env = environment({"PATH": f"{ssh_server / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    cmd = [str(ROOT / "launch" / "multinode.sh"), "--hostfile", str(hostfile), "--master-port", str(free_port()),
+           str(CONFIG), *RUN, "train.max_steps=100000", f"train.output_dir={out}", "wandb.mode=disabled"]
+    with open(tmp_path / "launcher.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + RUN_LIMIT_S
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and '"kind": "train"' in metrics.read_text()) and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert sorted(rank_processes(out)) == [0, 1]
+        proc.kill()
+        killed_at = time.monotonic()
+        while job_processes(out) and time.monotonic() - killed_at < 90:
+            time.sleep(0.2)
+        seconds = time.monotonic() - killed_at
+        print(f"multinode.sh, SIGKILL to the launcher: {len(job_processes(out))} processes left after {seconds:.1f} s")
+        assert not job_processes(out), job_processes(out)
+        assert seconds < 60  # distributed.timeout_s of RUN
+    finally:
+        proc.wait()
+        for line in job_processes(out):  # a failed test leaves nothing running either
+            os.kill(int(line.split()[0]), signal.SIGKILL)
