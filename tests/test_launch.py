@@ -306,14 +306,19 @@ def test_stop_signal_reaches_the_ranks_and_the_launchers_above_them_pass_on_thei
     # it that, like the training job, handles SIGUSR1 by saving and exiting 75. The rank gets the signal
     # twice (from SLURM and from the launcher), as under SLURM.
     rank = tmp_path / "rank.py"
-    rank.write_text(
+    rank.write_text(  # the handler sets a flag; the loop ends the "step", saves, exits 75
         "import pathlib, signal, sys, time\n"
-        "def stop(*_):\n"
+        "stop = []\n"
+        "def on_usr1(*_):\n"
         f"    pathlib.Path({str(tmp_path / 'rank.signal')!r}).write_text('USR1')\n"
-        "    sys.exit(75)\n"
-        "signal.signal(signal.SIGUSR1, stop)\n"
+        "    stop.append(True)\n"
+        "signal.signal(signal.SIGUSR1, on_usr1)\n"
         f"pathlib.Path({str(tmp_path / 'rank.ready')!r}).touch()\n"
-        "time.sleep(60)\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not stop and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(0.5)  # the rest of the step, and the save\n"
+        "sys.exit(75 if stop else 1)\n"
     )
     runner = tmp_path / "runner.py"
     runner.write_text(f"import subprocess, sys\nsys.exit(subprocess.call([sys.executable, {str(rank)!r}]))\n")
