@@ -122,7 +122,7 @@ print("\n".join(rows))
 
 with open(out / "logs.txt", "w") as logs:  # the tail of every rank's log, for what went wrong
     for n in names:
-        for log in sorted((work / n / "logs").glob("rank-*.log")):
+        for log in sorted((work / n / "logs").glob("*_rank*.log")):  # DeepSpeed's --enable_each_rank_log names
             tail = log.read_text(errors="replace").splitlines()[-60:]
             logs.write(f"===== {n}/{log.name}\n" + "\n".join(tail) + "\n")
 PY

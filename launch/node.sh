@@ -11,10 +11,13 @@
 # processes (K: --nproc-per-node, the same on every node; default every visible GPU, or 1 CPU process);
 # node R holds global ranks R*K .. R*K+K-1, rank 0 (W&B, the adapter) lives on node 0. Every node must
 # see the same CONFIG and train.output_dir (a shared filesystem) and reach A:P. Each rank's output goes to
-# <train.output_dir>/logs/rank-N.log; if a rank dies the others stop within distributed.timeout_s and
-# the launcher names the rank that failed first. Python: $LORA_DIST_PYTHON, else python3 on PATH.
+# <train.output_dir>/logs/<start time>_rank<N>.log (DeepSpeed's --enable_each_rank_log; node 0 shows
+# rank 0's); if a rank dies the others stop within distributed.timeout_s, DeepSpeed's launcher logs the
+# dead rank's exit status, and ours ends with each rank log's last line. Ctrl-C / SIGTERM / SIGUSR1 go to
+# the ranks (they save and exit 75). Python: $LORA_DIST_PYTHON, else python3 on PATH.
 
 set -euo pipefail
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0; fi
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-exec "${LORA_DIST_PYTHON:-python3}" "$here/../lora_dist/launch.py" node "$@"
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's lora_dist, installed or not
+exec "${LORA_DIST_PYTHON:-python3}" -m lora_dist.launch node "$@"

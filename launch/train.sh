@@ -9,11 +9,14 @@
 #
 # Runs `deepspeed --num_gpus N` around `python -m lora_dist train CONFIG ...` (N defaults to every visible
 # GPU, or 1 CPU process; on the CPU DeepSpeed's own default would be the NUMA node count). Each rank's
-# output goes to <train.output_dir>/logs/rank-N.log, rank 0's is shown here too; if a rank fails, the
-# others are stopped and the launcher names the rank that failed first. The master port is a free one.
+# output goes to <train.output_dir>/logs/<start time>_rank<N>.log (DeepSpeed's --enable_each_rank_log),
+# rank 0's is shown here too; if a rank fails, DeepSpeed's launcher stops the others and logs the exit
+# status, and ours ends with each rank log's last line. Ctrl-C / SIGTERM / SIGUSR1 go to the ranks (they
+# save and exit 75; a second one kills). The master port is a free one.
 # --dry-run prints the command. Python: $LORA_DIST_PYTHON, else python3 on PATH (activate the venv).
 
 set -euo pipefail
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0; fi
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-exec "${LORA_DIST_PYTHON:-python3}" "$here/../lora_dist/launch.py" single "$@"
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's lora_dist, installed or not
+exec "${LORA_DIST_PYTHON:-python3}" -m lora_dist.launch single "$@"

@@ -1,15 +1,7 @@
 """Launching `lora-dist train` on one node, over ssh (pdsh), per node by hand, and under SLURM.
 
-The shell scripts in launch/ call this file; it builds one `deepspeed` command per node and runs it.
-Every rank runs inside a small supervisor (`rank` below) that writes the rank's stdout/stderr to
-`<train.output_dir>/logs/rank-N.log` (rank 0 also echoes to the console) and records how the rank
-ended in `rank-N.status.json`; when a launch fails, the launcher reads those records and names the
-rank that failed first. The supervisor also ties the rank to its launcher: if the launcher dies,
-the rank gets SIGTERM (Linux `PR_SET_PDEATHSIG`), so no rank outlives its job.
-
-It imports only the standard library and PyYAML, so the scripts stay quick; run it as a file
-(`python lora_dist/launch.py ...`, what the scripts do) or as `python -m lora_dist.launch ...`
-(the same, after importing the package, a few seconds slower):
+The shell scripts in launch/ run this module (`python -m lora_dist.launch ...`, with the checkout
+first on PYTHONPATH); it checks the arguments, builds one `deepspeed` runner command and runs it:
 
     check-hostfile FILE [--num-gpus N]     validate a DeepSpeed hostfile (format, duplicates, slots)
     nodelist 'node[01-03,07]'              expand a SLURM node list, one host per line
@@ -17,29 +9,28 @@ It imports only the standard library and PyYAML, so the scripts stay quick; run 
     multinode --hostfile FILE [opts] ...   every host of a hostfile, by pdsh (launch/multinode.sh)
     node      --nnodes N --node-rank R --master-addr A --master-port P ...   (launch/node.sh)
     slurm     [opts] CONFIG [overrides]    this node of a SLURM job           (launch/slurm.sbatch)
-    rank      --log-dir D -- CMD ...       internal: supervise one rank
-    report    --log-dir D                  name the rank that failed first
 
-Secrets are never printed and never put on a command line: DeepSpeed's pdsh runner turns every
-forwarded variable into `export K=V;` on the pdsh command line (and logs that line), so
-WANDB_API_KEY and HF_TOKEN travel as 0600 files on the shared run directory instead (`NETRC`,
-`HF_TOKEN_PATH` point at them; deleted when the launcher ends, by success, failure or signal), and
-other secret-looking variables are not forwarded.
+What DeepSpeed's launcher does, it does: one log per rank (`--enable_each_rank_log
+<train.output_dir>/logs`, files `<start time>_rank<N>.log`), stopping the other ranks of a node when
+one fails, and saying which exit status ended the launch. What it lacks is added here: rank 0's log
+is echoed to this console while it runs, a failed launch ends with every rank log's last line, a
+stop signal (SIGINT, SIGTERM, SIGHUP, SIGUSR1) goes to the ranks (which save and exit) rather than
+killing DeepSpeed's launchers under them, and secrets never reach a command line. DeepSpeed's pdsh
+runner turns every forwarded variable into `export K=V;` on the pdsh command line (visible in `ps`
+on every node, and logged), so WANDB_API_KEY and HF_TOKEN travel as 0600 files on the shared run
+directory instead (`NETRC`, `HF_TOKEN_PATH` point at them; deleted when the launcher ends, by
+success, failure or signal), and other secret-looking variables are not forwarded. Ranks stop when
+a launcher above them dies: see `lora_dist.supervise`.
+
+It imports only the standard library, PyYAML and lora_dist's torch-free modules.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # Run as a file, Python puts lora_dist/ itself first on sys.path; our module names must not
-    # shadow anyone's imports.
-    sys.path.pop(0)
-
 import argparse
 import contextlib
-import json
+import ctypes
+import functools
 import os
 import re
 import shlex
@@ -47,15 +38,23 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lora_dist.errors import UserError, read_text
+from lora_dist.files import atomic_write_text
+from lora_dist.supervise import descendants, is_launcher
 
 EXIT_USAGE = 2  # a bad hostfile, argument or environment: the message says what to fix
 DEFAULT_OUTPUT_DIR = "runs/lora"  # TrainConfig.output_dir's default (a test keeps the two equal)
 DEFAULT_MASTER_PORT = 29500
 LOG_SUBDIR = "logs"
-STATUS_SUFFIX = ".status.json"
+STOP_GRACE_S = 120  # after a stop signal, the ranks' time to save and exit before SIGKILL (a 2nd signal: at once)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
 # Variables a rank on another node needs, by exact name or by prefix (pdsh path; srun and node.sh
 # ranks inherit their own environment). DeepSpeed itself forwards PYTHON*, MLFLOW*, UCX*, MV2*.
@@ -63,14 +62,15 @@ FORWARD_NAMES = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONUNBUFFERED", "OMP_N
                  "TOKENIZERS_PARALLELISM", "NETRC", "HF_TOKEN_PATH", "TP_SOCKET_IFNAME")
 FORWARD_PREFIXES = ("WANDB_", "NCCL_", "HF_", "TRANSFORMERS_", "TORCH_", "GLOO_", "LORA_DIST_")
 NOT_FORWARDED = ("CUDA_VISIBLE_DEVICES",)  # DeepSpeed sets it per node
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW", re.IGNORECASE)
+# A secret-looking name has one of these words between underscores (TOKENIZERS_PARALLELISM does not).
+SECRET_NAME = re.compile(r"(^|_)(KEY|APIKEY|TOKEN|SECRET|PASSWORD|PASSWD|PASS|CREDENTIALS?)(_|$)", re.IGNORECASE)
 # What survives DeepSpeed's `export K=V;` (it wraps other values in double quotes, which would
 # expand $ and ` and break on " or \).
 SAFE_VALUE = re.compile(r'^[^"$`\\\n]*$')
 
 
-class LaunchError(RuntimeError):
-    """A problem the user fixes before launching; the message says what and how."""
+class LaunchError(UserError):
+    """A problem the user fixes before launching; the message says what and how, on one line."""
 
 
 def _fail(message: str) -> None:
@@ -126,11 +126,7 @@ def check_hostfile(path: str | Path, num_gpus: int | None = None) -> dict[str, i
     Raises:
         LaunchError: the file is unreadable or invalid.
     """
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise LaunchError(f"cannot read hostfile {path} ({err.strerror})") from None
-    hosts = parse_hostfile(text, str(path))
+    hosts = parse_hostfile(read_text(path, "hostfile", LaunchError), str(path))
     if num_gpus is not None:
         short = [f"{h} (slots={n})" for h, n in hosts.items() if n < num_gpus]
         if short:
@@ -196,7 +192,7 @@ def _expand_item(item: str, whole: str) -> list[str]:
 def slurm_hosts(nodelist: str) -> list[str]:
     """The hosts of a SLURM node list: `scontrol show hostnames` where it exists, else `expand_nodelist`."""
     if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=False, capture_output=True, text=True)
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()
     return expand_nodelist(nodelist)
@@ -298,10 +294,9 @@ def output_dir_of(config: str | Path, overrides: Sequence[str] = ()) -> Path:
     """
     import yaml
 
+    text = read_text(config, "config", LaunchError)
     try:
-        raw = yaml.safe_load(Path(config).read_text()) or {}
-    except OSError as err:
-        raise LaunchError(f"cannot read config {config} ({err.strerror})") from None
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise LaunchError(f"config {config} is not valid YAML ({getattr(err, 'problem', err)})") from None
     train = raw.get("train") if isinstance(raw, dict) else None
@@ -328,7 +323,7 @@ def visible_gpu_count(env: Mapping[str, str]) -> int:
         return 0 if not ids or ids[0].strip().startswith("-") or "NoDevFiles" in visible else len(ids)
     if not shutil.which("nvidia-smi"):
         return 0
-    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    out = subprocess.run(["nvidia-smi", "-L"], check=False, capture_output=True, text=True)
     return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
 
 
@@ -393,14 +388,10 @@ def forwarded_environment(
 
 def write_deepspeed_env(path: Path, exports: Mapping[str, str], files: Mapping[Path, str]) -> None:
     """Write a `.deepspeed_env` (one NAME=VALUE a line, DeepSpeed's format: no blank or comment lines)
-    and the secret files, all mode 0600, each atomically."""
+    and the secret files, all mode 0600 (`atomic_write_text` creates them so), each atomically."""
     for target, content in {**files, path: "".join(f"{k}={v}\n" for k, v in exports.items())}.items():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-        os.replace(tmp, target)
+        atomic_write_text(target, content)
 
 
 def free_port() -> int:
@@ -413,33 +404,32 @@ def free_port() -> int:
 # ============================================================================================ commands
 
 
-def training_command(config: str | Path, overrides: Sequence[str]) -> list[str]:
-    """`python -m lora_dist train CONFIG overrides` with this interpreter and an absolute config path."""
-    return [sys.executable, "-u", "-m", "lora_dist", "train", str(Path(config).absolute()), *overrides]
+def training_args(config: str | Path, overrides: Sequence[str]) -> list[str]:
+    """The runner's program part: `--module lora_dist train CONFIG overrides`, the config made absolute.
 
-
-def rank_command(log_dir: Path, train_cmd: Sequence[str]) -> list[str]:
-    """What DeepSpeed starts for every rank: the supervisor of this file, around the training command."""
-    return [sys.executable, "-u", str(Path(__file__).resolve()), "rank", "--log-dir", str(log_dir), "--", *train_cmd]
+    DeepSpeed starts every rank as `python -u -m lora_dist --local_rank=N train ...` (the CLI drops
+    `--local_rank`), with the runner's interpreter on every node.
+    """
+    return ["--module", "lora_dist", "train", str(Path(config).absolute()), *overrides]
 
 
 def deepspeed_command(
-    rank_cmd: Sequence[str],
+    program: Sequence[str],
     *,
+    log_dir: Path,
     master_port: int,
     master_addr: str | None = None,
     hostfile: Path | None = None,
     num_gpus: int | None = None,
     node_rank: int | None = None,
-    launcher_args: Sequence[str] = (),
 ) -> list[str]:
-    """The `deepspeed` runner command for one launch.
+    """The `deepspeed` runner command for one launch; its ranks log to `log_dir/<time>_rank<N>.log`.
 
-    `--no_python --no_local_rank`: DeepSpeed starts `rank_cmd` as is (our supervisor), which appends
-    `--local_rank=N` to the training command itself. `node_rank` selects the per-node mode
-    (`--no_ssh --node_rank`, which needs `master_addr`; without it DeepSpeed would ssh to the first host).
+    `node_rank` selects the per-node mode (`--no_ssh --node_rank`, which needs `master_addr`; without
+    it DeepSpeed would ssh to the first host).
     """
-    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(master_port)]
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(master_port),
+           "--enable_each_rank_log", str(log_dir)]
     if hostfile is not None:
         cmd += ["--hostfile", str(hostfile)]
     if master_addr:
@@ -450,8 +440,7 @@ def deepspeed_command(
         if not master_addr:
             raise LaunchError("per-node launch needs --master-addr (DeepSpeed's --no_ssh would still ssh without it)")
         cmd += ["--no_ssh", "--node_rank", str(node_rank)]
-    cmd += [*launcher_args, "--no_python", "--no_local_rank", *rank_cmd]
-    return cmd
+    return [*cmd, *program]
 
 
 def node_hostfile(nnodes: int, procs_per_node: int, hosts: Sequence[str] | None = None) -> str:
@@ -461,164 +450,133 @@ def node_hostfile(nnodes: int, procs_per_node: int, hosts: Sequence[str] | None 
     return "".join(f"{name} slots={procs_per_node}\n" for name in names)
 
 
-# ============================================================================================ rank supervisor
+# ============================================================================================ running
 
 
-def _die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to send `sig` to this process when its parent exits (no-op elsewhere)."""
+def rank_logs(log_dir: Path, since: float) -> list[Path]:
+    """DeepSpeed's per-rank logs written by launches started at or after `since` (epoch seconds),
+    by rank; rank 0's file of a later launch on the same node replaces an earlier one's."""
+    newest: dict[int, Path] = {}
+    for path in sorted(log_dir.glob("*_rank*.log")):  # the start-time prefix sorts by time
+        rank = path.stem.rpartition("_rank")[2]
+        if rank.isdigit() and path.stat().st_mtime >= since:
+            newest[int(rank)] = path
+    return [newest[r] for r in sorted(newest)]
+
+
+class _RankZeroEcho:
+    """Copies what rank 0 writes to its log onto this console, as it comes (where the log is
+    visible here: rank 0 runs on this node, or the run folder is shared)."""
+
+    def __init__(self, log_dir: Path, since: float):
+        self.log_dir, self.since = log_dir, since
+        self.path: Path | None = None
+        self.offset = 0
+
+    def pump(self) -> None:
+        if self.path is None:
+            logs = rank_logs(self.log_dir, self.since) if self.log_dir.is_dir() else []
+            if not logs or not logs[0].stem.endswith("_rank0"):
+                return
+            self.path = logs[0]
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        if chunk:
+            self.offset += len(chunk)
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip()[:300] if lines else "(empty)"
+
+
+def _stop_ranks(runner: subprocess.Popen, signum: int, over_ssh: bool) -> None:
+    """Pass a stop signal on: to the ranks on this node (not to DeepSpeed's launchers above them,
+    which would die of it and orphan the ranks), or, over pdsh, to DeepSpeed's runner, whose own
+    handler stops every node (`pkill` over pdsh: SIGTERM to the ranks)."""
+    if over_ssh:
+        with contextlib.suppress(ProcessLookupError):
+            runner.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        return
+    rank_signal = signal.SIGTERM if signum == signal.SIGHUP else signum
+    for pid in descendants(runner.pid):
+        if not is_launcher(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, rank_signal)
+
+
+def _terminate_with_parent() -> Callable[[], None] | None:
+    """What DeepSpeed's runner runs before exec so that it gets SIGTERM when this launcher dies, however
+    it dies (Linux PR_SET_PDEATHSIG); None where there is no prctl. Over pdsh that SIGTERM is the
+    runner's cue to stop every host's ranks; on one node the ranks notice their launchers' end
+    themselves (`lora_dist.supervise`). Resolved here, in the parent: the forked child only calls it."""
     try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG = 1
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
-
-
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
-
-
-def run_rank(log_dir: Path, cmd: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    """Run one rank: output to `log_dir/rank-N.log` (echoed to stdout on rank 0), status to
-    `log_dir/rank-N.status.json` ({rank, node_rank, host, pid, started, ended, exit_code, signal}).
-
-    Appends `--local_rank=$LOCAL_RANK` to `cmd` (DeepSpeed's convention). Forwards SIGTERM/SIGINT to
-    the rank; dies (SIGTERM to the rank) if the node launcher dies.
-
-    Returns:
-        The exit status for the launcher: the rank's, or 128 + signal number if a signal ended it.
-    """
-    env = dict(os.environ if env is None else env)
-    rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    status_path = log_dir / f"rank-{rank}{STATUS_SUFFIX}"
-    record: dict[str, Any] = {
-        "rank": rank, "local_rank": local_rank, "node_rank": int(env.get("CROSS_RANK", "0")),
-        "world_size": int(env.get("WORLD_SIZE", "1")), "host": socket.gethostname(),
-        "started": time.time(), "ended": None, "exit_code": None, "signal": None,
-    }
-    _die_with_parent()
-    with open(log_dir / f"rank-{rank}.log", "ab", buffering=0) as log:
-        log.write(f"==== rank {rank} on {record['host']} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-        echo = rank == 0
-        child = subprocess.Popen(
-            [*cmd, f"--local_rank={local_rank}"], env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if echo else log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-        )
-        record["pid"] = child.pid
-        _write_json(status_path, record)
-
-        def forward(signum: int, _frame: Any) -> None:
-            child.send_signal(signum)
-
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
-        if echo:
-            for chunk in iter(lambda: os.read(child.stdout.fileno(), 65536), b""):
-                log.write(chunk)
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-        code = child.wait()
-    record.update(ended=time.time(), exit_code=code)
-    if code < 0:
-        record["signal"] = signal.Signals(-code).name
-    _write_json(status_path, record)
-    if code != 0:
-        how = f"killed by {record['signal']}" if code < 0 else f"exit status {code}"
-        print(f"lora_dist.launch: rank {rank} ended: {how}", file=sys.stderr, flush=True)
-    return 128 - code if code < 0 else code
-
-
-# ============================================================================================ report
-
-
-def read_statuses(log_dir: Path, since: float = 0.0) -> list[dict[str, Any]]:
-    """The status records of the ranks alive at or after `since` (seconds since the epoch): started
-    then, still running, or ended then. A rank of an earlier attempt ended before it."""
-    out = []
-    for path in sorted(log_dir.glob(f"rank-*{STATUS_SUFFIX}")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # being replaced right now, or a torn file from a dead node
-        ended = record.get("ended")
-        if record.get("started", 0) >= since or ended is None or ended >= since:
-            out.append(record)
-    return out
-
-
-def failure_report(log_dir: Path, since: float = 0.0, tail: int = 15) -> str | None:
-    """Which rank failed first, how, where its log is and the log's last lines; None if none failed.
-
-    Ranks on other nodes are seen when `log_dir` is on a filesystem all nodes share (the usual case
-    for a run's output directory); otherwise only this node's.
-    """
-    failed = [r for r in read_statuses(log_dir, since) if r.get("exit_code") not in (None, 0)]
-    if not failed:
         return None
-    failed.sort(key=lambda r: r["ended"])
-    first = failed[0]
-
-    def how(r: dict[str, Any]) -> str:
-        return f"killed by {r['signal']}" if r.get("signal") else f"exit status {r['exit_code']}"
-
-    log = log_dir / f"rank-{first['rank']}.log"
-    lines = [
-        f"rank {first['rank']} (node {first['node_rank']}, host {first['host']}, pid {first.get('pid')}) failed first: "
-        f"{how(first)} at {time.strftime('%H:%M:%S', time.localtime(first['ended']))}"
-    ]
-    for r in failed[1:]:
-        lines.append(f"  then rank {r['rank']} (node {r['node_rank']}): {how(r)}, {r['ended'] - first['ended']:+.1f} s")
-    lines.append(f"  log of rank {first['rank']}: {log}")
-    try:
-        last = log.read_text(errors="replace").splitlines()[-tail:]
-    except OSError:
-        last = []
-    lines += [f"  | {line}" for line in last]
-    return "\n".join(lines)
+    return functools.partial(prctl, 1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
 
 
-# ============================================================================================ launching
+def run_launcher(cmd: Sequence[str], env: Mapping[str, str], log_dir: Path, over_ssh: bool = False,
+                 echo: bool = True) -> int:
+    """Run a deepspeed runner command to the end, echoing rank 0's log. Returns its exit status.
 
-
-def run_launcher(cmd: Sequence[str], env: Mapping[str, str], log_dir: Path) -> int:
-    """Run a deepspeed command to the end; on failure print which rank failed first. Returns its status.
-
-    The command gets its own process group: SIGINT/SIGTERM to us go to all of it (SIGHUP, a closed
-    terminal or ssh session, as SIGTERM), and whatever is left 30 s later is killed, so an
-    interrupted launch leaves nothing running. The caller's signal handlers are restored at the end.
+    A stop signal (SIGINT, SIGTERM, SIGHUP, SIGUSR1) goes to the ranks (see `_stop_ranks`); whatever
+    is left STOP_GRACE_S later, or at a second signal, is killed. The runner has its own session so
+    a terminal's Ctrl-C reaches the ranks once, through here. The caller's handlers are restored at
+    the end.
     """
-    started = time.time() - 1.0  # status times come from the same clock on this node; allow rounding
+    started = time.time() - 1.0  # file times and ours come from the same clock; allow rounding
     proc: subprocess.Popen | None = None
     kill_at: list[float] = []
 
     def stop(signum: int, _frame: Any) -> None:
+        if kill_at:  # asked twice: do not wait for the ranks
+            kill_at[0] = 0.0
+            return
+        kill_at.append(time.monotonic() + STOP_GRACE_S)
+        _note(f"{signal.Signals(signum).name}: stopping the ranks (they save and exit; "
+              f"killed in {STOP_GRACE_S} s, or at once on a second signal)")
         if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM if signum == signal.SIGHUP else signum)
-        kill_at.append(time.monotonic() + 30)
+            _stop_ranks(proc, signum, over_ssh)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    rank0 = _RankZeroEcho(log_dir, started)
     try:
-        proc = subprocess.Popen(list(cmd), env=dict(env), start_new_session=True)
+        # DeepSpeed's runner starts with SIGUSR1 ignored (an ignored signal stays so across fork and exec,
+        # down to the ranks): SLURM signals every process of a job step, and SIGUSR1's default action
+        # would kill DeepSpeed's launchers above the ranks, losing the ranks' exit status (75: saved,
+        # requeue me). The training job installs its own SIGUSR1 handler over the inherited SIG_IGN.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        proc = subprocess.Popen(list(cmd), env=dict(env), start_new_session=True,
+                                preexec_fn=_terminate_with_parent())  # noqa: PLW1509 (a bare C call)
+        signal.signal(signal.SIGUSR1, stop)
         if kill_at:  # a signal came while it was starting
-            os.killpg(proc.pid, signal.SIGTERM)
+            _stop_ranks(proc, signal.SIGTERM, over_ssh)
         while proc.poll() is None:
             time.sleep(0.2)
+            if echo:
+                rank0.pump()
             if kill_at and time.monotonic() > kill_at[0]:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
+        if echo:
+            rank0.pump()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     code = proc.returncode
-    if kill_at:
-        _note(f"stopped on request; every rank of this node has ended (status {code})")
-    elif code != 0:
-        report = failure_report(log_dir, since=started)
-        _note(report or f"the launch failed (status {code}) before any rank started; see the messages above")
+    if code != 0:
+        logs = rank_logs(log_dir, started) if log_dir.is_dir() else []
+        lines = [f"the launch ended with exit status {code}"
+                 + (" after a stop signal" if kill_at else "")
+                 + ("; the last line of each rank's log on this machine:" if logs else
+                    "; no rank log on this machine (see the messages above)")]
+        lines += [f"  {path}: {_last_line(path)}" for path in logs]
+        _note("\n".join(lines))
     return 128 - code if code < 0 else code
 
 
@@ -632,21 +590,23 @@ def _print_command(cmd: Sequence[str], env_changes: Mapping[str, str], exports: 
 
 
 def _launch(args: argparse.Namespace, cmd: list[str], env: dict[str, str], log_dir: Path,
-            exports: dict[str, str] | None = None, files: dict[Path, str] | None = None) -> int:
+            exports: dict[str, str] | None = None, files: dict[Path, str] | None = None, echo: bool = True) -> int:
+    """Print the command (--dry-run) or run it (`run_launcher`), with the forwarded environment and
+    secret files (pdsh only) written for the launch and the secret files deleted after it."""
     shown = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "DS_ENV_FILE")  # what we add to the user's environment
     changes = {k: env[k] for k in shown if k in env and os.environ.get(k) != env[k]}
     if args.dry_run:
         _print_command(cmd, changes, exports)
         return 0
     log_dir.mkdir(parents=True, exist_ok=True)
-    _note(f"per-rank logs: {log_dir}/rank-N.log")
+    _note(f"per-rank logs: {log_dir}/<start time>_rank<N>.log" + (" (rank 0's shown here)" if echo else ""))
     # The secret files live only as long as the launch: deleted however it ends (a signal too: until
     # run_launcher takes them over, SIGTERM and SIGHUP end this process through the `finally`).
     previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         if exports is not None:
             write_deepspeed_env(Path(env["DS_ENV_FILE"]), exports, files or {})
-        return run_launcher(cmd, env, log_dir)
+        return run_launcher(cmd, env, log_dir, over_ssh=exports is not None, echo=echo)
     finally:
         for secret in files or {}:
             with contextlib.suppress(FileNotFoundError):
@@ -666,7 +626,7 @@ def _cmd_single(args: argparse.Namespace) -> int:
         raise LaunchError(f"--num-gpus {procs} but this node has {gpus} GPU(s)")
     log_dir = output_dir_of(args.config, args.overrides) / LOG_SUBDIR
     cmd = deepspeed_command(
-        rank_command(log_dir, training_command(args.config, args.overrides)),
+        training_args(args.config, args.overrides), log_dir=log_dir,
         master_port=args.master_port or free_port(), num_gpus=procs,
     )
     return _launch(args, cmd, rank_environment(os.environ, procs, gpus), log_dir)
@@ -675,9 +635,10 @@ def _cmd_single(args: argparse.Namespace) -> int:
 def _cmd_multinode(args: argparse.Namespace) -> int:
     hostfile = Path(args.hostfile).absolute()
     hosts = check_hostfile(hostfile, args.num_gpus)
-    if len(hosts) > 1 and not shutil.which("pdsh") and not args.dry_run:
-        raise LaunchError("pdsh is not installed (DeepSpeed reaches the other hosts with it); install pdsh, "
-                          "or start each node with launch/node.sh")
+    missing = [tool for tool in ("pdsh", "ssh") if not shutil.which(tool)]
+    if len(hosts) > 1 and missing and not args.dry_run:
+        raise LaunchError(f"{' and '.join(missing)} not found (DeepSpeed reaches the other hosts with pdsh over ssh): "
+                          "install them (apt-get install pdsh openssh-client), or start each node with launch/node.sh")
     log_dir = output_dir_of(args.config, args.overrides) / LOG_SUBDIR
     procs = args.num_gpus or min(hosts.values())
     env = rank_environment(os.environ, procs, visible_gpu_count(os.environ))
@@ -686,7 +647,7 @@ def _cmd_multinode(args: argparse.Namespace) -> int:
         _note(f"not forwarded to other nodes: {item}")
     env["DS_ENV_FILE"] = str(log_dir / ".deepspeed_env")  # DeepSpeed reads it from an absolute name too
     cmd = deepspeed_command(
-        rank_command(log_dir, training_command(args.config, args.overrides)),
+        training_args(args.config, args.overrides), log_dir=log_dir,
         master_port=args.master_port or DEFAULT_MASTER_PORT, master_addr=args.master_addr,
         hostfile=hostfile, num_gpus=args.num_gpus,
     )
@@ -701,14 +662,14 @@ def _node_launch(args: argparse.Namespace, plan: NodePlan) -> int:
     log_dir = output_dir_of(args.config, args.overrides) / LOG_SUBDIR
     hostfile = log_dir / f"node-{plan.node_rank}.hostfile"
     cmd = deepspeed_command(
-        rank_command(log_dir, training_command(args.config, args.overrides)),
+        training_args(args.config, args.overrides), log_dir=log_dir,
         master_port=plan.master_port, master_addr=plan.master_addr, hostfile=hostfile, node_rank=plan.node_rank,
     )
     if not args.dry_run:
         hostfile.parent.mkdir(parents=True, exist_ok=True)
-        hostfile.write_text(node_hostfile(plan.nnodes, procs, plan.hosts))
+        atomic_write_text(hostfile, node_hostfile(plan.nnodes, procs, plan.hosts))
     _note(f"node {plan.node_rank} of {plan.nnodes}, {procs} process(es), master {plan.master_addr}:{plan.master_port}")
-    return _launch(args, cmd, rank_environment(os.environ, procs, gpus), log_dir)
+    return _launch(args, cmd, rank_environment(os.environ, procs, gpus), log_dir, echo=plan.node_rank == 0)
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
@@ -734,18 +695,6 @@ def _cmd_nodelist(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_rank(args: argparse.Namespace) -> int:
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if not cmd:
-        raise LaunchError("rank: give the command to run after --")
-    return run_rank(Path(args.log_dir), cmd)
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    print(failure_report(Path(args.log_dir), args.since) or "no rank failed")
-    return 0
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -753,8 +702,27 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (the problem, and where the usage is) and exit 2, and
+    no abbreviated options (`--num-gpu 2` is a typo to report, not `--num-gpus 2` to run)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _fail(f"{self.prog.removeprefix('lora_dist.launch ')}: {message} (usage: {self.prog} --help)")
+        raise SystemExit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora_dist.launch", description=__doc__.split("\n")[0])
+    parser = _OneLineParser(prog="lora_dist.launch", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def run_args(p: argparse.ArgumentParser) -> None:
@@ -773,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("single", help="one node: all visible GPUs, or N CPU processes")
     p.add_argument("--num-gpus", type=_positive, help="processes (GPUs) to use; default all GPUs, or 1 on a CPU node")
-    p.add_argument("--master-port", type=int, help="default: a free port")
+    p.add_argument("--master-port", type=_port, help="default: a free port")
     run_args(p)
     p.set_defaults(func=_cmd_single)
 
@@ -781,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostfile", required=True)
     p.add_argument("--num-gpus", type=_positive, help="GPUs per host (default: each host's slots)")
     p.add_argument("--master-addr", help="address of the first host (default: DeepSpeed asks it by ssh)")
-    p.add_argument("--master-port", type=int, help=f"default {DEFAULT_MASTER_PORT}")
+    p.add_argument("--master-port", type=_port, help=f"default {DEFAULT_MASTER_PORT}")
     p.add_argument("--env", action="append", default=[], metavar="NAME", help="forward one more variable")
     run_args(p)
     p.set_defaults(func=_cmd_multinode)
@@ -790,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", type=_positive, required=True)
     p.add_argument("--node-rank", type=int, required=True)
     p.add_argument("--master-addr", required=True)
-    p.add_argument("--master-port", type=int, required=True)
+    p.add_argument("--master-port", type=_port, required=True)
     p.add_argument("--nproc-per-node", type=_positive, help="default: visible GPUs, or 1 on a CPU node")
     run_args(p)
     p.set_defaults(func=_cmd_node)
@@ -800,15 +768,6 @@ def build_parser() -> argparse.ArgumentParser:
     run_args(p)
     p.set_defaults(func=_cmd_slurm)
 
-    p = sub.add_parser("rank", help="internal: supervise one rank")
-    p.add_argument("--log-dir", required=True)
-    p.add_argument("cmd", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_rank)
-
-    p = sub.add_parser("report", help="name the rank that failed first")
-    p.add_argument("--log-dir", required=True)
-    p.add_argument("--since", type=float, default=0.0, help="ignore ranks started before (epoch seconds)")
-    p.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -839,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except LaunchError as err:
+    except UserError as err:
         _fail(str(err))
         return EXIT_USAGE
 
