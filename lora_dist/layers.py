@@ -125,7 +125,7 @@ class LoRALayer(nn.Module):
         dropout: float = 0.0,
         merge_weights: bool = False,
         **kwargs,
-    ) -> "LoRALayer":
+    ) -> LoRALayer:
         """Wrap an existing linear (dense or bitsandbytes) without copying or dequantizing it."""
         if not quant.is_supported_linear(base):
             raise TypeError(

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from lora_dist import quant
-from lora_dist.layers import INITS, LoRALayer, check_hparams, lora_scaling
+from lora_dist.errors import ConfigError
+from lora_dist.layers import LoRALayer, check_hparams
 
 BIAS_MODES = ("none", "lora_only", "all")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,8 +31,10 @@ class LoRAConfig:
         target_modules: module-name suffixes (["q_proj", "v_proj"]) or one regex string matched
             against full module names ("model\\.layers\\.\\d+\\.self_attn\\.(q|v)_proj").
         exclude_modules: suffixes (or one regex) of modules to leave alone even if targeted.
-        rank_pattern: {name suffix or regex: rank} overrides, as in PEFT.
-        alpha_pattern: {name suffix or regex: alpha} overrides, as in PEFT.
+        rank_pattern: {key: rank} overrides with PEFT's rule: the first key (in dict order) for
+            which `(.*\\.)?(KEY)$` matches the full module name wins; a key is a name suffix or a
+            regex ("q_proj", "layers\\.0\\.self_attn\\.q_proj", "q_proj|v_proj").
+        alpha_pattern: {key: alpha} overrides, matched like `rank_pattern`.
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
         init: "kaiming" or "gaussian" init of lora_A (lora_B always starts at zero).
         bias: which biases train: "none", "lora_only" (biases of adapted linears) or "all".
@@ -68,14 +74,14 @@ class LoRAConfig:
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         for key, value in self.rank_pattern.items():
-            _compile(key, "rank_pattern key")
+            _check_pattern_key(key, "rank_pattern")
             check_hparams(value, self.alpha, self.dropout, self.init)
         for key, value in self.alpha_pattern.items():
-            _compile(key, "alpha_pattern key")
+            _check_pattern_key(key, "alpha_pattern")
             check_hparams(self.rank, value, self.dropout, self.init)
 
     @classmethod
-    def from_dict(cls, values: "LoRAConfig | dict[str, Any]") -> "LoRAConfig":
+    def from_dict(cls, values: LoRAConfig | dict[str, Any]) -> LoRAConfig:
         """Accept a LoRAConfig or a plain dict with the same keys (unknown keys are an error)."""
         if isinstance(values, cls):
             return values
@@ -120,12 +126,31 @@ def _name_matches(name: str, spec: list[str] | str) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
+def _pattern_regex(key: str) -> str:
+    return rf"(.*\.)?({key})$"
+
+
+def _check_pattern_key(key: object, what: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{what} keys must be non-empty module-name suffixes or regexes, got {key!r}")
+    try:
+        re.compile(_pattern_regex(key))
+    except re.error as err:
+        raise ValueError(f"{what} key {key!r} is not a valid regex ({err})") from None
+
+
 def _pattern_value(name: str, patterns: dict, default):
-    # PEFT's rule: a key matches a module whose full name ends with it (keys may be regexes).
+    r"""The value of the first key of `patterns` that names module `name`, else `default`.
+
+    PEFT's rule (`peft.utils.other.get_pattern_key`, 0.21), kept to the letter so an adapter means
+    the same thing in both: keys are tried in the dict's order (a saved adapter_config.json keeps
+    it) and a key matches when `re.match(r"(.*\.)?(KEY)$", name)` does. The group around KEY makes
+    an alternation (`q_proj|v_proj`) bind to the whole name suffix, not only its first branch.
+    """
     for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?{key}", name):
+        if re.match(_pattern_regex(key), name):
             return value
-    return default
+    return patterns.get(name, default)  # PEFT looks the name itself up when no key matched
 
 
 class LoRAModel(nn.Module):
@@ -135,11 +160,18 @@ class LoRAModel(nn.Module):
         base_model: the model to adapt; its targeted linears are replaced in place.
         lora_config: a `LoRAConfig` or a dict with its keys.
         merge_weights: start merged (for inference).
+        allow_rank_above_layer_size: log, rather than refuse, a rank above min(in, out) of a layer
+            (for adapter files that already have one; PEFT computes them exactly).
 
     Attributes:
         base_model: the wrapped model (forward passes straight through to it).
         lora_config: the validated `LoRAConfig`.
         lora_layers: {full module name: LoRALayer}.
+        carried_weights: names of base tensors replaced from an adapter file (saved with it).
+        modules_to_save: PEFT `modules_to_save` keys of such an adapter, else None.
+
+    Adapter files (PEFT layout) are read and written by `lora_dist.adapters`: `save_adapter(model,
+    path)`, `load_adapter(model, path)`, `from_pretrained(base, path)`, `merge_and_export(model, path)`.
     """
 
     def __init__(
@@ -147,18 +179,25 @@ class LoRAModel(nn.Module):
         base_model: nn.Module,
         lora_config: LoRAConfig | dict[str, Any],
         merge_weights: bool = False,
+        *,
+        allow_rank_above_layer_size: bool = False,
     ):
         super().__init__()
         self.lora_config = LoRAConfig.from_dict(lora_config)
         self.base_model = base_model
         self.lora_layers: dict[str, LoRALayer] = {}
-        self._inject()
+        # Dense base tensors an adapter file carried in full and that this model now holds (PEFT's
+        # save_embedding_layers when they differ from the base, every tensor of a modules_to_save
+        # module), by name in base_model; saved again with the adapter. Filled by lora_dist.adapters.
+        self.carried_weights: set[str] = set()
+        self.modules_to_save: list[str] | None = None  # PEFT's keys for those modules, if any
+        self._inject(allow_rank_above_layer_size)
         self._set_trainable()
         if merge_weights:
             self.merge()
 
     # ------------------------------------------------------------------ construction
-    def _inject(self) -> None:
+    def _inject(self, allow_rank_above_layer_size: bool) -> None:
         cfg = self.lora_config
         linears = [n for n, m in self.base_model.named_modules() if quant.is_supported_linear(m)]
         matched = [
@@ -167,7 +206,7 @@ class LoRAModel(nn.Module):
             if n and cfg.matches(n) and not isinstance(m, LoRALayer)
         ]
         if not matched:
-            raise ValueError(
+            raise ConfigError(
                 f"target_modules {cfg.target_modules!r} matched no module; "
                 f"linear modules available: {_summarize(linears)}"
             )
@@ -178,6 +217,7 @@ class LoRAModel(nn.Module):
                 f"target_modules matched {name!r}, a {kind}, which LoRA cannot wrap (only nn.Linear, "
                 f"bitsandbytes Linear8bitLt / Linear4bit); linear modules available: {_summarize(linears)}"
             )
+        _check_ranks([(n, m, cfg.rank_for(n)) for n, m in matched], allow_rank_above_layer_size)
         for name, module in matched:
             layer = LoRALayer.from_base(
                 module,
@@ -238,32 +278,6 @@ class LoRAModel(nn.Module):
             if id(p) in wanted
         }
 
-    # ------------------------------------------------------------------ adapter files
-    def save_adapter(self, path, **kwargs):
-        """Write the adapter in the PEFT layout; see `lora_dist.adapters.save_adapter`."""
-        from lora_dist import adapters  # adapters imports this module
-
-        return adapters.save_adapter(self, path, **kwargs)
-
-    def load_adapter(self, path) -> None:
-        """Load an adapter (ours or PEFT's), all or nothing; see `lora_dist.adapters.load_adapter`."""
-        from lora_dist import adapters
-
-        adapters.load_adapter(self, path)
-
-    def merge_and_export(self, path, **kwargs):
-        """Write a standalone merged Hugging Face model folder; see `lora_dist.adapters.merge_and_export`."""
-        from lora_dist import adapters
-
-        return adapters.merge_and_export(self, path, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, base_model: nn.Module, path) -> "LoRAModel":
-        """Wrap `base_model` as an adapter folder describes and load it; see `lora_dist.adapters`."""
-        from lora_dist import adapters
-
-        return adapters.from_pretrained(base_model, path)
-
     # ------------------------------------------------------------------ merge state
     @property
     def merged(self) -> bool:
@@ -297,6 +311,31 @@ class LoRAModel(nn.Module):
         except AttributeError:
             # HF conveniences (config, generate, device, ...) read straight from the base model.
             return getattr(super().__getattr__("base_model"), name)
+
+
+def _check_ranks(layers: list[tuple[str, nn.Module, int]], allow: bool) -> None:
+    """Refuse (or, for an adapter file that already has them, log) ranks above min(in, out).
+
+    B @ A of an (out, in) layer has rank at most min(in, out): a larger r adds parameters, optimizer
+    state and adapter bytes but no expressive power, and alpha / r then scales the update down
+    for nothing. Clamping silently would change the scaling the user asked for (and the adapter's
+    shape against its config), so a new adapter is refused with the limit to use instead.
+    """
+    over = [(n, r, min(m.in_features, m.out_features)) for n, m, r in layers if r > min(m.in_features, m.out_features)]
+    if not over:
+        return
+    name, rank, limit = over[0]
+    others = f" (and {len(over) - 1} more layers)" if len(over) > 1 else ""
+    if allow:
+        logger.warning(
+            "LoRA rank %d of %s exceeds min(in, out) = %d%s: the extra rank adds bytes, not capacity",
+            rank, name, limit, others,
+        )
+        return
+    raise ConfigError(
+        f"LoRA rank {rank} of {name} exceeds min(in_features, out_features) = {limit}{others}: B @ A cannot "
+        f"exceed that rank; set lora.rank <= {limit} (or lower it for that layer with rank_pattern)"
+    )
 
 
 def _contains(params: list[nn.Parameter], p: nn.Parameter) -> bool:

@@ -6,7 +6,6 @@ Quantized bases compute in fp32 here so that rounding bounds are short to state.
 """
 
 import json
-import math
 
 import pytest
 import torch
@@ -14,21 +13,29 @@ import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from test_loading import VOCAB, save_tiny_llama
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 from lora_dist import LoRAConfig, LoRALayer, LoRAModel, LoRAOptimizer
 from lora_dist.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     describe_adapter,
+    from_pretrained,
     load_adapter,
     merge_and_export,
     run_merge,
     save_adapter,
 )
+from lora_dist.errors import AdapterError
 from lora_dist.loading import load_base_model
 from lora_dist.quant import dequantize_weight
-from test_loading import VOCAB, save_tiny_llama
 
 U32, U16, UBF16 = 2.0**-24, 2.0**-11, 2.0**-8  # unit roundoff (round to nearest) of fp32, fp16, bf16
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -82,9 +89,9 @@ def test_trained_adapter_round_trip_is_bitwise_in_fp32(base_dir, tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    model.save_adapter(tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
 
-    restored = LoRAModel.from_pretrained(load_base(base_dir), tmp_path / "adapter").eval()
+    restored = from_pretrained(load_base(base_dir), tmp_path / "adapter").eval()
     assert torch.equal(logits(restored), logits(model))
 
 
@@ -106,10 +113,12 @@ def test_save_leaves_no_temporary_folder_and_keeps_other_files(base_dir, tmp_pat
     folder = tmp_path / "a"
     folder.mkdir()
     (folder / "notes.txt").write_text("kept")
+    (folder / "README.md").write_text("my own card")
     save_adapter(model, folder)
     save_adapter(model, folder)  # overwrite=True by default
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
-    assert sorted(p.name for p in folder.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS, "notes.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md", "notes.txt"])
+    assert (folder / "README.md").read_text() == "my own card"  # a card we did not write is never replaced
 
 
 # ------------------------------------------------------------------------------------- PEFT interop
@@ -133,7 +142,7 @@ def test_peft_adapter_loads_in_ours_with_peft_logits(base_dir, tmp_path, kind):
                             init_lora_weights=False, use_rslora=True)  # B random: a non-trivial adapter
     peft_model = get_peft_model(load_base(base_dir, BASES[kind]), config).eval()
     peft_model.save_pretrained(tmp_path / "p")
-    ours = LoRAModel.from_pretrained(load_base(base_dir, BASES[kind]), tmp_path / "p").eval()
+    ours = from_pretrained(load_base(base_dir, BASES[kind]), tmp_path / "p").eval()
     assert ours.lora_config.use_rslora and ours.lora_layers["model.layers.0.self_attn.q_proj"].scaling == 8.0
     torch.testing.assert_close(logits(ours), logits(peft_model), rtol=0, atol=PEFT_TOL)
 
@@ -149,7 +158,7 @@ def test_peft_adapter_with_trained_biases_loads_in_ours(tmp_path):
     with torch.no_grad():
         peft_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias.add_(0.5)  # "trained"
     peft_model.save_pretrained(tmp_path / "p")
-    ours = LoRAModel.from_pretrained(load_base(folder), tmp_path / "p").eval()
+    ours = from_pretrained(load_base(folder), tmp_path / "p").eval()
     assert ours.lora_config.bias == "lora_only"
     torch.testing.assert_close(logits(ours), logits(peft_model), rtol=0, atol=PEFT_TOL)
 
@@ -269,7 +278,7 @@ def test_describe_adapter_reports_rank_targets_counts_and_base(base_dir, tmp_pat
 
 # ------------------------------------------------------------------------------------- bad input
 def test_missing_adapter_folder_is_file_not_found(base_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(AdapterError, match="does not exist"):
         load_adapter(lora(load_base(base_dir)), tmp_path / "nope")
 
 
@@ -277,7 +286,7 @@ def test_folder_without_weights_names_the_missing_file(base_dir, tmp_path):
     model = lora(load_base(base_dir))
     save_adapter(model, tmp_path / "a")
     (tmp_path / "a" / ADAPTER_WEIGHTS).unlink()
-    with pytest.raises(FileNotFoundError, match=ADAPTER_WEIGHTS):
+    with pytest.raises(AdapterError, match=ADAPTER_WEIGHTS):
         load_adapter(model, tmp_path / "a")
 
 
@@ -285,7 +294,7 @@ def test_folder_without_config_names_the_missing_file(base_dir, tmp_path):
     model = lora(load_base(base_dir))
     save_adapter(model, tmp_path / "a")
     (tmp_path / "a" / ADAPTER_CONFIG).unlink()
-    with pytest.raises(FileNotFoundError, match=ADAPTER_CONFIG):
+    with pytest.raises(AdapterError, match=ADAPTER_CONFIG):
         load_adapter(model, tmp_path / "a")
 
 
@@ -326,7 +335,7 @@ def test_adapter_for_another_architecture_is_refused_and_the_base_left_plain(bas
     save_adapter(LoRAModel(opt, LoRAConfig(rank=4, target_modules=["q_proj", "v_proj"])), tmp_path / "opt")
     base = load_base(base_dir)
     with pytest.raises(ValueError, match=r"'model\.decoder\.layers\.0\.self_attn\.[qv]_proj\.lora_[AB]\.weight'.*another architecture"):
-        LoRAModel.from_pretrained(base, tmp_path / "opt")
+        from_pretrained(base, tmp_path / "opt")
     assert not any(isinstance(m, LoRALayer) for m in base.modules())
     assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
@@ -358,7 +367,7 @@ def test_peft_dora_adapter_is_refused_by_name_and_the_base_left_plain(base_dir, 
     peft_model.save_pretrained(tmp_path / "dora")
     base = load_base(base_dir)
     with pytest.raises(ValueError, match="DoRA"):
-        LoRAModel.from_pretrained(base, tmp_path / "dora")
+        from_pretrained(base, tmp_path / "dora")
     assert not any(isinstance(m, LoRALayer) for m in base.modules())
 
 
@@ -446,7 +455,7 @@ def test_cuda_4bit_adapter_round_trip_and_export(base_dir, tmp_path):
     with torch.no_grad():
         qlora = model(tokens).logits.float()
     save_adapter(model, tmp_path / "a")
-    restored = LoRAModel.from_pretrained(cuda_base(), tmp_path / "a").eval()
+    restored = from_pretrained(cuda_base(), tmp_path / "a").eval()
     with torch.no_grad():
         assert torch.equal(restored(tokens).logits.float(), qlora)
     merge_and_export(model, tmp_path / "out")

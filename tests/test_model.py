@@ -1,12 +1,25 @@
 """LoRAModel / LoRAOptimizer / apply_lora_to_model on a tiny Hugging Face Llama and on plain modules."""
 
+import ast
+import logging
+from pathlib import Path
+
 import bitsandbytes as bnb
 import pytest
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lora_dist import LoRAConfig, LoRALayer, LoRAModel, LoRAOptimizer, apply_lora_to_model, quantize_model
+import lora_dist.model
+from lora_dist import (
+    LoRAConfig,
+    LoRALayer,
+    LoRAModel,
+    LoRAOptimizer,
+    apply_lora_to_model,
+    quantize_model,
+)
+from lora_dist.errors import ConfigError
 from lora_dist.quant import logical_numel
 
 HIDDEN, INTER, VOCAB = 64, 128, 256
@@ -118,7 +131,7 @@ def test_unsupported_module_is_named_with_available_linears():
         ({"ranks": 4}, r"unknown LoRA config key\(s\) \['ranks'\]"),
         ({"target_modules": [1, None]}, "target_modules must be a non-empty list"),
         ({"exclude_modules": [3]}, "exclude_modules must be a list"),
-        ({"rank_pattern": {"q_proj(": 4}}, "rank_pattern key is not a valid regex"),
+        ({"rank_pattern": {"q_proj(": 4}}, r"rank_pattern key 'q_proj\(' is not a valid regex"),
     ],
 )
 def test_bad_config_raises_clear_error(cfg, match):
@@ -203,10 +216,53 @@ def test_bitsandbytes_optimizers_train_the_adapter(optimizer_class):
     assert torch.equal(fresh.state[after[0]]["state1"], state)
 
 
-def test_merge_and_export_is_a_model_method(tmp_path):
-    model = LoRAModel(tiny_llama(), {"target_modules": ATTN})
-    out = model.merge_and_export(tmp_path / "merged", dtype=torch.float32)
-    assert (out / "config.json").is_file()
+def test_model_module_imports_no_adapter_code():
+    # model -> adapters -> model was a cycle; adapter files are adapters.py's concern alone.
+    tree = ast.parse(Path(lora_dist.model.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for alias in node.names}
+    assert not any("adapters" in name or "train" in name or "checkpoint" in name for name in imported), imported
+
+
+# ------------------------------------------------------------------------------------- patterns
+def test_alternation_pattern_key_reaches_every_branch_as_in_peft():
+    # PEFT matches (.*\.)?(KEY)$: the group makes `q_proj|v_proj` a suffix alternation.
+    cfg = LoRAConfig(rank=4, alpha=8, target_modules=ATTN, rank_pattern={"q_proj|v_proj": 2},
+                     alpha_pattern={"q_proj|v_proj": 64})
+    assert [cfg.rank_for(f"model.layers.0.self_attn.{p}") for p in ATTN] == [2, 4, 2, 4]
+    assert [cfg.alpha_for(f"model.layers.1.self_attn.{p}") for p in ATTN] == [64, 8, 64, 8]
+    assert cfg.rank_for("model.layers.0.self_attn.xq_proj") == 4  # a suffix after a dot, not a substring
+
+
+def test_first_matching_pattern_key_wins_in_dict_order():
+    name = "model.layers.0.self_attn.q_proj"
+    assert LoRAConfig(rank_pattern={"q_proj": 2, r"layers\.0\.self_attn\.q_proj": 6}).rank_for(name) == 2
+    assert LoRAConfig(rank_pattern={r"layers\.0\.self_attn\.q_proj": 6, "q_proj": 2}).rank_for(name) == 6
+    assert LoRAConfig(rank_pattern={"layers.1.self_attn.q_proj": 6}).rank_for(name) == 8  # the default rank
+
+
+# ------------------------------------------------------------------------------------- rank limit
+def test_rank_above_a_layers_size_is_refused_naming_the_layer_and_its_limit():
+    # k_proj is 64 -> 32 (2 kv heads of 16): B @ A has rank <= 32 there, whatever r is.
+    base = tiny_llama()
+    with pytest.raises(ConfigError, match=r"LoRA rank 48 of model\.layers\.0\.self_attn\.k_proj exceeds "
+                                          r"min\(in_features, out_features\) = 32 \(and 1 more layers\).*rank <= 32"):
+        LoRAModel(base, LoRAConfig(rank=48, target_modules=["q_proj", "k_proj"]))
+    assert not any(isinstance(m, LoRALayer) for m in base.modules())  # refused before any injection
+    model = LoRAModel(base, LoRAConfig(rank=48, target_modules=["q_proj", "k_proj"], rank_pattern={"k_proj": 32}))
+    assert model.lora_layers["model.layers.0.self_attn.k_proj"].rank == 32
+
+
+def test_rank_above_a_layers_size_from_an_adapter_file_is_logged_not_refused(caplog):
+    with caplog.at_level(logging.WARNING, logger="lora_dist.model"):
+        model = LoRAModel(tiny_llama(), LoRAConfig(rank=48, target_modules=["k_proj"]), allow_rank_above_layer_size=True)
+    assert model.lora_layers["model.layers.0.self_attn.k_proj"].rank == 48
+    assert [r.getMessage() for r in caplog.records] == [
+        ("LoRA rank 48 of model.layers.0.self_attn.k_proj exceeds min(in, out) = 32 (and 1 more layers): "
+         "the extra rank adds bytes, not capacity")
+    ]
 
 
 @pytest.mark.parametrize("bits", [None, 4, 8])
