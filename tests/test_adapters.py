@@ -6,6 +6,7 @@ Quantized bases compute in fp32 here so that rounding bounds are short to state.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,6 +297,35 @@ def test_folder_without_config_names_the_missing_file(base_dir, tmp_path):
     (tmp_path / "a" / ADAPTER_CONFIG).unlink()
     with pytest.raises(AdapterError, match=ADAPTER_CONFIG):
         load_adapter(model, tmp_path / "a")
+
+
+@pytest.mark.parametrize("content, match", [
+    (b'{"r": 4, "lora_alpha": \xff\xfe}', r"is not UTF-8 text \(byte 25\): re-save it as UTF-8"),
+    (b'{"r": 4, "lora_alpha": ', r"is not valid JSON"),
+    (b'[1, 2]', r"holds list, not a JSON object"),
+], ids=["non-utf8", "truncated-json", "not-an-object"])
+def test_bad_adapter_config_is_one_line_naming_the_file(base_dir, tmp_path, content, match):
+    model = lora(load_base(base_dir))
+    save_adapter(model, tmp_path / "a")
+    (tmp_path / "a" / ADAPTER_CONFIG).write_bytes(content)
+    for call in (lambda: load_adapter(model, tmp_path / "a"), lambda: describe_adapter(str(tmp_path / "a")),
+                 lambda: run_merge(str(base_dir), str(tmp_path / "a"), str(tmp_path / "out"))):
+        with pytest.raises(AdapterError, match=match) as err:
+            call()
+        assert str(tmp_path / "a" / ADAPTER_CONFIG) in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_new_adapter_folder_is_fsynced_before_it_is_published(base_dir, tmp_path, monkeypatch):
+    from lora_dist import files
+
+    synced = []
+    real = files.fsync_path
+    monkeypatch.setattr(files, "fsync_path", lambda p: (synced.append(Path(p).name), real(p)))
+    save_adapter(lora(load_base(base_dir)), tmp_path / "a")
+    assert {ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md"} <= set(synced)  # every file's data
+    assert synced[-1] == tmp_path.name  # and last the parent, so the rename itself is durable
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
 def test_truncated_safetensors_is_refused_and_nothing_is_loaded(base_dir, tmp_path):
