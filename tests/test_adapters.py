@@ -300,7 +300,7 @@ def test_folder_without_config_names_the_missing_file(base_dir, tmp_path):
 
 
 @pytest.mark.parametrize("content, match", [
-    (b'{"r": 4, "lora_alpha": \xff\xfe}', r"is not UTF-8 text \(byte 25\): re-save it as UTF-8"),
+    (b'{"r": 4, "lora_alpha": \xff\xfe}', r"is not UTF-8 text \(byte 23\): re-save it as UTF-8"),
     (b'{"r": 4, "lora_alpha": ', r"is not valid JSON"),
     (b'[1, 2]', r"holds list, not a JSON object"),
 ], ids=["non-utf8", "truncated-json", "not-an-object"])
