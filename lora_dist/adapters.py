@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -217,9 +218,10 @@ def _config_json(config: dict[str, Any]) -> str:
 def base_quantization(model: LoRAModel) -> dict[str, Any]:
     """How the adapted linears' base was stored when the adapter was trained: what a faithful merge rebuilds.
 
-    Returns {"bits": 4 | 8 | None, "dtype": dense tensors' dtype (the dtype the checkpoint was loaded
-    in)} plus, for 4-bit, "quant_type", "double_quant", "blocksize", "compute_dtype" (the dtype
-    the weights were quantized from is "dtype": bitsandbytes records it in the quant state).
+    Returns {"bits": 4 | 8 | None, "dtype": the dtype the checkpoint was loaded in (4-bit: the one
+    the weights were quantized from, which bitsandbytes records in the quant state)} plus, for
+    4-bit, "quant_type", "double_quant", "blocksize", "compute_dtype" (the matmul's dtype), and for
+    8-bit "compute_dtype" (LLM.int8 follows its input: the dense weights' dtype) and "threshold".
     """
     dtype = _dense_dtype(model)
     for layer in model.lora_layers.values():
@@ -233,7 +235,8 @@ def base_quantization(model: LoRAModel) -> dict[str, Any]:
         if layer.bits == 8:
             # Int8Params round the loaded weight to fp16 and then to int8: the codes depend on the
             # dtype the checkpoint was loaded in (bf16 rounds first), so that is recorded.
-            return {"bits": 8, "dtype": _dtype_name(dtype)}
+            return {"bits": 8, "compute_dtype": _dtype_name(dtype), "dtype": _dtype_name(dtype),
+                    "threshold": float(base.state.threshold)}
     return {"bits": None, "dtype": _dtype_name(dtype)}
 
 
@@ -277,9 +280,14 @@ def _portability(model: LoRAModel) -> list[str]:
     return problems
 
 
+_WARNED: weakref.WeakKeyDictionary[LoRAModel, list[str]] = weakref.WeakKeyDictionary()
+
+
 def _warn_about_clients(model: LoRAModel, path: Path) -> None:
     problems = _portability(model)
-    if problems:
+    # Once per model and set of problems: a training run saves the same adapter at every checkpoint.
+    if problems and _WARNED.get(model) != problems:
+        _WARNED[model] = problems
         logger.warning(
             "adapter %s uses %s: PEFT and lora_dist load it exactly; see the README's 'Serving the adapter' "
             "before converting it for llama.cpp or vLLM", path, "; ".join(problems),
