@@ -108,7 +108,8 @@ def save_adapter(
 
     Args:
         model: the LoRAModel whose adapter tensors (and trained biases) to save; merged or not.
-        path: folder to create (or refresh); its other files are left alone.
+        path: folder to create (or refresh); its other files are left alone. A new folder gets a
+            model card (README.md), refreshed on later saves; an existing folder without ours gets none.
         base_model_name_or_path: recorded for `from_pretrained`/`lora-dist merge`; default: the
             base model's own `name_or_path`.
         overwrite: replace the adapter files of an existing folder (False: refuse).
@@ -155,9 +156,11 @@ def save_adapter(
     # hash no longer matches the one recorded in the weights and loading says so.
     atomic_write_bytes(path / ADAPTER_WEIGHTS, safetensors_bytes(tensors, metadata=metadata))
     atomic_write_text(path / ADAPTER_CONFIG, config_text)
+    # The card is refreshed where we wrote it; a folder laid out by someone else (a checkpoint, a
+    # README of the user's) gets none added and keeps its own.
     card_path = path / MODEL_CARD
-    if not card_path.exists() or _CARD_MARK in card_path.read_text(encoding="utf-8", errors="replace"):
-        atomic_write_text(card_path, card)  # never over a README someone else wrote
+    if card_path.is_file() and _CARD_MARK in card_path.read_text(encoding="utf-8", errors="replace"):
+        atomic_write_text(card_path, card)
     return path
 
 
@@ -583,10 +586,18 @@ def _check_fits(
             raise AdapterError(f"adapter key {key!r} has shape {got} but the model expects {want}{hint}")
         if not tensors[key].dtype.is_floating_point:
             raise AdapterError(f"adapter key {key!r} has dtype {tensors[key].dtype}; expected floating point")
-    for key in full:
+    owners: dict[int, list[str]] = {}
+    for name, p in model.base_model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for key, kind in full.items():
         if key not in tensors:
             raise AdapterError(f"adapter lacks {key!r} of its modules_to_save; adapter: {origin}")
         target = _base_tensor(model.base_model, key)
+        tied = [n for n in owners.get(id(target), []) if n != key]
+        if kind == "module" and tied:
+            # PEFT trains a separate copy of the module; writing into a tied tensor would change both.
+            raise AdapterError(f"modules_to_save tensor {key!r} is tied to {tied[0]!r} in this base; load the base "
+                               f"with tie_word_embeddings=False; adapter: {origin}")
         if not target.dtype.is_floating_point or not tensors[key].dtype.is_floating_point:
             raise AdapterError(f"adapter key {key!r} replaces a {target.dtype} base tensor; only dense floating-point "
                                f"base tensors can be replaced; adapter: {origin}")

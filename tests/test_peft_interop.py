@@ -23,7 +23,7 @@ from peft.utils.integrations import dequantize_bnb_weight
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_loading import VOCAB, save_tiny_llama
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lora_dist import LoRAConfig, LoRAModel
 from lora_dist.adapters import (
@@ -257,6 +257,8 @@ def test_model_card_names_the_base_settings_and_training(base_dir, tmp_path):
     assert card.startswith("---\nbase_model: \"org/tiny\"\nlibrary_name: peft\n")
     assert "r=4, lora_alpha=8" in card and "q_proj, v_proj" in card and "4-bit nf4, double quant" in card
     assert "- Training: steps 30, eval_loss 1.63" in card
+    save_adapter(ours, tmp_path / "a", training={"steps": 60})  # our own card is refreshed
+    assert "- Training: steps 60" in (tmp_path / "a" / MODEL_CARD).read_text()
 
 
 def test_saving_an_adapter_other_clients_compute_differently_logs_one_line(base_dir, tmp_path, caplog):
@@ -330,3 +332,22 @@ def test_8bit_adapter_records_what_its_merge_needs(base_dir, tmp_path):
         recorded = json.loads(f.metadata()["lora_dist_base_quantization"])
     assert recorded == {"bits": 4, "quant_type": "nf4", "double_quant": True, "blocksize": 64,
                         "compute_dtype": "float32", "dtype": "float32"}
+
+
+def test_modules_to_save_over_a_tied_head_is_refused_in_one_line(tmp_path):
+    # PEFT trains a separate copy of lm_head; writing it into a head tied to the embeddings would
+    # change the embeddings too, so that base is refused with the fix.
+    def tied():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        return LlamaForCausalLM(config).eval()
+
+    config = PeftLoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(tied(), config).save_pretrained(tmp_path / "p")
+    base = tied()
+    with pytest.raises(AdapterError, match=r"'lm_head\.weight' is tied to 'model\.embed_tokens\.weight'.*tie_word_embeddings=False"):
+        from_pretrained(base, tmp_path / "p")
+    assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear
