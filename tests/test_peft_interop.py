@@ -351,3 +351,28 @@ def test_modules_to_save_over_a_tied_head_is_refused_in_one_line(tmp_path):
     with pytest.raises(AdapterError, match=r"'lm_head\.weight' is tied to 'model\.embed_tokens\.weight'.*tie_word_embeddings=False"):
         from_pretrained(base, tmp_path / "p")
     assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_4bit_adapter_means_the_same_in_peft_both_ways(base_dir, tmp_path):
+    # The real QLoRA setting: NF4 on the GPU computing in bf16, patterns included. Both sides run the
+    # same bnb kernel for the base and an fp32 adapter branch cast to bf16 once, so logits agree up to
+    # the order of a few bf16 additions: 1e-2 on |logits| < 1 is a few bf16 ulps (2^-8) of margin.
+    def cuda_base():
+        model, _ = load_base_model(str(base_dir), bits=4, compute_dtype=torch.bfloat16, require_tokenizer=False)
+        return model.eval()
+
+    ours = randomize_b(LoRAModel(cuda_base(), LoRAConfig(rank=4, alpha=8, target_modules=ALL, **PATTERNS)))
+    save_adapter(ours, tmp_path / "a")
+    peft_model = PeftModel.from_pretrained(cuda_base(), tmp_path / "a").eval()
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        diff = max_diff(peft_model(ids).logits, ours(ids).logits)
+    config = PeftLoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=False, **PATTERNS)
+    theirs = get_peft_model(cuda_base(), config).eval()
+    theirs.save_pretrained(tmp_path / "p")
+    back = from_pretrained(cuda_base(), tmp_path / "p").eval()
+    with torch.no_grad():
+        back_diff = max_diff(back(ids).logits, theirs(ids).logits)
+    print(f"cuda bf16 4-bit: ours->PEFT {diff:.3g}, PEFT->ours {back_diff:.3g}")
+    assert diff <= 1e-2 and back_diff <= 1e-2
