@@ -213,7 +213,7 @@ class LoRAModel(nn.Module):
         unsupported = [(n, type(m).__name__) for n, m in matched if not quant.is_supported_linear(m)]
         if unsupported:
             name, kind = unsupported[0]
-            raise TypeError(
+            raise ConfigError(
                 f"target_modules matched {name!r}, a {kind}, which LoRA cannot wrap (only nn.Linear, "
                 f"bitsandbytes Linear8bitLt / Linear4bit); linear modules available: {_summarize(linears)}"
             )

@@ -114,7 +114,7 @@ def test_no_match_lists_available_linears():
 
 
 def test_unsupported_module_is_named_with_available_linears():
-    with pytest.raises(TypeError, match=r"'model\.embed_tokens', a Embedding, which LoRA cannot wrap.*available: model\.layers"):
+    with pytest.raises(ConfigError, match=r"'model\.embed_tokens', a Embedding, which LoRA cannot wrap.*available: model\.layers"):
         LoRAModel(tiny_llama(), {"target_modules": ["embed_tokens"]})
 
 
@@ -324,7 +324,7 @@ def test_merged_model_refuses_training_forward():
 def test_model_without_linears_reports_none_available():
     with pytest.raises(ValueError, match="no nn.Linear or bitsandbytes linear"):
         LoRAModel(nn.Sequential(nn.ReLU()), {"target_modules": ["1"]})
-    with pytest.raises(TypeError, match="'0', a ReLU, which LoRA cannot wrap"):
+    with pytest.raises(ConfigError, match="'0', a ReLU, which LoRA cannot wrap"):
         LoRAModel(nn.Sequential(nn.ReLU()), {"target_modules": ["0"]})
 
 
@@ -338,11 +338,11 @@ def test_lora_layer_is_exported_at_top_level():
 def test_linear_subclasses_a_parent_reads_as_weights_are_refused():
     # MultiheadAttention reads out_proj.weight itself: wrapping it would break at the first forward
     attention = nn.MultiheadAttention(64, 4)
-    with pytest.raises(TypeError, match="'out_proj', a NonDynamicallyQuantizableLinear, which LoRA cannot wrap"):
+    with pytest.raises(ConfigError, match="'out_proj', a NonDynamicallyQuantizableLinear, which LoRA cannot wrap"):
         LoRAModel(attention, {"target_modules": ["out_proj"]})
 
 
 def test_int8_layer_that_keeps_fp16_weights_is_refused():
     holder = nn.Sequential(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=True))
-    with pytest.raises(TypeError, match="Linear8bitLt, which LoRA cannot wrap"):
+    with pytest.raises(ConfigError, match="Linear8bitLt, which LoRA cannot wrap"):
         LoRAModel(holder, {"target_modules": ["0"]})
