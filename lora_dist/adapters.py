@@ -129,7 +129,7 @@ def save_adapter(
     config = _peft_config(model, base_model_name_or_path)
     config_text = _config_json(config)
     tensors = {PEFT_PREFIX + name: t.detach().to("cpu").contiguous() for name, t in _saved_tensors(model).items()}
-    quantization = base_quantization(model)
+    quantization = _base_quantization(model)
     metadata = {
         "format": "pt",
         "lora_dist_version": _version(),
@@ -218,7 +218,7 @@ def _config_json(config: dict[str, Any]) -> str:
     return json.dumps({key: config[key] for key in sorted(config)}, indent=2) + "\n"
 
 
-def base_quantization(model: LoRAModel) -> dict[str, Any]:
+def _base_quantization(model: LoRAModel) -> dict[str, Any]:
     """How the adapted linears' base was stored when the adapter was trained: what a faithful merge rebuilds.
 
     Returns {"bits": 4 | 8 | None, "dtype": the dtype the checkpoint was loaded in (4-bit: the one
