@@ -5,6 +5,7 @@ temp folder and loaded back with `load_base_model`, dense or quantized with bits
 Quantized bases compute in fp32 here so that rounding bounds are short to state.
 """
 
+import inspect
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_loading import VOCAB, save_tiny_llama
 from transformers import (
@@ -27,6 +29,7 @@ from lora_dist import LoRAConfig, LoRALayer, LoRAModel, LoRAOptimizer
 from lora_dist.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    MODEL_CARD,
     describe_adapter,
     from_pretrained,
     load_adapter,
@@ -90,9 +93,9 @@ def test_trained_adapter_round_trip_is_bitwise_in_fp32(base_dir, tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    save_adapter(model, tmp_path / "adapter")
+    model.save_adapter(tmp_path / "adapter")
 
-    restored = from_pretrained(load_base(base_dir), tmp_path / "adapter").eval()
+    restored = LoRAModel.from_pretrained(load_base(base_dir), tmp_path / "adapter").eval()
     assert torch.equal(logits(restored), logits(model))
 
 
@@ -122,6 +125,59 @@ def test_save_leaves_no_temporary_folder_and_keeps_other_files(base_dir, tmp_pat
     assert (folder / "README.md").read_text() == "my own card"  # a card we did not write is never replaced
 
 
+# ------------------------------------------------------------------------------------- two spellings
+def test_model_methods_and_adapters_functions_write_and_read_the_same(base_dir, tmp_path):
+    # model.save_adapter(path) and save_adapter(model, path) (and the other three) run one implementation.
+    model = lora(load_base(base_dir, bits=4))
+    model.save_adapter(tmp_path / "m", base_model_name_or_path="org/tiny")
+    save_adapter(model, tmp_path / "f", base_model_name_or_path="org/tiny")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {ADAPTER_WEIGHTS, ADAPTER_CONFIG, MODEL_CARD}
+    assert same_files(tmp_path / "m", tmp_path / "f")
+    by_method = LoRAModel.from_pretrained(load_base(base_dir, bits=4), tmp_path / "m").eval()
+    by_function = from_pretrained(load_base(base_dir, bits=4), tmp_path / "m").eval()
+    assert type(by_method) is type(by_function) is LoRAModel
+    assert torch.equal(logits(by_method), logits(model)) and torch.equal(logits(by_function), logits(model))
+    other = lora(load_base(base_dir, bits=4), seed=2)
+    assert not torch.equal(logits(other), logits(model))
+    other.load_adapter(tmp_path / "m")
+    assert torch.equal(logits(other), logits(model))
+    model.merge_and_export(tmp_path / "xm", dtype=torch.float32)
+    merge_and_export(model, tmp_path / "xf", dtype=torch.float32)
+    assert same_files(tmp_path / "xm", tmp_path / "xf")
+
+
+def same_files(a: Path, b: Path) -> bool:
+    """Same file names; same bytes, but for safetensors files the same tensors and metadata (its
+    header lists the metadata in no fixed order: two saves by one function can differ in bytes)."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name.endswith(".safetensors"):
+            with safe_open(a / name, "pt") as fa, safe_open(b / name, "pt") as fb:
+                assert fa.metadata() == fb.metadata(), name
+            ta, tb = load_file(a / name), load_file(b / name)
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    return True
+
+
+@pytest.mark.parametrize("name", ["save_adapter", "load_adapter", "merge_and_export"])
+def test_model_method_takes_the_arguments_of_the_adapters_function(name):
+    # The methods name their keywords (typed, documented); this keeps them from drifting from the functions.
+    function = list(inspect.signature(globals()[name]).parameters.values())[1:]  # without `model`
+    method = list(inspect.signature(getattr(LoRAModel, name)).parameters.values())[1:]  # without `self`
+    assert [(p.name, p.kind, p.default) for p in method] == [(p.name, p.kind, p.default) for p in function]
+
+
+def test_from_pretrained_on_a_subclass_builds_the_subclass(base_dir, tmp_path):
+    class Tagged(LoRAModel):
+        pass
+
+    save_adapter(lora(load_base(base_dir)), tmp_path / "a")
+    assert type(Tagged.from_pretrained(load_base(base_dir), tmp_path / "a")) is Tagged
+
+
 # ------------------------------------------------------------------------------------- PEFT interop
 # Both sides compute base(x) + scaling * B(A(x)) with the same base layer and the same fp32 tensors,
 # so logits should agree to a few fp32 ulps of the logit scale (|logits| < 1 here); 1e-5 leaves room
@@ -143,7 +199,7 @@ def test_peft_adapter_loads_in_ours_with_peft_logits(base_dir, tmp_path, kind):
                             init_lora_weights=False, use_rslora=True)  # B random: a non-trivial adapter
     peft_model = get_peft_model(load_base(base_dir, BASES[kind]), config).eval()
     peft_model.save_pretrained(tmp_path / "p")
-    ours = from_pretrained(load_base(base_dir, BASES[kind]), tmp_path / "p").eval()
+    ours = LoRAModel.from_pretrained(load_base(base_dir, BASES[kind]), tmp_path / "p").eval()
     assert ours.lora_config.use_rslora and ours.lora_layers["model.layers.0.self_attn.q_proj"].scaling == 8.0
     torch.testing.assert_close(logits(ours), logits(peft_model), rtol=0, atol=PEFT_TOL)
 
@@ -159,7 +215,7 @@ def test_peft_adapter_with_trained_biases_loads_in_ours(tmp_path):
     with torch.no_grad():
         peft_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias.add_(0.5)  # "trained"
     peft_model.save_pretrained(tmp_path / "p")
-    ours = from_pretrained(load_base(folder), tmp_path / "p").eval()
+    ours = LoRAModel.from_pretrained(load_base(folder), tmp_path / "p").eval()
     assert ours.lora_config.bias == "lora_only"
     torch.testing.assert_close(logits(ours), logits(peft_model), rtol=0, atol=PEFT_TOL)
 
@@ -365,7 +421,7 @@ def test_adapter_for_another_architecture_is_refused_and_the_base_left_plain(bas
     save_adapter(LoRAModel(opt, LoRAConfig(rank=4, target_modules=["q_proj", "v_proj"])), tmp_path / "opt")
     base = load_base(base_dir)
     with pytest.raises(ValueError, match=r"'model\.decoder\.layers\.0\.self_attn\.[qv]_proj\.lora_[AB]\.weight'.*another architecture"):
-        from_pretrained(base, tmp_path / "opt")
+        LoRAModel.from_pretrained(base, tmp_path / "opt")
     assert not any(isinstance(m, LoRALayer) for m in base.modules())
     assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
@@ -397,7 +453,7 @@ def test_peft_dora_adapter_is_refused_by_name_and_the_base_left_plain(base_dir, 
     peft_model.save_pretrained(tmp_path / "dora")
     base = load_base(base_dir)
     with pytest.raises(ValueError, match="DoRA"):
-        from_pretrained(base, tmp_path / "dora")
+        LoRAModel.from_pretrained(base, tmp_path / "dora")
     assert not any(isinstance(m, LoRALayer) for m in base.modules())
 
 
@@ -485,7 +541,7 @@ def test_cuda_4bit_adapter_round_trip_and_export(base_dir, tmp_path):
     with torch.no_grad():
         qlora = model(tokens).logits.float()
     save_adapter(model, tmp_path / "a")
-    restored = from_pretrained(cuda_base(), tmp_path / "a").eval()
+    restored = LoRAModel.from_pretrained(cuda_base(), tmp_path / "a").eval()
     with torch.no_grad():
         assert torch.equal(restored(tokens).logits.float(), qlora)
     merge_and_export(model, tmp_path / "out")

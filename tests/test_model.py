@@ -216,14 +216,63 @@ def test_bitsandbytes_optimizers_train_the_adapter(optimizer_class):
     assert torch.equal(fresh.state[after[0]]["state1"], state)
 
 
-def test_model_module_imports_no_adapter_code():
-    # model -> adapters -> model was a cycle; adapter files are adapters.py's concern alone.
-    tree = ast.parse(Path(lora_dist.model.__file__).read_text())
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                 for alias in node.names}
-    assert not any("adapters" in name or "train" in name or "checkpoint" in name for name in imported), imported
+def test_merge_and_export_is_a_model_method(tmp_path):
+    model = LoRAModel(tiny_llama(), {"target_modules": ATTN})
+    out = model.merge_and_export(tmp_path / "merged", dtype=torch.float32)
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def _runtime_imports() -> dict[str, set[str]]:
+    """{lora_dist module: the lora_dist modules it imports}, function-level imports included.
+
+    Imports under `if TYPE_CHECKING:` are left out: they never run (annotations only).
+    """
+    package = Path(lora_dist.model.__file__).parent
+    modules = {".".join(f.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__"): f
+               for f in package.rglob("*.py")}
+    graph = {}
+    for name, file in modules.items():
+        tree = ast.parse(file.read_text())
+        typing_only = {id(n) for block in ast.walk(tree)
+                       if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+                       for statement in block.body for n in ast.walk(statement)}
+        graph[name] = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                found = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for target in found:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target not in ("", name, "lora_dist"):
+                    graph[name].add(target)
+    return graph
+
+
+def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+@pytest.mark.parametrize("module", ["model", "lora_config", "adapter_files", "export", "adapters", "quant", "loading"])
+def test_adapter_and_model_modules_are_on_no_import_cycle(module):
+    # model -> adapters -> model was a cycle: LoRAModel's adapter methods now call adapter_files and
+    # export, which never import model.py (not even inside a function); adapters sits above model.
+    graph = _runtime_imports()
+    assert f"lora_dist.{module}" not in _reaches(graph, f"lora_dist.{module}")
+    below_model = _reaches(graph, "lora_dist.model")
+    assert {"lora_dist.adapter_files", "lora_dist.export", "lora_dist.lora_config"} <= below_model
+    assert not below_model & {"lora_dist.adapters", "lora_dist.train", "lora_dist.checkpoint", "lora_dist.loading"}
 
 
 # ------------------------------------------------------------------------------------- patterns

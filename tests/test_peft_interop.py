@@ -86,7 +86,7 @@ PATTERNS = {"rank_pattern": {"q_proj|v_proj": 2, "down_proj": 6}, "alpha_pattern
 @pytest.mark.parametrize("kind", ["dense", "4bit", "8bit"])
 def test_alternation_pattern_keys_from_our_file_mean_the_same_in_peft(base_dir, tmp_path, kind):
     ours = randomize_b(LoRAModel(load_base(base_dir, kind), LoRAConfig(rank=4, alpha=8, target_modules=ALL, **PATTERNS)))
-    save_adapter(ours, tmp_path / "a")
+    ours.save_adapter(tmp_path / "a")  # the method spelling (tests elsewhere use the function)
     peft_model = PeftModel.from_pretrained(load_base(base_dir, kind), tmp_path / "a").eval()
     theirs = peft_layers(peft_model)
     assert sorted(theirs) == sorted(ours.lora_layers)
@@ -103,7 +103,7 @@ def test_alternation_pattern_keys_from_peft_file_mean_the_same_here(base_dir, tm
     config = PeftLoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=False, **PATTERNS)
     peft_model = get_peft_model(load_base(base_dir, kind), config).eval()
     peft_model.save_pretrained(tmp_path / "p")
-    ours = from_pretrained(load_base(base_dir, kind), tmp_path / "p").eval()
+    ours = LoRAModel.from_pretrained(load_base(base_dir, kind), tmp_path / "p").eval()
     theirs = peft_layers(peft_model)
     for name, layer in ours.lora_layers.items():
         assert (layer.rank, layer.scaling) == (theirs[name].r["default"], theirs[name].scaling["default"]), name
@@ -145,7 +145,7 @@ def test_peft_lm_head_adapter_with_the_base_head_stored_loads_and_ignores_it(bas
         warnings.simplefilter("ignore")  # "Setting save_embedding_layers to True"
         peft_model.save_pretrained(tmp_path / "p")
     assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "p" / ADAPTER_WEIGHTS)
-    with caplog.at_level(logging.INFO, logger="lora_dist.adapters"):
+    with caplog.at_level(logging.INFO, logger="lora_dist.adapter_files"):
         ours = from_pretrained(load_base(base_dir, kind), tmp_path / "p").eval()
     assert [r.getMessage() for r in caplog.records] == [
         "adapter stores lm_head.base_layer.weight identical to the base's: ignored"]
@@ -262,7 +262,7 @@ def test_model_card_names_the_base_settings_and_training(base_dir, tmp_path):
 
 
 def test_saving_an_adapter_other_clients_compute_differently_logs_one_line(base_dir, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="lora_dist.adapters"):
+    with caplog.at_level(logging.WARNING, logger="lora_dist.adapter_files"):
         save_adapter(LoRAModel(load_base(base_dir), LoRAConfig(rank=4, target_modules=["q_proj"])), tmp_path / "plain")
         assert caplog.records == []
         cfg = LoRAConfig(rank=4, target_modules=["q_proj", "v_proj"], use_rslora=True, alpha_pattern={"v_proj": 4})
@@ -363,7 +363,7 @@ def test_cuda_bf16_4bit_adapter_means_the_same_in_peft_both_ways(base_dir, tmp_p
         return model.eval()
 
     ours = randomize_b(LoRAModel(cuda_base(), LoRAConfig(rank=4, alpha=8, target_modules=ALL, **PATTERNS)))
-    save_adapter(ours, tmp_path / "a")
+    ours.save_adapter(tmp_path / "a")
     peft_model = PeftModel.from_pretrained(cuda_base(), tmp_path / "a").eval()
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
@@ -371,7 +371,7 @@ def test_cuda_bf16_4bit_adapter_means_the_same_in_peft_both_ways(base_dir, tmp_p
     config = PeftLoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=False, **PATTERNS)
     theirs = get_peft_model(cuda_base(), config).eval()
     theirs.save_pretrained(tmp_path / "p")
-    back = from_pretrained(cuda_base(), tmp_path / "p").eval()
+    back = LoRAModel.from_pretrained(cuda_base(), tmp_path / "p").eval()
     with torch.no_grad():
         back_diff = max_diff(back(ids).logits, theirs(ids).logits)
     print(f"cuda bf16 4-bit: ours->PEFT {diff:.3g}, PEFT->ours {back_diff:.3g}")
