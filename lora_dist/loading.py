@@ -27,6 +27,7 @@ def load_base_model(
     device_map=None,
     attn_implementation: str | None = None,
     *,
+    dtype: torch.dtype | str | None = None,
     require_tokenizer: bool = True,
 ) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) from a local folder or a hub id, ready for `apply_lora_to_model`.
@@ -42,6 +43,8 @@ def load_base_model(
         device_map: passed to transformers; default with `bits` on a CUDA machine: the current
             device (each rank sets its own before loading), else the CPU.
         attn_implementation: "eager", "sdpa", "flash_attention_2", ...; default: transformers' choice.
+        dtype: dtype the checkpoint is loaded in (and 4/8-bit weights quantized from), "auto" for
+            the checkpoint's own; default: `compute_dtype`.
         require_tokenizer: raise if the folder has no tokenizer (else return None for it).
 
     Returns:
@@ -55,7 +58,7 @@ def load_base_model(
         raise ValueError(f"quant_type must be one of {quant.QUANT_TYPES}, got {quant_type!r}")
     check_local_path(name_or_path)
 
-    kwargs: dict = {"dtype": compute_dtype}
+    kwargs: dict = {"dtype": compute_dtype if dtype is None else dtype}
     if bits is not None:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=bits == 4,

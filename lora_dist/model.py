@@ -1,131 +1,29 @@
-"""LoRAConfig and LoRAModel: choose target linears, inject LoRALayers, freeze the rest, toggle merges."""
+"""LoRAModel: choose target linears, inject LoRALayers, freeze the rest, toggle merges, save and load adapters.
+
+LoRAConfig (what to target, how to shape it) lives in `lora_dist.lora_config` and is importable from here
+too. Adapter files are `lora_dist.adapter_files`' concern and the merged export `lora_dist.export`'s: the
+methods below call them, and neither imports this module (the import graph has no cycle).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from lora_dist import quant
-from lora_dist.layers import INITS, LoRALayer, check_hparams, lora_scaling
+from lora_dist import adapter_files, export, quant
+from lora_dist.errors import ConfigError
+from lora_dist.layers import LoRALayer
+from lora_dist.lora_config import LoRAConfig
 
-BIAS_MODES = ("none", "lora_only", "all")
+__all__ = ["LoRAConfig", "LoRAModel"]
 
-
-@dataclass
-class LoRAConfig:
-    """Which linears get an adapter, and how it is shaped.
-
-    Attributes:
-        rank: rank r of every adapter unless `rank_pattern` says otherwise.
-        alpha: scale numerator (update scaled by alpha / r).
-        dropout: dropout on the adapter input, in [0, 1).
-        target_modules: module-name suffixes (["q_proj", "v_proj"]) or one regex string matched
-            against full module names ("model\\.layers\\.\\d+\\.self_attn\\.(q|v)_proj").
-        exclude_modules: suffixes (or one regex) of modules to leave alone even if targeted.
-        rank_pattern: {name suffix or regex: rank} overrides, as in PEFT.
-        alpha_pattern: {name suffix or regex: alpha} overrides, as in PEFT.
-        use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
-        init: "kaiming" or "gaussian" init of lora_A (lora_B always starts at zero).
-        bias: which biases train: "none", "lora_only" (biases of adapted linears) or "all".
-    """
-
-    rank: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    exclude_modules: list[str] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    use_rslora: bool = False
-    init: str = "kaiming"
-    bias: str = "none"
-
-    def __post_init__(self) -> None:
-        check_hparams(self.rank, self.alpha, self.dropout, self.init)
-        if isinstance(self.target_modules, (tuple, set)):
-            self.target_modules = list(self.target_modules)
-        if not self.target_modules or not _is_name_spec(self.target_modules):
-            raise ValueError(
-                f"target_modules must be a non-empty list of module-name suffixes or a regex string, "
-                f"got {self.target_modules!r}"
-            )
-        if isinstance(self.exclude_modules, (tuple, set)):
-            self.exclude_modules = list(self.exclude_modules)
-        if self.exclude_modules is not None and not _is_name_spec(self.exclude_modules):
-            raise ValueError(
-                f"exclude_modules must be a list of module-name suffixes or a regex string, "
-                f"got {self.exclude_modules!r}"
-            )
-        if isinstance(self.target_modules, str):
-            _compile(self.target_modules, "target_modules")
-        if isinstance(self.exclude_modules, str):
-            _compile(self.exclude_modules, "exclude_modules")
-        if self.bias not in BIAS_MODES:
-            raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        for key, value in self.rank_pattern.items():
-            _compile(key, "rank_pattern key")
-            check_hparams(value, self.alpha, self.dropout, self.init)
-        for key, value in self.alpha_pattern.items():
-            _compile(key, "alpha_pattern key")
-            check_hparams(self.rank, value, self.dropout, self.init)
-
-    @classmethod
-    def from_dict(cls, values: "LoRAConfig | dict[str, Any]") -> "LoRAConfig":
-        """Accept a LoRAConfig or a plain dict with the same keys (unknown keys are an error)."""
-        if isinstance(values, cls):
-            return values
-        if not isinstance(values, dict):
-            raise TypeError(f"lora_config must be a LoRAConfig or a dict, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown LoRA config key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def matches(self, name: str) -> bool:
-        """Whether the module called `name` is targeted (and not excluded)."""
-        if not _name_matches(name, self.target_modules):
-            return False
-        return self.exclude_modules is None or not _name_matches(name, self.exclude_modules)
-
-    def rank_for(self, name: str) -> int:
-        return _pattern_value(name, self.rank_pattern, self.rank)
-
-    def alpha_for(self, name: str) -> float:
-        return _pattern_value(name, self.alpha_pattern, self.alpha)
-
-
-def _is_name_spec(spec: object) -> bool:
-    return isinstance(spec, str) or (isinstance(spec, list) and all(isinstance(s, str) and s for s in spec))
-
-
-def _compile(pattern: str, what: str) -> re.Pattern:
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{what} is not a valid regex ({err}): {pattern!r}") from None
-
-
-def _name_matches(name: str, spec: list[str] | str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == s or name.endswith("." + s) for s in spec)
-
-
-def _pattern_value(name: str, patterns: dict, default):
-    # PEFT's rule: a key matches a module whose full name ends with it (keys may be regexes).
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?{key}", name):
-            return value
-    return default
+logger = logging.getLogger(__name__)
 
 
 class LoRAModel(nn.Module):
@@ -135,11 +33,19 @@ class LoRAModel(nn.Module):
         base_model: the model to adapt; its targeted linears are replaced in place.
         lora_config: a `LoRAConfig` or a dict with its keys.
         merge_weights: start merged (for inference).
+        allow_rank_above_layer_size: log, rather than refuse, a rank above min(in, out) of a layer
+            (for adapter files that already have one; PEFT computes them exactly).
 
     Attributes:
         base_model: the wrapped model (forward passes straight through to it).
         lora_config: the validated `LoRAConfig`.
         lora_layers: {full module name: LoRALayer}.
+        carried_weights: names of base tensors replaced from an adapter file (saved with it).
+        modules_to_save: PEFT `modules_to_save` keys of such an adapter, else None.
+
+    Adapter files (PEFT layout): `save_adapter(path)`, `load_adapter(path)`, the classmethod
+    `from_pretrained(base_model, path)`; a standalone merged model: `merge_and_export(path)`. Each is
+    also a function of `lora_dist.adapters` taking the model first; both spellings run the same code.
     """
 
     def __init__(
@@ -147,18 +53,25 @@ class LoRAModel(nn.Module):
         base_model: nn.Module,
         lora_config: LoRAConfig | dict[str, Any],
         merge_weights: bool = False,
+        *,
+        allow_rank_above_layer_size: bool = False,
     ):
         super().__init__()
         self.lora_config = LoRAConfig.from_dict(lora_config)
         self.base_model = base_model
         self.lora_layers: dict[str, LoRALayer] = {}
-        self._inject()
+        # Dense base tensors an adapter file carried in full and that this model now holds (PEFT's
+        # save_embedding_layers when they differ from the base, every tensor of a modules_to_save
+        # module), by name in base_model; saved again with the adapter. Filled by lora_dist.adapter_files.
+        self.carried_weights: set[str] = set()
+        self.modules_to_save: list[str] | None = None  # PEFT's keys for those modules, if any
+        self._inject(allow_rank_above_layer_size)
         self._set_trainable()
         if merge_weights:
             self.merge()
 
     # ------------------------------------------------------------------ construction
-    def _inject(self) -> None:
+    def _inject(self, allow_rank_above_layer_size: bool) -> None:
         cfg = self.lora_config
         linears = [n for n, m in self.base_model.named_modules() if quant.is_supported_linear(m)]
         matched = [
@@ -167,17 +80,18 @@ class LoRAModel(nn.Module):
             if n and cfg.matches(n) and not isinstance(m, LoRALayer)
         ]
         if not matched:
-            raise ValueError(
+            raise ConfigError(
                 f"target_modules {cfg.target_modules!r} matched no module; "
                 f"linear modules available: {_summarize(linears)}"
             )
         unsupported = [(n, type(m).__name__) for n, m in matched if not quant.is_supported_linear(m)]
         if unsupported:
             name, kind = unsupported[0]
-            raise TypeError(
+            raise ConfigError(
                 f"target_modules matched {name!r}, a {kind}, which LoRA cannot wrap (only nn.Linear, "
                 f"bitsandbytes Linear8bitLt / Linear4bit); linear modules available: {_summarize(linears)}"
             )
+        _check_ranks([(n, m, cfg.rank_for(n)) for n, m in matched], allow_rank_above_layer_size)
         for name, module in matched:
             layer = LoRALayer.from_base(
                 module,
@@ -238,31 +152,55 @@ class LoRAModel(nn.Module):
             if id(p) in wanted
         }
 
-    # ------------------------------------------------------------------ adapter files
-    def save_adapter(self, path, **kwargs):
-        """Write the adapter in the PEFT layout; see `lora_dist.adapters.save_adapter`."""
-        from lora_dist import adapters  # adapters imports this module
+    # ------------------------------------------------------------------ adapter files and export
+    def save_adapter(
+        self,
+        path: str | os.PathLike,
+        *,
+        base_model_name_or_path: str | None = None,
+        overwrite: bool = True,
+        training: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the adapter to the folder `path` in the PEFT layout, durably; returns the folder.
 
-        return adapters.save_adapter(self, path, **kwargs)
+        Args: as `lora_dist.adapter_files.save_adapter` (base_model_name_or_path defaults to the
+        base's own name_or_path; overwrite=False refuses a folder that holds an adapter; training
+        is a short summary for the model card).
+        """
+        return adapter_files.save_adapter(
+            self, path, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite, training=training
+        )
 
-    def load_adapter(self, path) -> None:
-        """Load an adapter (ours or PEFT's), all or nothing; see `lora_dist.adapters.load_adapter`."""
-        from lora_dist import adapters
-
-        adapters.load_adapter(self, path)
-
-    def merge_and_export(self, path, **kwargs):
-        """Write a standalone merged Hugging Face model folder; see `lora_dist.adapters.merge_and_export`."""
-        from lora_dist import adapters
-
-        return adapters.merge_and_export(self, path, **kwargs)
+    def load_adapter(self, path: str | os.PathLike) -> None:
+        """Copy an adapter saved by lora_dist or PEFT into this model's LoRA layers, all or nothing."""
+        adapter_files.load_adapter(self, path)
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, path) -> "LoRAModel":
-        """Wrap `base_model` as an adapter folder describes and load it; see `lora_dist.adapters`."""
-        from lora_dist import adapters
+    def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike) -> LoRAModel:
+        """Wrap `base_model` as an adapter folder (ours or PEFT's) describes, and load its weights.
 
-        return adapters.from_pretrained(base_model, path)
+        On any error `base_model` is left as it was (no LoRA layers, same trainable flags).
+        """
+        return adapter_files.wrap_and_load(cls, base_model, path)
+
+    def merge_and_export(
+        self,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        tokenizer=None,
+        overwrite: bool = False,
+        max_shard_size: int | str = "5GB",
+    ) -> Path:
+        """Write a standalone Hugging Face model folder with every adapter folded in; returns the folder.
+
+        Args: as `lora_dist.export.merge_and_export` (dtype of every floating-point tensor written,
+        a tokenizer saved beside it, overwrite an existing folder, bytes per safetensors shard).
+        The model itself is not modified.
+        """
+        return export.merge_and_export(
+            self, path, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite, max_shard_size=max_shard_size
+        )
 
     # ------------------------------------------------------------------ merge state
     @property
@@ -297,6 +235,31 @@ class LoRAModel(nn.Module):
         except AttributeError:
             # HF conveniences (config, generate, device, ...) read straight from the base model.
             return getattr(super().__getattr__("base_model"), name)
+
+
+def _check_ranks(layers: list[tuple[str, nn.Module, int]], allow: bool) -> None:
+    """Refuse (or, for an adapter file that already has them, log) ranks above min(in, out).
+
+    B @ A of an (out, in) layer has rank at most min(in, out): a larger r adds parameters, optimizer
+    state and adapter bytes but no expressive power, and alpha / r then scales the update down
+    for nothing. Clamping silently would change the scaling the user asked for (and the adapter's
+    shape against its config), so a new adapter is refused with the limit to use instead.
+    """
+    over = [(n, r, min(m.in_features, m.out_features)) for n, m, r in layers if r > min(m.in_features, m.out_features)]
+    if not over:
+        return
+    name, rank, limit = over[0]
+    others = f" (and {len(over) - 1} more layers)" if len(over) > 1 else ""
+    if allow:
+        logger.warning(
+            "LoRA rank %d of %s exceeds min(in, out) = %d%s: the extra rank adds bytes, not capacity",
+            rank, name, limit, others,
+        )
+        return
+    raise ConfigError(
+        f"LoRA rank {rank} of {name} exceeds min(in_features, out_features) = {limit}{others}: B @ A cannot "
+        f"exceed that rank; set lora.rank <= {limit} (or lower it for that layer with rank_pattern)"
+    )
 
 
 def _contains(params: list[nn.Parameter], p: nn.Parameter) -> bool:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lora_dist.adapters import swap_into_place
+from lora_dist.files import publish_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -94,7 +94,7 @@ def build_tiny_model(
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        swap_into_place(staging, out_dir)
+        publish_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

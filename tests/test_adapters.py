@@ -5,30 +5,41 @@ temp folder and loaded back with `load_base_model`, dense or quantized with bits
 Quantized bases compute in fp32 here so that rounding bounds are short to state.
 """
 
+import inspect
 import json
-import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from test_loading import VOCAB, save_tiny_llama
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 from lora_dist import LoRAConfig, LoRALayer, LoRAModel, LoRAOptimizer
 from lora_dist.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    MODEL_CARD,
     describe_adapter,
+    from_pretrained,
     load_adapter,
     merge_and_export,
     run_merge,
     save_adapter,
 )
+from lora_dist.errors import AdapterError
 from lora_dist.loading import load_base_model
 from lora_dist.quant import dequantize_weight
-from test_loading import VOCAB, save_tiny_llama
 
 U32, U16, UBF16 = 2.0**-24, 2.0**-11, 2.0**-8  # unit roundoff (round to nearest) of fp32, fp16, bf16
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -106,10 +117,65 @@ def test_save_leaves_no_temporary_folder_and_keeps_other_files(base_dir, tmp_pat
     folder = tmp_path / "a"
     folder.mkdir()
     (folder / "notes.txt").write_text("kept")
+    (folder / "README.md").write_text("my own card")
     save_adapter(model, folder)
     save_adapter(model, folder)  # overwrite=True by default
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
-    assert sorted(p.name for p in folder.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS, "notes.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md", "notes.txt"])
+    assert (folder / "README.md").read_text() == "my own card"  # a card we did not write is never replaced
+
+
+# ------------------------------------------------------------------------------------- two spellings
+def test_model_methods_and_adapters_functions_write_and_read_the_same(base_dir, tmp_path):
+    # model.save_adapter(path) and save_adapter(model, path) (and the other three) run one implementation.
+    model = lora(load_base(base_dir, bits=4))
+    model.save_adapter(tmp_path / "m", base_model_name_or_path="org/tiny")
+    save_adapter(model, tmp_path / "f", base_model_name_or_path="org/tiny")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {ADAPTER_WEIGHTS, ADAPTER_CONFIG, MODEL_CARD}
+    assert same_files(tmp_path / "m", tmp_path / "f")
+    by_method = LoRAModel.from_pretrained(load_base(base_dir, bits=4), tmp_path / "m").eval()
+    by_function = from_pretrained(load_base(base_dir, bits=4), tmp_path / "m").eval()
+    assert type(by_method) is type(by_function) is LoRAModel
+    assert torch.equal(logits(by_method), logits(model)) and torch.equal(logits(by_function), logits(model))
+    other = lora(load_base(base_dir, bits=4), seed=2)
+    assert not torch.equal(logits(other), logits(model))
+    other.load_adapter(tmp_path / "m")
+    assert torch.equal(logits(other), logits(model))
+    model.merge_and_export(tmp_path / "xm", dtype=torch.float32)
+    merge_and_export(model, tmp_path / "xf", dtype=torch.float32)
+    assert same_files(tmp_path / "xm", tmp_path / "xf")
+
+
+def same_files(a: Path, b: Path) -> bool:
+    """Same file names; same bytes, but for safetensors files the same tensors and metadata (its
+    header lists the metadata in no fixed order: two saves by one function can differ in bytes)."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name.endswith(".safetensors"):
+            with safe_open(a / name, "pt") as fa, safe_open(b / name, "pt") as fb:
+                assert fa.metadata() == fb.metadata(), name
+            ta, tb = load_file(a / name), load_file(b / name)
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    return True
+
+
+@pytest.mark.parametrize("name", ["save_adapter", "load_adapter", "merge_and_export"])
+def test_model_method_takes_the_arguments_of_the_adapters_function(name):
+    # The methods name their keywords (typed, documented); this keeps them from drifting from the functions.
+    function = list(inspect.signature(globals()[name]).parameters.values())[1:]  # without `model`
+    method = list(inspect.signature(getattr(LoRAModel, name)).parameters.values())[1:]  # without `self`
+    assert [(p.name, p.kind, p.default) for p in method] == [(p.name, p.kind, p.default) for p in function]
+
+
+def test_from_pretrained_on_a_subclass_builds_the_subclass(base_dir, tmp_path):
+    class Tagged(LoRAModel):
+        pass
+
+    save_adapter(lora(load_base(base_dir)), tmp_path / "a")
+    assert type(Tagged.from_pretrained(load_base(base_dir), tmp_path / "a")) is Tagged
 
 
 # ------------------------------------------------------------------------------------- PEFT interop
@@ -269,7 +335,7 @@ def test_describe_adapter_reports_rank_targets_counts_and_base(base_dir, tmp_pat
 
 # ------------------------------------------------------------------------------------- bad input
 def test_missing_adapter_folder_is_file_not_found(base_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(AdapterError, match="does not exist"):
         load_adapter(lora(load_base(base_dir)), tmp_path / "nope")
 
 
@@ -277,7 +343,7 @@ def test_folder_without_weights_names_the_missing_file(base_dir, tmp_path):
     model = lora(load_base(base_dir))
     save_adapter(model, tmp_path / "a")
     (tmp_path / "a" / ADAPTER_WEIGHTS).unlink()
-    with pytest.raises(FileNotFoundError, match=ADAPTER_WEIGHTS):
+    with pytest.raises(AdapterError, match=ADAPTER_WEIGHTS):
         load_adapter(model, tmp_path / "a")
 
 
@@ -285,8 +351,37 @@ def test_folder_without_config_names_the_missing_file(base_dir, tmp_path):
     model = lora(load_base(base_dir))
     save_adapter(model, tmp_path / "a")
     (tmp_path / "a" / ADAPTER_CONFIG).unlink()
-    with pytest.raises(FileNotFoundError, match=ADAPTER_CONFIG):
+    with pytest.raises(AdapterError, match=ADAPTER_CONFIG):
         load_adapter(model, tmp_path / "a")
+
+
+@pytest.mark.parametrize("content, match", [
+    (b'{"r": 4, "lora_alpha": \xff\xfe}', r"is not UTF-8 text \(byte 23\): re-save it as UTF-8"),
+    (b'{"r": 4, "lora_alpha": ', r"is not valid JSON"),
+    (b'[1, 2]', r"holds list, not a JSON object"),
+], ids=["non-utf8", "truncated-json", "not-an-object"])
+def test_bad_adapter_config_is_one_line_naming_the_file(base_dir, tmp_path, content, match):
+    model = lora(load_base(base_dir))
+    save_adapter(model, tmp_path / "a")
+    (tmp_path / "a" / ADAPTER_CONFIG).write_bytes(content)
+    for call in (lambda: load_adapter(model, tmp_path / "a"), lambda: describe_adapter(str(tmp_path / "a")),
+                 lambda: run_merge(str(base_dir), str(tmp_path / "a"), str(tmp_path / "out"))):
+        with pytest.raises(AdapterError, match=match) as err:
+            call()
+        assert str(tmp_path / "a" / ADAPTER_CONFIG) in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_new_adapter_folder_is_fsynced_before_it_is_published(base_dir, tmp_path, monkeypatch):
+    from lora_dist import files
+
+    synced = []
+    real = files.fsync_path
+    monkeypatch.setattr(files, "fsync_path", lambda p: (synced.append(Path(p).name), real(p)))
+    save_adapter(lora(load_base(base_dir)), tmp_path / "a")
+    assert {ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md"} <= set(synced)  # every file's data
+    assert synced[-1] == tmp_path.name  # and last the parent, so the rename itself is durable
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
 def test_truncated_safetensors_is_refused_and_nothing_is_loaded(base_dir, tmp_path):

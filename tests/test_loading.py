@@ -60,7 +60,7 @@ def test_4bit_load_holds_the_same_nf4_weights_as_quantize_model(tiny):
     # Two routes to one quantization: transformers' BitsAndBytesConfig at load time and our
     # quantize_model on the dense model. Both quantize the same fp32 tensor with the same settings,
     # so the dequantized weights agree exactly.
-    folder, dense = tiny
+    folder, _ = tiny
     loaded, _ = load_base_model(str(folder), bits=4, compute_dtype=torch.float32)
     ours = quantize_model(save_tiny_llama(folder.parent / "copy", tokenizer=False), bits=4,
                           compute_dtype=torch.float32)
@@ -85,6 +85,18 @@ def test_dense_load_uses_compute_dtype(tiny):
     model, _ = load_base_model(str(folder), bits=None, compute_dtype=torch.bfloat16)
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_dtype_sets_the_load_dtype_apart_from_the_4bit_compute_dtype(tiny):
+    # The merge rebuilds a quantized base from the dtype training loaded it in; the 4-bit matmul's
+    # compute dtype is a separate setting.
+    folder, dense = tiny
+    model, _ = load_base_model(str(folder), bits=4, compute_dtype=torch.float32, dtype=torch.bfloat16)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.quant_state.dtype == torch.bfloat16 and q_proj.compute_dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    auto, _ = load_base_model(str(folder), bits=None, compute_dtype=torch.bfloat16, dtype="auto")
+    assert torch.equal(auto.model.layers[0].self_attn.q_proj.weight, dense.model.layers[0].self_attn.q_proj.weight)
 
 
 def test_missing_folder_is_file_not_found(tmp_path):

@@ -1,12 +1,25 @@
 """LoRAModel / LoRAOptimizer / apply_lora_to_model on a tiny Hugging Face Llama and on plain modules."""
 
+import ast
+import logging
+from pathlib import Path
+
 import bitsandbytes as bnb
 import pytest
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lora_dist import LoRAConfig, LoRALayer, LoRAModel, LoRAOptimizer, apply_lora_to_model, quantize_model
+import lora_dist.model
+from lora_dist import (
+    LoRAConfig,
+    LoRALayer,
+    LoRAModel,
+    LoRAOptimizer,
+    apply_lora_to_model,
+    quantize_model,
+)
+from lora_dist.errors import ConfigError
 from lora_dist.quant import logical_numel
 
 HIDDEN, INTER, VOCAB = 64, 128, 256
@@ -101,7 +114,7 @@ def test_no_match_lists_available_linears():
 
 
 def test_unsupported_module_is_named_with_available_linears():
-    with pytest.raises(TypeError, match=r"'model\.embed_tokens', a Embedding, which LoRA cannot wrap.*available: model\.layers"):
+    with pytest.raises(ConfigError, match=r"'model\.embed_tokens', a Embedding, which LoRA cannot wrap.*available: model\.layers"):
         LoRAModel(tiny_llama(), {"target_modules": ["embed_tokens"]})
 
 
@@ -118,7 +131,7 @@ def test_unsupported_module_is_named_with_available_linears():
         ({"ranks": 4}, r"unknown LoRA config key\(s\) \['ranks'\]"),
         ({"target_modules": [1, None]}, "target_modules must be a non-empty list"),
         ({"exclude_modules": [3]}, "exclude_modules must be a list"),
-        ({"rank_pattern": {"q_proj(": 4}}, "rank_pattern key is not a valid regex"),
+        ({"rank_pattern": {"q_proj(": 4}}, r"rank_pattern key 'q_proj\(' is not a valid regex"),
     ],
 )
 def test_bad_config_raises_clear_error(cfg, match):
@@ -206,7 +219,99 @@ def test_bitsandbytes_optimizers_train_the_adapter(optimizer_class):
 def test_merge_and_export_is_a_model_method(tmp_path):
     model = LoRAModel(tiny_llama(), {"target_modules": ATTN})
     out = model.merge_and_export(tmp_path / "merged", dtype=torch.float32)
-    assert (out / "config.json").is_file()
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def _runtime_imports() -> dict[str, set[str]]:
+    """{lora_dist module: the lora_dist modules it imports}, function-level imports included.
+
+    Imports under `if TYPE_CHECKING:` are left out: they never run (annotations only).
+    """
+    package = Path(lora_dist.model.__file__).parent
+    modules = {".".join(f.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__"): f
+               for f in package.rglob("*.py")}
+    graph = {}
+    for name, file in modules.items():
+        tree = ast.parse(file.read_text())
+        typing_only = {id(n) for block in ast.walk(tree)
+                       if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+                       for statement in block.body for n in ast.walk(statement)}
+        graph[name] = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                found = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for target in found:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target not in ("", name, "lora_dist"):
+                    graph[name].add(target)
+    return graph
+
+
+def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+@pytest.mark.parametrize("module", ["model", "lora_config", "adapter_files", "export", "adapters", "quant", "loading"])
+def test_adapter_and_model_modules_are_on_no_import_cycle(module):
+    # model -> adapters -> model was a cycle: LoRAModel's adapter methods now call adapter_files and
+    # export, which never import model.py (not even inside a function); adapters sits above model.
+    graph = _runtime_imports()
+    assert f"lora_dist.{module}" not in _reaches(graph, f"lora_dist.{module}")
+    below_model = _reaches(graph, "lora_dist.model")
+    assert {"lora_dist.adapter_files", "lora_dist.export", "lora_dist.lora_config"} <= below_model
+    assert not below_model & {"lora_dist.adapters", "lora_dist.train", "lora_dist.checkpoint", "lora_dist.loading"}
+
+
+# ------------------------------------------------------------------------------------- patterns
+def test_alternation_pattern_key_reaches_every_branch_as_in_peft():
+    # PEFT matches (.*\.)?(KEY)$: the group makes `q_proj|v_proj` a suffix alternation.
+    cfg = LoRAConfig(rank=4, alpha=8, target_modules=ATTN, rank_pattern={"q_proj|v_proj": 2},
+                     alpha_pattern={"q_proj|v_proj": 64})
+    assert [cfg.rank_for(f"model.layers.0.self_attn.{p}") for p in ATTN] == [2, 4, 2, 4]
+    assert [cfg.alpha_for(f"model.layers.1.self_attn.{p}") for p in ATTN] == [64, 8, 64, 8]
+    assert cfg.rank_for("model.layers.0.self_attn.xq_proj") == 4  # a suffix after a dot, not a substring
+
+
+def test_first_matching_pattern_key_wins_in_dict_order():
+    name = "model.layers.0.self_attn.q_proj"
+    assert LoRAConfig(rank_pattern={"q_proj": 2, r"layers\.0\.self_attn\.q_proj": 6}).rank_for(name) == 2
+    assert LoRAConfig(rank_pattern={r"layers\.0\.self_attn\.q_proj": 6, "q_proj": 2}).rank_for(name) == 6
+    assert LoRAConfig(rank_pattern={"layers.1.self_attn.q_proj": 6}).rank_for(name) == 8  # the default rank
+
+
+# ------------------------------------------------------------------------------------- rank limit
+def test_rank_above_a_layers_size_is_refused_naming_the_layer_and_its_limit():
+    # k_proj is 64 -> 32 (2 kv heads of 16): B @ A has rank <= 32 there, whatever r is.
+    base = tiny_llama()
+    with pytest.raises(ConfigError, match=r"LoRA rank 48 of model\.layers\.0\.self_attn\.k_proj exceeds "
+                                          r"min\(in_features, out_features\) = 32 \(and 1 more layers\).*rank <= 32"):
+        LoRAModel(base, LoRAConfig(rank=48, target_modules=["q_proj", "k_proj"]))
+    assert not any(isinstance(m, LoRALayer) for m in base.modules())  # refused before any injection
+    model = LoRAModel(base, LoRAConfig(rank=48, target_modules=["q_proj", "k_proj"], rank_pattern={"k_proj": 32}))
+    assert model.lora_layers["model.layers.0.self_attn.k_proj"].rank == 32
+
+
+def test_rank_above_a_layers_size_from_an_adapter_file_is_logged_not_refused(caplog):
+    with caplog.at_level(logging.WARNING, logger="lora_dist.model"):
+        model = LoRAModel(tiny_llama(), LoRAConfig(rank=48, target_modules=["k_proj"]), allow_rank_above_layer_size=True)
+    assert model.lora_layers["model.layers.0.self_attn.k_proj"].rank == 48
+    assert [r.getMessage() for r in caplog.records] == [
+        ("LoRA rank 48 of model.layers.0.self_attn.k_proj exceeds min(in, out) = 32 (and 1 more layers): "
+         "the extra rank adds bytes, not capacity")
+    ]
 
 
 @pytest.mark.parametrize("bits", [None, 4, 8])
@@ -268,7 +373,7 @@ def test_merged_model_refuses_training_forward():
 def test_model_without_linears_reports_none_available():
     with pytest.raises(ValueError, match="no nn.Linear or bitsandbytes linear"):
         LoRAModel(nn.Sequential(nn.ReLU()), {"target_modules": ["1"]})
-    with pytest.raises(TypeError, match="'0', a ReLU, which LoRA cannot wrap"):
+    with pytest.raises(ConfigError, match="'0', a ReLU, which LoRA cannot wrap"):
         LoRAModel(nn.Sequential(nn.ReLU()), {"target_modules": ["0"]})
 
 
@@ -282,11 +387,11 @@ def test_lora_layer_is_exported_at_top_level():
 def test_linear_subclasses_a_parent_reads_as_weights_are_refused():
     # MultiheadAttention reads out_proj.weight itself: wrapping it would break at the first forward
     attention = nn.MultiheadAttention(64, 4)
-    with pytest.raises(TypeError, match="'out_proj', a NonDynamicallyQuantizableLinear, which LoRA cannot wrap"):
+    with pytest.raises(ConfigError, match="'out_proj', a NonDynamicallyQuantizableLinear, which LoRA cannot wrap"):
         LoRAModel(attention, {"target_modules": ["out_proj"]})
 
 
 def test_int8_layer_that_keeps_fp16_weights_is_refused():
     holder = nn.Sequential(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=True))
-    with pytest.raises(TypeError, match="Linear8bitLt, which LoRA cannot wrap"):
+    with pytest.raises(ConfigError, match="Linear8bitLt, which LoRA cannot wrap"):
         LoRAModel(holder, {"target_modules": ["0"]})
