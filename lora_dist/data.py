@@ -1,9 +1,11 @@
 """Datasets -> tokens: loading, templates, label masking, packing, and a resumable loader.
 
 The pipeline, top to bottom:
-    load (file | saved folder | hub) -> check rows (error or skip) -> split off eval
-    -> tokenize with labels (cached by fingerprint) -> drop rows with no target -> pack (optional)
-and `make_dataloader` turns a tokenized dataset into per-rank, per-epoch, resumable batches.
+    load (file | saved folder | hub; bad files named with line and fix) -> check rows (error or skip)
+    -> split off eval -> cut huge rows to a character bound -> tokenize with labels (cached by
+    fingerprint) -> drop rows with no target -> pack (optional)
+with every row dropped, truncated or cut counted in `DataStats`; and `make_dataloader` turns a
+tokenized dataset into one rank's share of global batches that no world size changes, resumable.
 
 Label convention: `labels` equal `input_ids` where the loss applies and IGNORE_INDEX (-100) elsewhere;
 the model shifts them (token t predicts labels[t + 1]). The first token of every sample is never a
@@ -655,7 +657,7 @@ def _cut_fields(row: dict[str, Any], cfg: DataConfig, max_chars: int) -> dict[st
     if cfg.format == "chat":
         row["messages"] = [{**m, "content": m["content"][:max_chars]} for m in row["messages"]]
     else:
-        for name in (_needed_columns(cfg)):
+        for name in _needed_columns(cfg):
             if isinstance(row.get(name), str):
                 row[name] = row[name][:max_chars]
     return row
@@ -1088,12 +1090,15 @@ def _is_int(value: Any) -> bool:
 __all__ = [
     "IGNORE_INDEX",
     "RANDOM_TOKENS",
+    "SKIP_REASONS",
     "DataConfig",
     "DataError",
     "DataStats",
     "RandomTokens",
     "ResumableLoader",
+    "RowTally",
     "build_datasets",
     "collate",
     "make_dataloader",
+    "max_chars_before_tokenizing",
 ]

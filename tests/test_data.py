@@ -375,6 +375,7 @@ def test_resume_at_another_world_size_continues_the_same_global_batches(saved_at
     states = [loader.state_dict() for loader in first]
     assert all(s == states[0] for s in states)  # one position, whichever rank saved it
     assert (states[0]["epoch"], states[0]["sample"]) == (1, 8)
+    assert first[0].epoch_progress() == 1 + 8 / 30
 
     resumed = rank_loaders(ds, resumed_at, global_batch=8)
     for loader in resumed:
