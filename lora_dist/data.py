@@ -1,9 +1,11 @@
 """Datasets -> tokens: loading, templates, label masking, packing, and a resumable loader.
 
 The pipeline, top to bottom:
-    load (file | saved folder | hub) -> check rows (error or skip) -> split off eval
-    -> tokenize with labels (cached by fingerprint) -> drop rows with no target -> pack (optional)
-and `make_dataloader` turns a tokenized dataset into per-rank, per-epoch, resumable batches.
+    load (file | saved folder | hub; bad files named with line and fix) -> check rows (error or skip)
+    -> split off eval -> cut huge rows to a character bound -> tokenize with labels (cached by
+    fingerprint) -> drop rows with no target -> pack (optional)
+with every row dropped, truncated or cut counted in `DataStats`; and `make_dataloader` turns a
+tokenized dataset into one rank's share of global batches that no world size changes, resumable.
 
 Label convention: `labels` equal `input_ids` where the loss applies and IGNORE_INDEX (-100) elsewhere;
 the model shifts them (token t predicts labels[t + 1]). The first token of every sample is never a
@@ -12,13 +14,15 @@ target, so packing samples end to end adds no target that crosses from one sampl
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +32,8 @@ from lora_dist.errors import DataError
 IGNORE_INDEX = -100
 FORMATS = ("text", "instruction", "chat")
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+ROW_COLUMN = "_lora_dist_row"
+"""Column that carries each row's number in its source through splitting and tokenizing (then removed)."""
 
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 """Prompt of an instruction row; the response and EOS follow. Rows without input drop the Input block."""
@@ -101,25 +107,114 @@ class DataConfig:
 
 
 @dataclass
+class RowTally:
+    """How many rows one reason touched, and where the first of them is."""
+
+    count: int = 0
+    first_row: int | None = None
+    """Row number of the first such row in its source, counting from 0 (None when count is 0)."""
+    source: str = ""
+    """The file or dataset that first row is in."""
+
+    def add(self, count: int, first_row: int, source: str) -> None:
+        """Count `count` more rows; the first source to report one keeps the first-row place."""
+        if count <= 0:
+            return
+        if self.count == 0:
+            self.first_row, self.source = first_row, source
+        self.count += count
+
+    def where(self) -> str:
+        return f"first: {Path(self.source).name} row {self.first_row}" if self.count else ""
+
+
+SKIP_REASONS = {
+    "missing_field": "a needed field is missing or null",
+    "empty_field": "a needed text field is empty",
+    "not_text": "a field that must be text is not",
+    "bad_messages": "'messages' is not a list of {role, content}",
+    "no_assistant_turn": "a conversation has no assistant turn with content",
+    "no_target": "truncation to data.max_seq_len left no target token",
+}
+"""Why rows leave the data, by short name (the keys of DataStats.skipped and of its metrics)."""
+
+
+@dataclass
 class DataStats:
-    """Counts from one `build_datasets` call, for the run summary."""
+    """What `build_datasets` read, kept, dropped and cut: the data report of a run.
+
+    Rows are those of the source files (train and eval together); samples are tokenized rows. Every
+    reason a row left the data is counted in `skipped` with the first such row, so nothing vanishes
+    silently: malformed rows (only with data.skip_malformed, else the first one is an error) and samples
+    that truncation left without a target token.
+    """
 
     rows_read: int = 0
-    """Rows in the source (train source plus eval_path source when set)."""
-    malformed_skipped: int = 0
-    """Rows skipped for missing or wrong-typed fields (only with skip_malformed)."""
-    truncated: int = 0
-    """Samples cut to max_seq_len."""
-    no_target_dropped: int = 0
-    """Samples dropped because truncation left them no target token."""
+    """Rows in the sources (train plus eval_path when set)."""
+    skipped: dict[str, RowTally] = field(default_factory=dict)
+    """Rows dropped, per reason (a key of SKIP_REASONS)."""
+    truncated: RowTally = field(default_factory=RowTally)
+    """Samples longer than data.max_seq_len tokens, cut to it (the head is kept)."""
+    cut_for_length: RowTally = field(default_factory=RowTally)
+    """Rows so long that their text was cut to a bounded number of characters before tokenizing (see
+    `max_chars_before_tokenizing`); they are truncated samples too."""
     train_samples: int = 0
     """Tokenized training samples (before packing)."""
     eval_samples: int = 0
     """Tokenized eval samples (before packing)."""
     train_sequences: int = 0
     """Training rows the loader sees (packed rows when packing)."""
+    train_tokens: int = 0
+    """Tokens of the training samples."""
     train_target_tokens: int = 0
-    """Tokens with a label in the training set."""
+    """Tokens with a label in the training samples."""
+
+    def skip(self, reason: str, count: int, first_row: int, source: str) -> None:
+        """Count `count` rows of `source` dropped for `reason`, the first of them at `first_row`."""
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; one of {', '.join(SKIP_REASONS)}")
+        self.skipped.setdefault(reason, RowTally()).add(count, first_row, source)
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(t.count for t in self.skipped.values())
+
+    def as_dict(self, prefix: str = "data/") -> dict[str, int]:
+        """Every count as one flat dict of ints, for metrics.jsonl and a W&B summary.
+
+        Keys: rows_read, rows_skipped, skipped/<reason> and skipped/<reason>/first_row for each reason
+        seen, truncated (+ /first_row), cut_for_length (+ /first_row), train_samples, eval_samples,
+        train_sequences, train_tokens, train_target_tokens; each behind `prefix`.
+        """
+        out = {"rows_read": self.rows_read, "rows_skipped": self.rows_skipped}
+        for reason, tally in sorted(self.skipped.items()):
+            out[f"skipped/{reason}"] = tally.count
+            out[f"skipped/{reason}/first_row"] = tally.first_row
+        for name in ("truncated", "cut_for_length"):
+            tally = getattr(self, name)
+            out[name] = tally.count
+            if tally.count:
+                out[f"{name}/first_row"] = tally.first_row
+        for name in ("train_samples", "eval_samples", "train_sequences", "train_tokens", "train_target_tokens"):
+            out[name] = getattr(self, name)
+        return {prefix + k: v for k, v in out.items()}
+
+    def summary(self) -> str:
+        """One console line: rows read, skipped (per reason, first row), samples, tokens, truncated, cut."""
+        parts = [f"data: {self.rows_read:,} rows read", f"{self.rows_skipped:,} skipped"]
+        if self.skipped:
+            parts[-1] += " (" + "; ".join(f"{reason} {t.count:,}, {t.where()}"
+                                          for reason, t in sorted(self.skipped.items())) + ")"
+        parts.append(f"{self.train_samples:,} train / {self.eval_samples:,} eval samples")
+        if self.train_sequences != self.train_samples:
+            parts[-1] += f" ({self.train_sequences:,} packed rows)"
+        parts.append(f"{self.train_tokens:,} train tokens ({self.train_target_tokens:,} targets)")
+        parts.append(f"{self.truncated.count:,} truncated to data.max_seq_len"
+                     + (f" ({self.truncated.where()})" if self.truncated.count else ""))
+        if self.cut_for_length.count:
+            parts.append(f"{self.cut_for_length.count:,} cut for length before tokenizing "
+                         f"({self.cut_for_length.where()})")
+        return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,12 +253,10 @@ def build_datasets(
     else:
         eval_raw = None
 
-    train, stats.train_target_tokens = _tokenized(train_raw, cfg, tokenizer, stats, cfg.path)
-    stats.train_samples = len(train)
+    train = _tokenized(train_raw, cfg, tokenizer, stats, cfg.path, train=True)
     eval_ = None
     if eval_raw is not None:
-        eval_, _ = _tokenized(eval_raw, cfg, tokenizer, stats, cfg.eval_path or cfg.path)
-        stats.eval_samples = len(eval_)
+        eval_ = _tokenized(eval_raw, cfg, tokenizer, stats, cfg.eval_path or cfg.path, train=False)
 
     if cfg.packing:
         train = _packed(train, cfg)
@@ -179,18 +272,29 @@ def _load(path: str, cfg: DataConfig):
     local = Path(path).expanduser()
     try:
         if local.is_file():
-            if local.stat().st_size == 0:
-                raise DataError(f"{path}: the data file is empty")
             builder = FILE_TYPES.get(local.suffix.lower())
             if builder is None:
                 raise DataError(f"{path}: unsupported file type {local.suffix!r}; "
                                 f"use one of {', '.join(FILE_TYPES)} or a saved dataset folder")
+            _check_file(local, path)
             kwargs = {"features": _csv_string_features(local)} if builder == "csv" else {}
-            return datasets.load_dataset(builder, data_files=str(local), split="train",
-                                         cache_dir=cfg.cache_dir, **kwargs)
+            try:
+                return datasets.load_dataset(builder, data_files=str(local), split="train",
+                                             cache_dir=cfg.cache_dir, **kwargs)
+            except Exception as e:  # datasets wraps its parsers' errors in many types
+                raise DataError(_parse_failure(local, path, builder, e)) from e
         if local.is_dir():
+            if local.suffix.lower() in FILE_TYPES:
+                raise DataError(f"{path} is a directory, not a {local.suffix} file: name the data file itself")
             if (local / "state.json").exists() or (local / "dataset_dict.json").exists():
                 return _pick_split(datasets.load_from_disk(str(local)), cfg.split, path)
+            data_files = [p for p in sorted(local.rglob("*")) if p.suffix.lower() in FILE_TYPES and p.is_file()
+                          and not any(part.startswith(".") for part in p.relative_to(local).parts)]
+            if not data_files:
+                raise DataError(f"{path} is a folder with no {'/'.join(FILE_TYPES)} files and no dataset written "
+                                f"by save_to_disk: name a data file or such a folder")
+            for file in data_files:
+                _check_file(file, str(file))
             return datasets.load_dataset(str(local), split=cfg.split, cache_dir=cfg.cache_dir)
         if _looks_local(path):
             raise DataError(f"data file not found: {path}")
@@ -202,12 +306,90 @@ def _load(path: str, cfg: DataConfig):
         raise DataError(f"could not load {path} as {where}: {_root_message(e)}") from e
 
 
+_SCAN_BYTES = 1 << 20
+
+
+def _check_file(file: Path, name: str) -> None:
+    """Refuse a data file that is empty or unreadable, or a text one (JSON, JSON lines, CSV) that is not UTF-8.
+
+    pyarrow's JSON reader stores invalid UTF-8 as it is and fails only later, when a row is read, with
+    no file or row named; this scan names the line. It streams the file (memory stays one chunk).
+    """
+    text = FILE_TYPES[file.suffix.lower()] in ("json", "csv")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    try:
+        with open(file, "rb") as f:
+            while chunk := f.read(_SCAN_BYTES if text else 1):
+                offset += len(chunk)
+                if not text:
+                    return  # readable and not empty: pyarrow checks the rest of a Parquet file
+                pending = len(decoder.getstate()[0])  # bytes of a character begun in the previous chunk
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as err:
+                    at = max(err.start - pending, 0)
+                    bad_line = line + chunk.count(b"\n", 0, at)
+                    raise DataError(f"{name}: line {bad_line} is not UTF-8 text (byte {offset - len(chunk) + at}); "
+                                    f"re-save the file as UTF-8") from None
+                line += chunk.count(b"\n")
+            if offset == 0:
+                raise DataError(f"{name}: the data file is empty")
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise DataError(f"{name}: the file ends inside a UTF-8 character (line {line}); "
+                                f"it may be cut short: re-save it as UTF-8") from None
+    except IsADirectoryError:
+        raise DataError(f"{name} is a directory, not a file: name the data file itself") from None
+    except OSError as err:
+        raise DataError(f"{name} cannot be read ({err.strerror}): check its permissions") from None
+
+
+def _parse_failure(file: Path, name: str, builder: str, error: Exception) -> str:
+    """One line for a file `datasets` could not parse: where the problem is, when we can find it, and the fix."""
+    if builder == "json":
+        where = _json_problem(file)
+        if where:
+            return f"{name}: {where}; each line of a .jsonl file (or item of a .json list) must be one JSON object"
+        return f"could not read {name} as JSON: {_root_message(error)}; fix the file"
+    if builder == "csv":
+        return (f"could not read {name} as CSV: {_root_message(error)}; fix that line (quote fields that hold "
+                f"commas, quotes or line breaks)")
+    return (f"could not read {name} as Parquet: {_root_message(error)}; re-export it "
+            f"(pandas.DataFrame.to_parquet or datasets.Dataset.to_parquet)")
+
+
+def _json_problem(file: Path) -> str | None:
+    """Where a JSON or JSON-lines file stops being a list of objects ("line 4: Expecting value (column 3)")."""
+    with open(file, encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip()
+        f.seek(0)
+        if file.suffix.lower() == ".json" and head.startswith("["):  # one JSON document: a list of rows
+            try:
+                items = json.load(f)
+            except json.JSONDecodeError as err:
+                return f"line {err.lineno}: {err.msg} (column {err.colno})"
+            kinds = [(i, type(item).__name__) for i, item in enumerate(items) if not isinstance(item, dict)]
+            return f"item {kinds[0][0]} is a JSON {kinds[0][1]}, not an object" if kinds else None
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                item = json.loads(text.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                return f"line {number}: {err.msg} (column {err.colno})"
+            if not isinstance(item, dict):
+                return f"line {number} is a JSON {type(item).__name__}, not an object"
+    return None
+
+
 def _root_message(error: BaseException) -> str:
     """First line of the innermost explicit cause ("JSON parse error ... in row 1", not "an error occurred")."""
     while error.__cause__ is not None:
         error = error.__cause__
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return f"{type(error).__name__}: {lines[0].rstrip('.')}" if lines else type(error).__name__
 
 
 def _pick_split(loaded, split: str, path: str):
@@ -232,10 +414,12 @@ def _csv_string_features(path: Path):
 
 
 def _checked_rows(ds, cfg: DataConfig, source: str, stats: DataStats):
-    """The rows of ds usable for cfg.format; raises on the first bad one unless skip_malformed."""
+    """The rows of ds usable for cfg.format, numbered by source row; raises on the first bad one unless skip_malformed."""
     stats.rows_read += len(ds)
     if len(ds) == 0:
         raise DataError(f"{source}: the dataset is empty")
+    if ROW_COLUMN in ds.column_names:
+        raise DataError(f"{source} has a column named {ROW_COLUMN!r}, which lora_dist uses itself: rename it")
     needed = _needed_columns(cfg)
     missing = [c for c in needed if c not in ds.column_names]
     if missing and not (cfg.format == "instruction" and missing == ["input"]):
@@ -247,25 +431,38 @@ def _checked_rows(ds, cfg: DataConfig, source: str, stats: DataStats):
                         f"data.format={cfg.format} needs {wanted}")
 
     present = [c for c in needed if c in ds.column_names]
-    bad: list[tuple[int, str]] = []
+    bad: dict[str, list[int]] = {}  # reason -> source rows
+    first: tuple[int, str] | None = None  # (row, message) of the first bad row
     index = 0
-    for batch in ds.select_columns(present).iter(batch_size=1000):
-        for j in range(len(batch[present[0]])):
-            problem = _row_problem({c: batch[c][j] for c in present}, cfg)
-            if problem:
-                bad.append((index, problem))
-            index += 1
-    if not bad:
+    # Only the columns the format reads go on: less to tokenize and cache, and text in other columns
+    # (even bytes that are not UTF-8, which pyarrow keeps as they are) is never decoded.
+    ds = ds.select_columns(present)
+    try:
+        for batch in ds.iter(batch_size=1000):
+            for j in range(len(batch[present[0]])):
+                problem = _row_problem({c: batch[c][j] for c in present}, cfg)
+                if problem:
+                    bad.setdefault(problem[0], []).append(index)
+                    first = first or (index, problem[1])
+                index += 1
+    except UnicodeDecodeError:  # a hub or folder dataset whose files were not checked for UTF-8
+        last = min(index + 999, len(ds) - 1)
+        raise DataError(f"{source}: one of rows {index} to {last} (counting from 0) holds text that is not UTF-8; "
+                        f"re-save the data as UTF-8") from None
+    # Source row numbers travel with the rows (through the split and tokenizing) for the data report.
+    ds = ds.add_column(ROW_COLUMN, np.arange(len(ds), dtype=np.int64))
+    if first is None:
         return ds
+    n_bad = sum(map(len, bad.values()))
     if not cfg.skip_malformed:
-        i, problem = bad[0]
-        more = f" ({len(bad) - 1} more malformed rows)" if len(bad) > 1 else ""
-        raise DataError(f"{source}: row {i} (counting from 0): {problem}{more}; "
+        more = f" ({n_bad - 1} more malformed rows)" if n_bad > 1 else ""
+        raise DataError(f"{source}: row {first[0]} (counting from 0): {first[1]}{more}; "
                         f"fix the data or set data.skip_malformed=true to skip such rows")
-    stats.malformed_skipped += len(bad)
-    if len(bad) == len(ds):
-        raise DataError(f"{source}: all {len(ds)} rows are malformed (row 0: {bad[0][1]})")
-    bad_rows = {i for i, _ in bad}
+    for reason, rows in bad.items():
+        stats.skip(reason, len(rows), rows[0], source)
+    if n_bad == len(ds):
+        raise DataError(f"{source}: all {len(ds)} rows are malformed (row 0: {first[1]})")
+    bad_rows = {i for rows in bad.values() for i in rows}
     return ds.select([i for i in range(len(ds)) if i not in bad_rows])
 
 
@@ -274,36 +471,36 @@ def _needed_columns(cfg: DataConfig) -> list[str]:
             "chat": ["messages"]}[cfg.format]
 
 
-def _row_problem(row: dict[str, Any], cfg: DataConfig) -> str | None:
-    """Why a row cannot be rendered for cfg.format, or None when it can."""
+def _row_problem(row: dict[str, Any], cfg: DataConfig) -> tuple[str, str] | None:
+    """(reason in SKIP_REASONS, message) saying why a row cannot be rendered for cfg.format, or None."""
     if cfg.format == "text":
         return _text_problem(row, cfg.text_field)
     if cfg.format == "instruction":
         problem = _text_problem(row, "instruction") or _text_problem(row, "output")
         if problem is None and row.get("input") is not None and not isinstance(row["input"], str):
-            problem = f"'input' must be text, got {type(row['input']).__name__}"
+            problem = "not_text", f"'input' must be text, got {type(row['input']).__name__}"
         return problem
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
-        return "'messages' is missing or not a non-empty list"
+        return "bad_messages", "'messages' is missing or not a non-empty list"
     for k, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            return f"messages[{k}] has no 'role'"
+            return "bad_messages", f"messages[{k}] has no 'role'"
         if not isinstance(message.get("content"), str):
-            return f"messages[{k}] has no text 'content'"
+            return "bad_messages", f"messages[{k}] has no text 'content'"
     if not any(m["role"] == "assistant" and m["content"] for m in messages):
-        return "no assistant message with content (nothing to learn)"
+        return "no_assistant_turn", "no assistant message with content (nothing to learn)"
     return None
 
 
-def _text_problem(row: dict[str, Any], column: str) -> str | None:
+def _text_problem(row: dict[str, Any], column: str) -> tuple[str, str] | None:
     value = row.get(column)
     if value is None:
-        return f"'{column}' is missing"
+        return "missing_field", f"'{column}' is missing"
     if not isinstance(value, str):
-        return f"'{column}' must be text, got {type(value).__name__}"
+        return "not_text", f"'{column}' must be text, got {type(value).__name__}"
     if not value.strip():
-        return f"'{column}' is empty"
+        return "empty_field", f"'{column}' is empty"
     return None
 
 
@@ -378,7 +575,7 @@ def _empty_prompt_length(render) -> int:
     """Length of the generation prompt of an empty conversation (0 where the template needs a message)."""
     try:
         return len(render([], True))
-    except Exception:  # templates may index messages[0]
+    except Exception:  # noqa: BLE001  templates may index messages[0] and fail in any way
         return 0
 
 
@@ -391,23 +588,29 @@ def _bos_text(tokenizer: Any) -> str:
     return bos if with_special and with_special[0] == tokenizer.bos_token_id else ""
 
 
-def _tokenize_batch(batch: dict[str, list], cfg: DataConfig, tokenizer: Any) -> dict[str, list]:
-    """Batched map function: rows -> input_ids, labels (-100 off target), num_targets, truncated.
+def _tokenize_batch(batch: dict[str, list], cfg: DataConfig, tokenizer: Any, max_chars: int) -> dict[str, list]:
+    """Batched map function: rows -> input_ids, labels (-100 off target), and per-row counts and flags.
 
     The whole sample is tokenized at once (so tokens are what the tokenizer gives for the full text),
     and each piece's token span is found as the common prefix of the tokens of the text up to that piece.
-    A token that straddles a piece boundary goes to the later piece.
+    A token that straddles a piece boundary goes to the later piece. A sample longer than `max_chars`
+    characters is cut to that length first (see `max_chars_before_tokenizing`).
     """
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     bos, eos = _bos_text(tokenizer), tokenizer.eos_token or ""
-    segments = [_segments(row, cfg, tokenizer, bos, eos) for row in rows]
+    segments, cut = [], []
+    for row in rows:
+        pieces, was_cut = _cut_pieces(_segments(_cut_fields(row, cfg, max_chars), cfg, tokenizer, bos, eos), max_chars)
+        segments.append(pieces)
+        cut.append(was_cut or any(_field_texts(row, cfg, longer_than=max_chars)))
     fulls = ["".join(text for text, _ in pieces) for pieces in segments]
     prefixes = [_prefix_texts(pieces) for pieces in segments]
     ids_of = _encode(tokenizer, fulls + [p for ps in prefixes for p in ps])
     full_ids, prefix_ids = ids_of[: len(rows)], iter(ids_of[len(rows):])
 
-    out: dict[str, list] = {"input_ids": [], "labels": [], "num_targets": [], "truncated": []}
-    for ids, pieces, prefix_texts in zip(full_ids, segments, prefixes):
+    out: dict[str, list] = {"input_ids": [], "labels": [], "num_targets": [], "num_tokens": [], "truncated": [],
+                            "cut": [], ROW_COLUMN: batch[ROW_COLUMN]}
+    for ids, pieces, prefix_texts, was_cut in zip(full_ids, segments, prefixes, cut):
         bounds = [0] + [_common_prefix(next(prefix_ids), ids) for _ in prefix_texts] + [len(ids)]
         labels = [IGNORE_INDEX] * len(ids)
         for (_, target), start, end in zip(pieces, bounds, bounds[1:]):
@@ -419,8 +622,67 @@ def _tokenize_batch(batch: dict[str, list], cfg: DataConfig, tokenizer: Any) -> 
         out["input_ids"].append(ids[: cfg.max_seq_len])
         out["labels"].append(labels)
         out["num_targets"].append(sum(1 for t in labels if t != IGNORE_INDEX))
+        out["num_tokens"].append(min(len(ids), cfg.max_seq_len))
         out["truncated"].append(len(ids) > cfg.max_seq_len)
+        out["cut"].append(was_cut)
     return out
+
+
+def max_chars_before_tokenizing(tokenizer: Any, max_seq_len: int) -> int:
+    """Characters of a sample's text that are enough for its first `max_seq_len` tokens: the rest is cut.
+
+    No token of this tokenizer stands for more characters than its longest vocabulary entry, L
+    (byte-level BPE writes one character per byte, so its entries are at least as long as the text
+    they cover). A text of (max_seq_len + margin) * L characters therefore has at least max_seq_len +
+    margin tokens, and cutting a longer text there changes tokens only next to the cut (merges are
+    local), margin tokens past the max_seq_len that are kept. Tokenizing costs about 200 bytes of memory
+    per character (measured with a fast BPE tokenizer), so an unbounded row of 40 MB took over 13 GiB;
+    with this bound a row costs at most ~200 * (max_seq_len + 16) * L bytes (max_seq_len 4096 and
+    L = 128: ~110 MB).
+    """
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return (max_seq_len + _CUT_MARGIN_TOKENS) * max(longest, 1)
+
+
+_CUT_MARGIN_TOKENS = 16
+_ENCODE_CHARS = 1 << 20
+"""Characters handed to the tokenizer in one call (at most; a single longer text goes alone)."""
+
+
+def _cut_fields(row: dict[str, Any], cfg: DataConfig, max_chars: int) -> dict[str, Any]:
+    """The row with each text it renders cut to max_chars (bounds the work of templates on huge rows)."""
+    if not any(_field_texts(row, cfg, longer_than=max_chars)):
+        return row
+    row = dict(row)
+    if cfg.format == "chat":
+        row["messages"] = [{**m, "content": m["content"][:max_chars]} for m in row["messages"]]
+    else:
+        for name in _needed_columns(cfg):
+            if isinstance(row.get(name), str):
+                row[name] = row[name][:max_chars]
+    return row
+
+
+def _field_texts(row: dict[str, Any], cfg: DataConfig, longer_than: int) -> Iterator[str]:
+    """The texts a row renders that are longer than `longer_than` characters."""
+    if cfg.format == "chat":
+        texts = [m["content"] for m in row["messages"]]
+    else:
+        texts = [row.get(name) for name in _needed_columns(cfg)]
+    return (t for t in texts if isinstance(t, str) and len(t) > longer_than)
+
+
+def _cut_pieces(pieces: list[tuple[str, bool]], max_chars: int) -> tuple[list[tuple[str, bool]], bool]:
+    """The pieces of a sample cut to max_chars characters in all, and whether anything was cut."""
+    out, total = [], 0
+    for text, target in pieces:
+        if total + len(text) > max_chars:
+            if max_chars > total:
+                out.append((text[: max_chars - total], target))
+            return out, True
+        out.append((text, target))
+        total += len(text)
+    return out, False
 
 
 def _prefix_texts(pieces: list[tuple[str, bool]]) -> list[str]:
@@ -433,8 +695,18 @@ def _prefix_texts(pieces: list[tuple[str, bool]]) -> list[str]:
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    # Special tokens come from the rendered text (BOS/EOS/template markers), never added a second time.
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    """Token ids of each text, in calls of at most _ENCODE_CHARS characters (bounded tokenizer memory)."""
+    ids: list[list[int]] = []
+    start = 0
+    while start < len(texts):
+        end, chars = start + 1, len(texts[start])
+        while end < len(texts) and chars + len(texts[end]) <= _ENCODE_CHARS:
+            chars += len(texts[end])
+            end += 1
+        # Special tokens come from the rendered text (BOS/EOS/template markers), never added a second time.
+        ids += tokenizer(texts[start:end], add_special_tokens=False)["input_ids"]
+        start = end
+    return ids
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -445,29 +717,49 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _tokenized(raw, cfg: DataConfig, tokenizer: Any, stats: DataStats, source: str) -> tuple[Any, int]:
-    """Tokenize raw rows (cached) and drop samples left without targets; returns (dataset, target tokens)."""
+def _tokenized(raw, cfg: DataConfig, tokenizer: Any, stats: DataStats, source: str,
+               train: bool) -> Any:
+    """Tokenize raw rows (cached), drop samples left without targets, and count what happened."""
+    max_chars = max_chars_before_tokenizing(tokenizer, cfg.max_seq_len)
     fingerprint = _fingerprint(raw._fingerprint, "tokenize", cfg.format, cfg.text_field, cfg.max_seq_len,
-                               cfg.mask_prompt, _tokenizer_fingerprint(tokenizer))
+                               cfg.mask_prompt, max_chars, _tokenizer_fingerprint(tokenizer))
     tokenized = raw.map(
         _tokenize_batch,
-        fn_kwargs={"cfg": cfg, "tokenizer": tokenizer},
+        fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "max_chars": max_chars},
         batched=True,
         remove_columns=raw.column_names,
         new_fingerprint=fingerprint,
         num_proc=cfg.num_proc,
         desc="tokenizing",
     )
-    stats.truncated += sum(tokenized["truncated"])
+    counts = tokenized.select_columns([ROW_COLUMN, "num_targets", "num_tokens", "truncated", "cut"]).to_pandas()
+    short = counts[counts["cut"] & (counts["num_tokens"] < cfg.max_seq_len)]
+    if len(short):
+        # Only a tokenizer whose normalizer deletes characters packs more text into a token than its
+        # longest entry: then the cut lost text the sample would have kept.
+        row = int(short[ROW_COLUMN].min())
+        raise DataError(f"{source}: row {row} (counting from 0) is over {max_chars:,} characters and, cut there "
+                        f"before tokenizing, gave fewer than data.max_seq_len tokens; shorten that row")
+    for name, flags in (("truncated", counts["truncated"]), ("cut_for_length", counts["cut"])):
+        if flags.any():
+            getattr(stats, name).add(int(flags.sum()), int(counts[ROW_COLUMN][flags].min()), source)
+    empty = counts["num_targets"] == 0
+    if empty.any():
+        stats.skip("no_target", int(empty.sum()), int(counts[ROW_COLUMN][empty].min()), source)
+    if empty.all():
+        raise DataError(f"{source}: no sample keeps a target token within data.max_seq_len={cfg.max_seq_len} "
+                        f"(prompts are longer); raise data.max_seq_len")
     kept = tokenized.filter(
         _has_targets, batched=True, input_columns=["num_targets"],
         new_fingerprint=_fingerprint(fingerprint, "has-targets"), desc="dropping samples without targets",
-    )
-    stats.no_target_dropped += len(tokenized) - len(kept)
-    if len(kept) == 0:
-        raise DataError(f"{source}: no sample keeps a target token within data.max_seq_len={cfg.max_seq_len} "
-                        f"(prompts are longer); raise data.max_seq_len")
-    return kept.remove_columns(["num_targets", "truncated"]), sum(kept["num_targets"])
+    ) if empty.any() else tokenized
+    if train:
+        stats.train_samples = len(kept)
+        stats.train_tokens = int(counts["num_tokens"][~empty].sum())
+        stats.train_target_tokens = int(counts["num_targets"][~empty].sum())
+    else:
+        stats.eval_samples = len(kept)
+    return kept.remove_columns([ROW_COLUMN, "num_targets", "num_tokens", "truncated", "cut"])
 
 
 def _has_targets(num_targets: list[int]) -> list[bool]:
@@ -497,15 +789,15 @@ def _pack_batch(batch: dict[str, list], max_seq_len: int) -> dict[str, list]:
     row: dict[str, list] = {k: [] for k in out}
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
         if row["input_ids"] and len(row["input_ids"]) + len(ids) > max_seq_len:
-            for k in out:
-                out[k].append(row[k])
+            for k, column in out.items():
+                column.append(row[k])
             row = {k: [] for k in out}
         row["input_ids"] += ids
         row["labels"] += labels
         row["position_ids"] += list(range(len(ids)))
     if row["input_ids"]:
-        for k in out:
-            out[k].append(row[k])
+        for k, column in out.items():
+            column.append(row[k])
     return out
 
 
@@ -514,13 +806,19 @@ def _pack_batch(batch: dict[str, list], max_seq_len: int) -> dict[str, list]:
 
 
 class ResumableLoader:
-    """Deterministic micro batches of one rank's shard, reshuffled each epoch, with a resumable position.
+    """One rank's micro batches, cut from one global order of rows that the world size does not change.
 
-    Epoch e orders the whole dataset by a permutation seeded from (seed, e); rank r takes every
-    world_size-th index from r, so the ranks' shards are disjoint and together cover one global order:
-    with micro batch m and k micro batches per rank per step, a step over n ranks sees the same samples as
-    one process taking k*n micro batches. Iterating yields the rest of the current epoch, then moves to
-    the next one; `state_dict()` after any batch resumes at the batch that follows it.
+    Epoch e orders all n rows by a permutation seeded from (seed, e) (dataset order when shuffle is off)
+    and cuts that order into global batches of G = micro_batch_size * accumulation * world_size rows, one
+    per optimizer step. The last n % G rows of an epoch's order are left out of that epoch (the next epoch
+    reorders everything, so every row still comes up). A global batch is read in `accumulation` micro
+    steps; in micro step j, rank r reads rows [(j * world_size + r) * m, (j * world_size + r + 1) * m) of it.
+
+    So for one G, every step reads the same rows at any world size, and when the micro batch size is the
+    same too, the same micro batches: 1 process x 4 micro batches reads what 4 processes x 1 read. The
+    position is kept in global terms (epoch, rows of its order consumed), so a state saved at one world
+    size resumes at another at the same place. Iterating yields the rest of the current epoch, then
+    moves to the next one; `state_dict()` after any batch resumes at the batch that follows it.
     """
 
     def __init__(
@@ -530,81 +828,130 @@ class ResumableLoader:
         *,
         rank: int = 0,
         world_size: int = 1,
+        accumulation: int = 1,
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
         pad_token_id: int,
     ) -> None:
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
+        if micro_batch_size < 1 or accumulation < 1:
+            raise ValueError(f"micro_batch_size and accumulation must be at least 1, "
+                             f"got {micro_batch_size} and {accumulation}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if not drop_last and world_size * accumulation > 1:
+            # A short last global batch would leave some ranks' micro batches empty; evaluation, the one
+            # reader that keeps every row, reads a single stream and splits the batches itself.
+            raise ValueError("drop_last=False reads one stream of micro batches: use world_size=1, accumulation=1")
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: pass the tokenizer's pad id (or its EOS id when it has none)")
         self.dataset = dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size, self.accumulation = micro_batch_size, accumulation
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.pad_token_id = pad_token_id
+        self.global_batch_size = micro_batch_size * accumulation * world_size
+        self.num_rows = len(self.dataset)
         self.epoch = 0
-        self.batch = 0  # batches of this epoch already yielded
-        n = len(self.dataset)
-        # Every rank gets the same number of samples, so collectives line up: drop the uneven tail, or
-        # (drop_last=False) repeat the first few samples of the order, as DistributedSampler does.
-        self._per_rank = n // world_size if drop_last else math.ceil(n / world_size)
+        self._start = 0  # rows of this epoch's order consumed before the first batch yielded since then
+        self._yielded = 0  # micro batches yielded by this rank since `_start`
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order), reused within an epoch
         if len(self) == 0:
-            raise DataError(f"{n} sequences are fewer than one micro batch per rank "
-                            f"(micro_batch_size {micro_batch_size} x {world_size} ranks): "
-                            f"add data or lower train.micro_batch_size")
+            raise DataError(f"{self.num_rows} training sequences are fewer than one global batch "
+                            f"({self.global_batch_size} = micro batch {micro_batch_size} x {accumulation} "
+                            f"accumulated x {world_size} processes): add data or lower train.global_batch_size "
+                            f"(or train.micro_batch_size)")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global batches (optimizer steps) per epoch; the same at every world size for one global batch size."""
+        return self.num_rows // self.global_batch_size
 
     def __len__(self) -> int:
-        """Micro batches per epoch on this rank."""
+        """Micro batches per epoch on this rank (steps_per_epoch * accumulation when drop_last)."""
         if self.drop_last:
-            return self._per_rank // self.micro_batch_size
-        return math.ceil(self._per_rank / self.micro_batch_size)
+            return self.steps_per_epoch * self.accumulation
+        return math.ceil(self.num_rows / self.micro_batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch; a no-op when already in `epoch` (keeps a resumed position)."""
         if epoch != self.epoch:
-            self.epoch, self.batch = epoch, 0
+            self.epoch, self._start, self._yielded = epoch, 0, 0
 
-    def indices(self, epoch: int) -> list[int]:
-        """Dataset indices this rank reads in `epoch`, in order."""
-        n = len(self.dataset)
-        if self.shuffle:
-            order = np.random.default_rng(np.random.SeedSequence([self.seed, epoch])).permutation(n)
+    def global_order(self, epoch: int) -> np.ndarray:
+        """All row indices in the order of `epoch`, before it is cut into global batches."""
+        if self._order is None or self._order[0] != epoch:
+            if self.shuffle:
+                order = np.random.default_rng(np.random.SeedSequence([self.seed, epoch])).permutation(self.num_rows)
+            else:
+                order = np.arange(self.num_rows)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def _batches_left(self) -> int:
+        """Micro batches this rank has still to read in the current epoch."""
+        rows_left = self.num_rows - self._start
+        if self.drop_last:
+            total = rows_left // self.global_batch_size * self.accumulation
         else:
-            order = np.arange(n)
-        total = self._per_rank * self.world_size
-        order = np.concatenate([order, order[: total - n]]) if total > n else order[:total]
-        return order[self.rank :: self.world_size].tolist()
+            total = math.ceil(rows_left / self.micro_batch_size)
+        return total - self._yielded
+
+    def _rows_consumed(self) -> int:
+        """Rows of the current epoch's order read by all ranks together (exact at every micro step)."""
+        return self._start + self._yielded * self.micro_batch_size * self.world_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        indices = self.indices(self.epoch)
-        m = self.micro_batch_size
-        while self.batch < len(self):
-            rows = self.dataset[indices[self.batch * m : (self.batch + 1) * m]]
-            self.batch += 1
-            yield collate(rows, self.pad_token_id)
-        self.epoch, self.batch = self.epoch + 1, 0
+        order = self.global_order(self.epoch)
+        m, k, w = self.micro_batch_size, self.accumulation, self.world_size
+        while self._batches_left() > 0:
+            step, micro_step = divmod(self._yielded, k)
+            first = self._start + step * self.global_batch_size + (micro_step * w + self.rank) * m
+            self._yielded += 1
+            yield collate(self.dataset[order[first : first + m].tolist()], self.pad_token_id)
+        self.epoch, self._start, self._yielded = self.epoch + 1, 0, 0
 
-    def state_dict(self) -> dict[str, int]:
-        """Position and the settings that fix the order (checked on load)."""
-        epoch, batch = (self.epoch + 1, 0) if self.batch >= len(self) else (self.epoch, self.batch)
-        return {"epoch": epoch, "batch": batch, "seed": self.seed, "world_size": self.world_size,
-                "micro_batch_size": self.micro_batch_size, "num_sequences": len(self.dataset)}
+    def epoch_progress(self) -> float:
+        """Epochs done so far, with the fraction of the current one (for metrics)."""
+        return self.epoch + self._rows_consumed() / max(self.num_rows, 1)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at a saved position; refuses one saved under settings that give a different order."""
+    def state_dict(self) -> dict[str, Any]:
+        """The position in global terms and the settings that fix the order (checked on load).
+
+        `sample` counts rows of epoch `epoch`'s order already read by all ranks together; `batch` (this
+        rank's micro batches into the epoch) is informational and ignored on load.
+        """
+        if self._batches_left() <= 0:
+            epoch, sample = self.epoch + 1, 0
+        else:
+            epoch, sample = self.epoch, self._rows_consumed()
+        return {"epoch": epoch, "sample": sample, "batch": sample // (self.micro_batch_size * self.world_size),
+                "seed": self.seed, "shuffle": self.shuffle, "num_sequences": self.num_rows,
+                "global_batch_size": self.global_batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a saved position, whatever world size saved it.
+
+        Refuses a state saved under settings that give another order or other global batches (seed,
+        shuffle, row count, global batch size). A state from the earlier per-rank loader (epoch, batch,
+        world_size, micro_batch_size) resumes after the rows it had read: that loader dealt the same
+        per-epoch order out to the ranks, so its first `batch` micro batches on every rank were the
+        order's first batch * micro_batch_size * world_size rows.
+        """
+        if "sample" in state:
+            sample = int(state["sample"])
+            compared = ("seed", "shuffle", "num_sequences", "global_batch_size")
+        else:
+            sample = int(state["batch"]) * int(state["micro_batch_size"]) * int(state["world_size"])
+            compared = ("seed", "num_sequences")
         mine = self.state_dict()
-        changed = [f"{k} {state[k]} -> {mine[k]}" for k in ("seed", "world_size", "micro_batch_size",
-                                                            "num_sequences") if k in state and state[k] != mine[k]]
+        changed = [f"{k} {state[k]} -> {mine[k]}" for k in compared if k in state and state[k] != mine[k]]
         if changed:
             raise DataError(f"cannot resume the data order exactly: {', '.join(changed)} since the checkpoint; "
-                            f"resume with the same data, seed, micro batch size and number of processes")
-        if not 0 <= state["batch"] <= len(self):
-            raise DataError(f"loader state batch {state['batch']} is outside an epoch of {len(self)} batches")
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+                            f"resume with the same data, seed, shuffle setting and global batch size")
+        if not 0 <= sample <= self.num_rows:
+            raise DataError(f"loader state sample {sample} is outside an epoch of {self.num_rows} rows")
+        self.epoch, self._start, self._yielded = int(state["epoch"]), sample, 0
 
 
 def make_dataloader(
@@ -613,6 +960,7 @@ def make_dataloader(
     *,
     rank: int = 0,
     world_size: int = 1,
+    accumulation: int = 1,
     seed: int = 0,
     shuffle: bool = True,
     drop_last: bool = True,
@@ -623,19 +971,22 @@ def make_dataloader(
     Args:
         dataset: rows with input_ids and labels (and position_ids when packed).
         micro_batch_size: rows per batch on each rank.
-        rank, world_size: this process's shard (disjoint across ranks).
+        rank, world_size: this process's place among the data-parallel ranks.
+        accumulation: micro batches per optimizer step on each rank. The global batch is
+            micro_batch_size * accumulation * world_size rows; pass the training job's accumulation so
+            that batches are cut the same at every world size.
         seed: seed of the per-epoch order.
         shuffle: reshuffle each epoch (False: dataset order, e.g. for eval).
-        drop_last: drop the last partial batch and the uneven tail across ranks (False pads the shards by
-            repeating a few samples so that every rank runs the same number of batches).
+        drop_last: leave the last n % global batch rows out of each epoch (False, for one reader only,
+            keeps them as a short last batch).
         pad_token_id: id written into padding; padding is masked out of attention and labels.
 
     Returns:
         A loader yielding dicts of (B, T) long tensors: input_ids, labels and attention_mask, or
         input_ids, labels and position_ids for packed rows (call the model with use_cache=False).
     """
-    return ResumableLoader(dataset, micro_batch_size, rank=rank, world_size=world_size, seed=seed,
-                           shuffle=shuffle, drop_last=drop_last, pad_token_id=pad_token_id)
+    return ResumableLoader(dataset, micro_batch_size, rank=rank, world_size=world_size, accumulation=accumulation,
+                           seed=seed, shuffle=shuffle, drop_last=drop_last, pad_token_id=pad_token_id)
 
 
 def collate(rows: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -737,6 +1088,17 @@ def _is_int(value: Any) -> bool:
 
 
 __all__ = [
-    "DataConfig", "DataError", "DataStats", "IGNORE_INDEX", "RANDOM_TOKENS", "RandomTokens", "ResumableLoader",
-    "build_datasets", "collate", "make_dataloader",
+    "IGNORE_INDEX",
+    "RANDOM_TOKENS",
+    "SKIP_REASONS",
+    "DataConfig",
+    "DataError",
+    "DataStats",
+    "RandomTokens",
+    "ResumableLoader",
+    "RowTally",
+    "build_datasets",
+    "collate",
+    "make_dataloader",
+    "max_chars_before_tokenizing",
 ]
