@@ -53,6 +53,13 @@ SHAPES: dict[str, Shape] = {
                                        tie_word_embeddings=True)),
     "llama3-8b": Shape("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                      num_attention_heads=32, **_LLAMA3)),
+    "qwen2.5-7b": Shape("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                      rope_theta=1000000.0, max_position_embeddings=32768,
+                                      tie_word_embeddings=False)),
+    "mistral-7b": Shape("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
+                                        rope_theta=1000000.0, max_position_embeddings=32768, sliding_window=None)),
     # all 80 layers hold 35 GB in NF4: the bench measures a few and computes the rest
     "llama3-70b": Shape("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                                       num_attention_heads=64, **_LLAMA3)),
