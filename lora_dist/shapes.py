@@ -110,6 +110,7 @@ def build_random_model(
     finally:
         torch.set_default_dtype(old)
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives every module its own new tensor: tie the head to the embedding again
     unit_offset_norms = config.model_type.startswith("gemma")  # their norm computes x * (1 + w)
     with torch.no_grad():
         for index, (pname, param) in enumerate(model.named_parameters()):
