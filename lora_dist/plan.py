@@ -622,6 +622,17 @@ def per_rank_sequences(cfg: Config, world_size: int) -> int:
     return t.micro_batch_size * (t.grad_accum or 1)
 
 
+def device_budget_bytes(device: torch.device | int | None = None) -> int:
+    """Bytes the CUDA caching allocator may still use on `device`: free memory now plus what it holds,
+    capped by `torch.cuda.set_per_process_memory_fraction` (the CUDA context is already outside it)."""
+    free, total = torch.cuda.mem_get_info(device)
+    budget = free + torch.cuda.memory_reserved(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.5
+    if get_fraction is not None:
+        budget = min(budget, int(get_fraction(device) * total))
+    return budget
+
+
 def auto_micro_batch(cfg: Config, budget_bytes: int, world_size: int = 1,
                      facts: ModelFacts | None = None) -> tuple[int, int]:
     """The largest micro batch whose predicted peak fits `budget_bytes`, keeping the global batch.
@@ -900,8 +911,15 @@ def _measure_auto_fit(gib: float, quick: bool) -> dict[str, Any]:
     setup = bench.Setup(shape=shape_name, model_path=None, layers=len(facts.layers), seq=seq, micro_batch=micro,
                         rank=16, alpha=32.0, quant="nf4", double_quant=True, lr=1e-4, seed=0, device="cuda")
     torch.cuda.set_per_process_memory_fraction(budget / total)
-    result: dict[str, Any] = {"budget_gib": gib, "shape": shape_name, "seq": seq, "global_batch": global_batch,
-                              "micro_batch": micro, "accumulation": accum, "predicted_gib": predicted / GiB}
+    seen = device_budget_bytes()  # what the job's auto micro batch reads
+    result: dict[str, Any] = {"budget_gib": gib, "device_budget_gib": seen / GiB, "shape": shape_name, "seq": seq,
+                              "global_batch": global_batch, "micro_batch": micro, "accumulation": accum,
+                              "predicted_gib": predicted / GiB}
+    if seen < budget:  # another process holds part of the card: fit what is really there
+        micro, accum = auto_micro_batch(cfg, seen, 1, facts)
+        result.update(micro_batch=micro, accumulation=accum,
+                      predicted_gib=plan_memory(cfg, micro_batch=micro, facts=facts).peak_bytes / GiB)
+        setup.micro_batch = micro
     try:
         side = bench.build_ours(setup, checkpointing=True)
         torch.cuda.reset_peak_memory_stats()
