@@ -694,14 +694,13 @@ def fit_advice(cfg: Config, gpu_mem_bytes: int, world_size: int = 1,
     if fitting:
         best = max(fitting, key=relative_speed)
         return False, best, head + "; fastest change that fits: " + _change(cfg, best, total)
-    for offload in (True,):
-        fits = [plan_memory(cfg, world_size, micro_batch=m, checkpointing=True, offload_activations=offload,
-                            facts=facts) for m in micros]
-        fits = [p for p in fits if p.peak_bytes <= budget]
-        if fits:
-            best = max(fits, key=relative_speed)
-            return False, best, head + ("; nothing the job offers fits; offloading the checkpointed layer inputs "
-                                        "to the CPU (not in the job yet) would, with " + _change(cfg, best, total))
+    offloaded = [plan_memory(cfg, world_size, micro_batch=m, checkpointing=True, offload_activations=True,
+                             facts=facts) for m in micros]
+    offloaded = [p for p in offloaded if p.peak_bytes <= budget]
+    if offloaded:
+        best = max(offloaded, key=relative_speed)
+        return False, best, head + ("; nothing the job offers fits; offloading the checkpointed layer inputs "
+                                    "to the CPU (not in the job yet) would, with " + _change(cfg, best, total))
     seq = cfg.data.max_seq_len
     while seq > 128:
         seq //= 2
