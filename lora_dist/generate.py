@@ -261,13 +261,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from lora_dist.errors import UserError
+if __name__ == "__main__":  # `python -m lora_dist.generate ...` is `lora-dist generate ...`
+    from lora_dist import cli
 
-    parser = argparse.ArgumentParser(prog="lora-dist generate", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    try:
-        sys.exit(main(parser.parse_args()))
-    except UserError as err:
-        print(f"lora-dist generate: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.main(["generate", *sys.argv[1:]]))

@@ -959,11 +959,7 @@ def _format_measure(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="lora-dist plan", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    try:
-        sys.exit(main(parser.parse_args()))
-    except ConfigError as err:
-        print(f"lora-dist plan: error: {err}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # `python -m lora_dist.plan ...` is `lora-dist plan ...`
+    from lora_dist import cli
+
+    sys.exit(cli.main(["plan", *sys.argv[1:]]))
