@@ -810,8 +810,8 @@ def measure(out: str | None, quick: bool = False) -> int:
     one measured step with checkpointing on, then again with it off (`gradient_checkpointing_disable`).
     Peak = torch.cuda.max_memory_allocated after a reset taken before the measured step (the model,
     adapters and optimizer state are already there). Cases the plan predicts above the card are not
-    run. Last, an emulated 24 GiB card: `auto_micro_batch` picks the micro batch and accumulation
-    keeps the global batch; two optimizer steps must run without out-of-memory.
+    run. First, on the 8B model: an emulated 24 GiB card where `auto_micro_batch` picks the micro
+    batch and accumulation keeps the global batch; two optimizer steps must run without out-of-memory.
     """
     import gc
     import os
@@ -835,6 +835,8 @@ def measure(out: str | None, quick: bool = False) -> int:
     if quick:
         cases = [(s, 2, (512,), (1, 2)) for s, *_ in cases]
     rows: list[dict[str, Any]] = []
+    fit: dict[str, Any] | None = None
+    fit_case = (24.0, 2048, 32) if not quick else (4.0, 512, 8)  # card GiB, seq, global batch
     started = time.perf_counter()
     for shape_name, layers, seqs, micros in cases:
         cfg = _bench_config(shape_name, layers, max(seqs), max(micros))
@@ -843,6 +845,8 @@ def measure(out: str | None, quick: bool = False) -> int:
                             micro_batch=micros[0], rank=16, alpha=32.0, quant="nf4", double_quant=True,
                             lr=1e-4, seed=0, device="cuda")
         side = bench.build_ours(setup, checkpointing=True)
+        if fit is None:  # the first (8B) model also proves micro_batch_size=auto on an emulated card
+            fit = _measure_auto_fit(side, facts, *fit_case)
         for ckpt in (True, False):
             if not ckpt:
                 side.model.base_model.gradient_checkpointing_disable()
@@ -869,7 +873,6 @@ def measure(out: str | None, quick: bool = False) -> int:
         del side
         gc.collect()
         torch.cuda.empty_cache()
-    fit = _measure_auto_fit(24 if not quick else 4, quick)
     report = {"rows": rows, "auto_fit": fit, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "wall_s": time.perf_counter() - started,
               "max_abs_error": max((abs(r["error"]) for r in rows if "error" in r), default=None)}
@@ -894,33 +897,27 @@ def _bench_config(shape_name: str, layers: int | None, seq: int, micro: int, glo
     return load_config(None, overrides)
 
 
-def _measure_auto_fit(gib: float, quick: bool) -> dict[str, Any]:
-    """micro_batch_size=auto on an emulated card of `gib` GiB: the chosen split trains two steps."""
+def _measure_auto_fit(side: Any, facts: ModelFacts, gib: float, seq: int, global_batch: int) -> dict[str, Any]:
+    """micro_batch_size=auto on an emulated card of `gib` GiB, with `side` (built, checkpointing on).
+
+    The cap (`set_per_process_memory_fraction`) is set after the build: a real card loads the base
+    quantized as it streams in, the random build allocates it dense first. `device_budget_bytes` (what
+    the job reads) gives the budget, `auto_micro_batch` the split; two optimizer steps of `accum`
+    micro batches each must run, their peak is compared with the budget.
+    """
     import gc
 
-    from lora_dist import bench
-
-    shape_name, layers, seq, global_batch = ("llama3-8b", None, 2048, 32) if not quick else ("llama3-8b", 2, 512, 8)
-    cfg = _bench_config(shape_name, layers, seq, 1, global_batch)
-    facts = describe_model(cfg, num_layers=layers)
+    cfg = _bench_config(facts.name.removeprefix("random:"), len(facts.layers), seq, 1, global_batch)
     total = torch.cuda.get_device_properties(0).total_memory
-    budget = int(gib * GiB)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(gib * GiB / total)
+    budget = device_budget_bytes()
     micro, accum = auto_micro_batch(cfg, budget, 1, facts)
-    predicted = plan_memory(cfg, micro_batch=micro, facts=facts).peak_bytes
-    setup = bench.Setup(shape=shape_name, model_path=None, layers=len(facts.layers), seq=seq, micro_batch=micro,
-                        rank=16, alpha=32.0, quant="nf4", double_quant=True, lr=1e-4, seed=0, device="cuda")
-    torch.cuda.set_per_process_memory_fraction(budget / total)
-    seen = device_budget_bytes()  # what the job's auto micro batch reads
-    result: dict[str, Any] = {"budget_gib": gib, "device_budget_gib": seen / GiB, "shape": shape_name, "seq": seq,
+    result: dict[str, Any] = {"budget_gib": gib, "device_budget_gib": budget / GiB, "seq": seq,
                               "global_batch": global_batch, "micro_batch": micro, "accumulation": accum,
-                              "predicted_gib": predicted / GiB}
-    if seen < budget:  # another process holds part of the card: fit what is really there
-        micro, accum = auto_micro_batch(cfg, seen, 1, facts)
-        result.update(micro_batch=micro, accumulation=accum,
-                      predicted_gib=plan_memory(cfg, micro_batch=micro, facts=facts).peak_bytes / GiB)
-        setup.micro_batch = micro
+                              "predicted_gib": plan_memory(cfg, micro_batch=micro, facts=facts).peak_bytes / GiB}
     try:
-        side = bench.build_ours(setup, checkpointing=True)
         torch.cuda.reset_peak_memory_stats()
         gen = torch.Generator().manual_seed(0)
         for _ in range(2):  # two optimizer steps of `accum` micro batches each, as the job runs them
@@ -932,15 +929,13 @@ def _measure_auto_fit(gib: float, quick: bool) -> dict[str, Any]:
         torch.cuda.synchronize()
         result["oom"] = False
         result["measured_gib"] = torch.cuda.max_memory_allocated() / GiB
-        result["used_fraction"] = result["measured_gib"] / gib
-        del side
+        result["used_fraction"] = result["measured_gib"] * GiB / budget
     except torch.OutOfMemoryError as err:
         result["oom"] = True
         result["error"] = str(err).splitlines()[0]
     finally:
+        side.optimizer.zero_grad(set_to_none=True)
         torch.cuda.set_per_process_memory_fraction(1.0)
-        gc.collect()
-        torch.cuda.empty_cache()
     print(json.dumps(result), flush=True)
     return result
 
