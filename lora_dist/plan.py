@@ -661,6 +661,19 @@ def auto_micro_batch(cfg: Config, budget_bytes: int, world_size: int = 1,
                       f"run `lora-dist plan` with --gpu-mem for the change that fits")
 
 
+def resolve_auto_micro_batch(cfg: Config, budget_bytes: int, world_size: int = 1) -> tuple[Config, str]:
+    """`cfg` with its micro batch set by `auto_micro_batch` for `budget_bytes` (the global batch kept),
+    and the line the job prints at start. Every rank must pass the same budget (the smallest of them)."""
+    facts = describe_model(cfg)
+    micro, accum = auto_micro_batch(cfg, budget_bytes, world_size, facts)
+    peak = plan_memory(cfg, world_size, micro_batch=micro, facts=facts).peak_bytes
+    train = dataclasses.replace(cfg.train, micro_batch_size=micro, grad_accum=None,
+                                global_batch_size=micro * accum * world_size)
+    line = (f"train.micro_batch_size=auto: {micro} x {cfg.data.max_seq_len} tokens, {accum} accumulation step(s) x "
+            f"{world_size} process(es); predicted peak {peak / GiB:.2f} GiB of {budget_bytes / GiB:.2f} GiB")
+    return dataclasses.replace(cfg, train=train), line
+
+
 def relative_speed(plan: Plan) -> float:
     """Rough tokens/s of a plan relative to an ideal one: recompute cost and small-GEMM inefficiency."""
     m = plan.micro_batch * plan.seq_len

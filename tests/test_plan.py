@@ -297,6 +297,15 @@ def test_auto_micro_batch_takes_the_largest_divisor_that_fits_and_keeps_the_glob
     assert plan.plan_memory(cfg, micro_batch=larger, facts=facts).peak_bytes > plan.SAFETY * budget
 
 
+def test_resolved_auto_config_keeps_the_global_batch_and_derives_accumulation():
+    cfg = load_config(ROOT / "configs" / "scaling-llama3-8b.yaml", ["train.global_batch_size=24",
+                                                                    "train.micro_batch_size=1"])
+    resolved, line = plan.resolve_auto_micro_batch(cfg, 24 * plan.GiB, world_size=2)
+    micro = resolved.train.micro_batch_size
+    assert resolved.train.global_batch_size == 24 and resolved.train.accumulation(2) * micro * 2 == 24
+    assert micro > 1 and f"train.micro_batch_size=auto: {micro} x 2048 tokens" in line
+
+
 def test_auto_micro_batch_refuses_a_card_too_small_for_one_sequence():
     cfg = load_config(ROOT / "configs" / "scaling-llama3-8b.yaml", ["train.global_batch_size=8"])
     with pytest.raises(ConfigError, match="even 1 sequence"):
