@@ -53,6 +53,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from lora_dist import bench
 
         bench.add_arguments(bench_parser)
+
+    plan_parser = sub.add_parser("plan", help="predict peak GPU memory of a config (no weights, no GPU)")
+    if command == "plan":
+        from lora_dist import plan
+
+        plan.add_arguments(plan_parser)
+
+    generate_parser = sub.add_parser("generate", help="generate text with a base model and an adapter")
+    if command == "generate":
+        from lora_dist import generate
+
+        generate.add_arguments(generate_parser)
     return parser
 
 
@@ -138,6 +150,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lora_dist import bench
 
         return int(bench.main(args) or 0)
+    if args.command == "plan":
+        from lora_dist import plan
+
+        return int(plan.main(args) or 0)
+    if args.command == "generate":
+        from lora_dist import generate
+
+        return int(generate.main(args) or 0)
     raise AssertionError(f"unhandled command {args.command}")
 
 

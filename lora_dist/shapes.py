@@ -60,6 +60,11 @@ SHAPES: dict[str, Shape] = {
         "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
         **_LLAMA3,
     }),
+    "qwen2.5-7b": Shape("qwen2", {
+        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+    }),
     # all 80 layers hold 35 GB in NF4: the bench measures a few and computes the rest
     "llama3-70b": Shape("llama", {
         "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
@@ -148,6 +153,7 @@ def build_random_model(
     finally:
         torch.set_default_dtype(old)
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives every module its own new tensor: tie the head to the embedding again
     unit_offset_norms = config.model_type.startswith("gemma")  # their norm computes x * (1 + w)
     with torch.no_grad():
         for index, (pname, param) in enumerate(model.named_parameters()):
