@@ -9,7 +9,8 @@ import pytest
 
 from lora_dist import cli, tiny
 from lora_dist.launch import free_port
-from lora_dist.tracking import read_metrics, read_wandb_artifacts, read_wandb_history
+from lora_dist.tracking import read_metrics
+from wandb_reader import read_wandb_artifacts, read_wandb_history
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "tiny-cpu.yaml")
@@ -149,7 +150,7 @@ BAD_CONFIGS = [
     ("batch not divisible", ["train.global_batch_size=20"], "multiple of train.micro_batch_size"),
     ("missing data file", ["data.path=/nonexistent/rows.jsonl"], "not found"),
     ("missing model folder", ["model.path=/nonexistent/model"], "model folder /nonexistent/model does not exist"),
-    ("bits 3", ["model.bits=3"], "model.bits must be 4, 8 or null"),
+    ("bits 3", ["model.bits=3"], "model.bits must be one of 4, 8 or null"),
     ("zero stage 5", ["distributed.zero_stage=5"], "distributed.zero_stage"),
     ("wandb mode", ["wandb.mode=sometimes"], "wandb.mode must be one of"),
     ("override without =", ["train.lr"], "must read section.key=value"),

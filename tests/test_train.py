@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from lora_dist import cli, shapes, tiny, train
 from lora_dist.config import ConfigError, load_config
 from lora_dist.data import IGNORE_INDEX
-from lora_dist.tracking import find_wandb_run_file, read_metrics, read_wandb_history
+from lora_dist.tracking import read_metrics
+from wandb_reader import find_wandb_run_file, read_wandb_history
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
@@ -433,9 +434,11 @@ def test_cluster_info_reaches_the_run_record(scaling_study):
 def test_setup_binds_the_device_before_its_first_collective(tmp_path, capsys, monkeypatch):
     # On GPUs NCCL runs a collective on the current CUDA device: cluster_info's all_gather_object before
     # torch.cuda.set_device put every rank's tensors on cuda:0 and failed on rank 1 (seen on 2 H200s).
+    from lora_dist import distributed
+
     calls = []
-    device, info = train._device, train.cluster_info
+    device, info = train._device, distributed.cluster_info
     monkeypatch.setattr(train, "_device", lambda: calls.append("device") or device())
-    monkeypatch.setattr(train, "cluster_info", lambda: calls.append("cluster_info") or info())
+    monkeypatch.setattr(distributed, "cluster_info", lambda: calls.append("cluster_info") or info())
     train.setup(load_config(None, [*RANDOM, f"train.output_dir={tmp_path}"]))
     assert calls == ["device", "cluster_info"]
