@@ -415,6 +415,7 @@ def _stop_for_signal(run: Run, received: str) -> None:
     path = save_checkpoint(run)
     run.tracker.message(f"{received}: stopping after step {run.step}; checkpoint {path}")
     run.tracker.finish(_summary(run, time.perf_counter() - run.started) | {"preempted": received})
+    distributed.barrier()  # no rank exits (and gets its launcher to kill the others) before rank 0 has flushed
     raise Preempted(received, run.step, str(path))
 
 

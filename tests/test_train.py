@@ -141,7 +141,7 @@ def test_inf_gradient_under_zero_is_skipped_and_the_schedule_still_advances(tiny
 def test_inf_gradient_without_zero_stops_once_it_reaches_the_adapters(tiny_dir, tmp_path):
     # ZeRO stage 0 in fp32 checks nothing: the update applies the nan, and the run stops saying so.
     result = _inf_gradient_under_deepspeed(tiny_dir, tmp_path, 0)
-    assert "reached the adapter weights under DeepSpeed" in result["stopped"]
+    assert "reached the adapter weights" in result["stopped"]
 
 
 def test_fit_counts_skipped_steps_and_stops_past_the_limit(tiny_dir, tmp_path, capsys):

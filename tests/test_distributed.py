@@ -1,13 +1,10 @@
-"""make_ds_config, make_lr_scheduler, init_distributed: single process, DeepSpeed not imported."""
+"""distributed.py on one process, DeepSpeed not imported: make_ds_config, init_distributed, the shm-op lock check."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
-import torch
 
-from lora_dist.distributed import init_distributed, make_ds_config, make_lr_scheduler
+from lora_dist.distributed import init_distributed, make_ds_config
 
 BASE = dict(
     zero_stage=2, micro_batch_size=4, grad_accum=8, world_size=2, grad_clip=1.0, precision="bf16",
@@ -91,35 +88,6 @@ def test_user_json_adds_keys_and_overrides_soft_defaults():
     assert config["optimizer"]["params"]["torch_adam"] is False
     assert config["activation_checkpointing"] == {"partition_activations": True}
     assert user["zero_optimization"]["stage"] == 2  # the user's dict is not modified
-
-
-def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    scheduler = make_lr_scheduler(optimizer, schedule="cosine", warmup_steps=2, total_steps=6)
-    seen = []
-    for _ in range(7):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    # warmup (k + 1) / 3 for k = 0, 1; then 0.5 (1 + cos(pi t)), t = (k - 2) / 4
-    expected = [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(5)]
-    assert seen == pytest.approx(expected, abs=1e-12)
-
-
-def test_linear_and_constant_schedules():
-    def lrs(schedule):
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = make_lr_scheduler(optimizer, schedule=schedule, warmup_steps=0, total_steps=4)
-        out = []
-        for _ in range(5):
-            out.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-        return out
-
-    assert lrs("linear") == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
-    assert lrs("constant") == [1.0] * 5
 
 
 def test_init_distributed_without_a_launcher_is_rank_0_of_1(monkeypatch):
