@@ -136,7 +136,9 @@ def _bad_files(root: Path) -> dict[str, Path]:
     }
     for name, text in files.items():
         (root / name).write_text(text)
-    return {name: root / name for name in files}
+    (root / "latin1.yaml").write_bytes("train:\n  output_dir: caf\xe9\n".encode("latin-1"))
+    (root / "folder.yaml").mkdir(exist_ok=True)
+    return {name: root / name for name in [*files, "latin1.yaml", "folder.yaml"]}
 
 
 # (name, extra overrides or a config path, words the message must contain)
@@ -157,7 +159,11 @@ BAD_CONFIGS = [
     ("lora rank 0", ["lora.rank=0"], "rank must be a positive integer"),
     ("missing resume folder", ["train.resume=/nonexistent/ckpt"], "train.resume"),
     ("offload without zero", ["distributed.offload_optimizer=true", "distributed.zero_stage=0"], "offload"),
-    ("missing config file", "/nonexistent/config.yaml", "cannot read config file"),
+    ("missing config file", "/nonexistent/config.yaml", "config file /nonexistent/config.yaml does not exist"),
+    ("config not UTF-8", "latin1.yaml", "is not UTF-8 text (byte 24)"),
+    ("config is a folder", "folder.yaml", "is a directory, not a file"),
+    ("model.path is a file", ["model.path={root}/data.txt"], "data.txt is a file; give the model folder"),
+    ("target modules match nothing", ["lora.target_modules=[nope_proj]"], "matched no module"),
     ("yaml syntax", "bad.yaml", "not valid YAML"),
     ("yaml top level list", "list.yaml", "top level must be a mapping"),
     ("unsupported data file", ["data.path={root}/data.txt"], "data.path"),
