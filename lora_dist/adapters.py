@@ -244,7 +244,8 @@ def _read_weights(folder: Path, config_raw: bytes) -> tuple[dict[str, torch.Tens
         metadata = {}
     if "lora_dist_tensors_sha256" in metadata and _tensors_sha256(tensors) != metadata["lora_dist_tensors_sha256"]:
         raise ValueError(f"{file} does not match the checksum recorded when it was saved; save the adapter again")
-    if "lora_dist_config_sha256" in metadata and hashlib.sha256(config_raw).hexdigest() != metadata["lora_dist_config_sha256"]:
+    config_sha = hashlib.sha256(config_raw).hexdigest()
+    if "lora_dist_config_sha256" in metadata and config_sha != metadata["lora_dist_config_sha256"]:
         raise ValueError(
             f"{folder / ADAPTER_CONFIG} is not the config saved with {file.name} (edited, or the save "
             f"was interrupted); save the adapter again"

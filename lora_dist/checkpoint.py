@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from lora_dist.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from lora_dist.adapters import load_adapter, save_adapter
 from lora_dist.model import LoRAModel
 
 LATEST = "latest"

@@ -529,7 +529,8 @@ def patch_model_for_speed(
             _bind(layer, _decoder_forward)
         attn, mlp = layer.self_attn, layer.mlp
         if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
-            raise TypeError(f"{type(attn).__name__} is not a Llama-style attention; patch_model_for_speed cannot run it")
+            kind = type(attn).__name__
+            raise TypeError(f"{kind} is not a Llama-style attention; patch_model_for_speed cannot run it")
         _bind(attn, _attention_forward)
         if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) and _is_silu(mlp):
             _bind(mlp, _mlp_forward)

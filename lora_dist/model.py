@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lora_dist import quant
-from lora_dist.layers import INITS, LoRALayer, check_hparams, lora_scaling
+from lora_dist.layers import LoRALayer, check_hparams
 
 BIAS_MODES = ("none", "lora_only", "all")
 

@@ -6,7 +6,6 @@ Quantized bases compute in fp32 here so that rounding bounds are short to state.
 """
 
 import json
-import math
 
 import pytest
 import torch

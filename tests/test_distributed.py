@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import time
+
 import pytest
 
+from lora_dist import distributed
 from lora_dist.distributed import init_distributed, make_ds_config
+from lora_dist.errors import ConfigError
 
 BASE = dict(
     zero_stage=2, micro_batch_size=4, grad_accum=8, world_size=2, grad_clip=1.0, precision="bf16",
@@ -94,3 +101,46 @@ def test_init_distributed_without_a_launcher_is_rank_0_of_1(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     assert init_distributed() == (0, 1)
+
+
+# ---------------------------------------------------------------- DeepSpeed's CPU comm op, built once
+
+
+def _op_folder(root, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    folder = root / distributed.SHM_OP
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _stale_lock(folder):
+    lock = folder / "lock"
+    lock.write_text("")
+    old = time.time() - 600  # a build killed ten minutes ago
+    os.utime(lock, (old, old))
+    return lock
+
+
+def test_a_lock_left_by_a_killed_build_fails_in_one_line_naming_it(tmp_path, monkeypatch):
+    lock = _stale_lock(_op_folder(tmp_path, monkeypatch))
+    with pytest.raises(ConfigError, match=rf"left {re.escape(str(lock))} behind .* delete that file"):
+        distributed.check_cpu_comm_op()
+
+
+def test_a_lock_of_a_live_build_is_left_alone(tmp_path, monkeypatch, capsys):
+    folder = _op_folder(tmp_path, monkeypatch)
+    _stale_lock(folder)
+    (folder / f"{distributed.SHM_OP}.so").write_bytes(b"")
+    builder = subprocess.Popen(["sleep", "60"], cwd=folder)  # ninja and the compiler run in that folder
+    try:
+        distributed.check_cpu_comm_op()  # DeepSpeed will wait for it, rightly
+    finally:
+        builder.kill()
+        builder.wait()
+
+
+def test_an_op_not_built_yet_is_announced(tmp_path, monkeypatch, capsys):
+    _op_folder(tmp_path, monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    distributed.check_cpu_comm_op()
+    assert "building DeepSpeed's CPU comm op once (a few minutes)" in capsys.readouterr().err

@@ -5,11 +5,11 @@ import math
 import bitsandbytes as bnb
 import pytest
 import torch
-from test_model import ATTN, batch, tiny_llama
 from torch import nn
 
 from lora_dist import LoRAModel, LoRAOptimizer, apply_lora_to_model
 from lora_dist.optim import make_lr_scheduler, param_groups
+from test_model import ATTN, batch, tiny_llama
 
 
 def test_optimizer_decays_adapter_weights_but_not_biases():

@@ -5,9 +5,8 @@ import subprocess
 import sys
 
 from lora_dist.config import BUILTIN_DATASET, load_config
-from wandb_reader import read_wandb_artifacts, read_wandb_config, read_wandb_history
-
 from lora_dist.tracking import Tracker, format_summary, read_metrics
+from wandb_reader import read_wandb_artifacts, read_wandb_config, read_wandb_history
 
 
 def _config(tmp_path, *overrides):
