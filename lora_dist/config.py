@@ -31,7 +31,7 @@ import yaml
 from lora_dist.choices import Bits, Dtype, Engine, FusedKernels, NanPolicy, QuantType, Schedule, WandbMode, ZeroStage
 from lora_dist.data import RANDOM_TOKENS, DataConfig
 from lora_dist.errors import ConfigError, read_text
-from lora_dist.layout import RunFolder
+from lora_dist.layout import SHIPPED_DATASET, RunFolder
 from lora_dist.model import LoRAConfig
 
 # Names of things shipped inside the package, usable where a path is expected.
@@ -363,9 +363,7 @@ def config_from_dict(raw: dict[str, Any], problems: list[str] | None = None, sou
             problems.append(f"section {name!r} must be a mapping of keys, got {type(values).__name__}")
             values = {}
         if name == "data" and values.get("path") == BUILTIN_DATASET:
-            from lora_dist.tiny import DEFAULT_DATASET  # resolved here so every later check sees a real file
-
-            values = {**values, "path": str(DEFAULT_DATASET)}
+            values = {**values, "path": str(SHIPPED_DATASET)}  # resolved here: every later check sees a real file
         section, section_problems = _build_section(name, cls, values)
         problems.extend(section_problems)
         sections[name] = section

@@ -16,6 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+SHIPPED_DATASET: Path = Path(__file__).parent / "resources" / "tiny_instructions.jsonl"
+"""The instruction dataset inside the package (`data.path: builtin:tiny-instructions`, the tiny tokenizer's corpus)."""
+
 
 @dataclass(frozen=True)
 class RunFolder:

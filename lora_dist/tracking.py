@@ -71,6 +71,7 @@ class Tracker:
         self.cluster = cluster
         self._bar: Any = None  # the tqdm bar on a terminal
         self._first_step = resume_step or 0
+        self._shown_step = self._first_step  # the last step the progress showed
         if not self.active:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -178,10 +179,13 @@ class Tracker:
             if self._bar is None:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=self.total_steps, initial=self._first_step, unit="step", file=self.stream,
+                # Its rate and ETA count from here: a resumed run's earlier steps are not timed again.
+                self._bar = tqdm(total=self.total_steps, initial=self._shown_step, unit="step", file=self.stream,
                                  dynamic_ncols=True, leave=False)
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(step - self._bar.n)
+            self._bar.refresh()  # called every log_interval steps only: draw each time
+            self._shown_step = step
             return
         # Plain lines in a log file: the ETA from this launch's pace.
         done = step - self._first_step

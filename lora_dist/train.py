@@ -16,11 +16,8 @@ On SIGTERM, SIGINT or SIGUSR1 during `fit` the step in progress finishes, a chec
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import re
-import shutil
 import statistics
 import time
 import warnings
@@ -30,8 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lora_dist import adapters, checkpoint, data, distributed, loading, shapes
-from lora_dist.choices import torch_dtype
+from lora_dist import adapters, building, checkpoint, data, distributed, loading
 from lora_dist.config import BUILTIN_MODEL, Config
 from lora_dist.data import IGNORE_INDEX, RANDOM_TOKENS
 from lora_dist.diagnostics import Profiler, write_diagnostics
@@ -130,19 +126,19 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
     """Processes, model, data, engine, resume state and reporting, in that order."""
     rank, world_size, use_deepspeed = distributed.init_processes(cfg)
     if not for_eval:
-        _refuse_unscaled_fp16(cfg, use_deepspeed)
-    device = _device()  # before any collective: NCCL runs on the current CUDA device, which this sets
+        building.refuse_unscaled_fp16(cfg, use_deepspeed)
+    device = building.device()  # before any collective: NCCL runs on the current CUDA device, which this sets
     cluster = distributed.cluster_info()  # a collective: every rank, right after the process group exists
-    _seed_everything(cfg.train.seed)
-    resume_from = None if for_eval else _prepare_output_dir(cfg, rank)
+    building.seed_everything(cfg.train.seed)
+    resume_from = None if for_eval else building.prepare_output_dir(cfg, rank)
 
-    model_path = _materialize_model(cfg, rank)
+    model_path = building.materialize_model(cfg, rank)
     # Tokenizer and data before the weights: bad data fails in seconds, not after loading a 70B base.
     tokenizer = None if cfg.model.random_shape() else loading.load_tokenizer(model_path)
     accum = cfg.train.accumulation(world_size)
     data_stats = data.DataStats()
     if cfg.data.path == RANDOM_TOKENS:
-        train_ds, eval_ds, pad_id = _random_tokens(cfg, tokenizer, accum * world_size), None, 0
+        train_ds, eval_ds, pad_id = building.random_tokens(cfg, tokenizer, accum * world_size), None, 0
     else:
         train_ds, eval_ds = data.build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, stats=data_stats)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -154,9 +150,9 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
         train_ds, cfg.train.micro_batch_size, rank=rank, world_size=world_size, seed=cfg.train.seed,
         shuffle=cfg.data.shuffle, drop_last=True, pad_token_id=pad_id,
     )
-    total_steps = _total_steps(cfg, len(train_loader), accum)
+    total_steps = building.total_steps(cfg, len(train_loader), accum)
 
-    model, fused = _build_model(cfg, model_path, device)
+    model, fused = building.build_model(cfg, model_path, device, lambda m: _patch_for_speed(cfg, m, device))
     run = Run(
         cfg=cfg, rank=rank, world_size=world_size, device=device, model=model, tokenizer=tokenizer,
         model_path=model_path, train_loader=train_loader, eval_dataset=eval_ds, pad_token_id=pad_id, accum=accum,
@@ -185,130 +181,6 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
     return run
 
 
-def _refuse_unscaled_fp16(cfg: Config, use_deepspeed: bool) -> None:
-    """fp16 gradients underflow without loss scaling, which only DeepSpeed's fp16 mode provides here."""
-    if cfg.model.compute_dtype != "fp16" or (use_deepspeed and cfg.distributed.precision == "fp16"):
-        return
-    raise ConfigError([
-        "model.compute_dtype fp16 trains without loss scaling here (its small gradients underflow to 0); "
-        "use model.compute_dtype=bf16, or DeepSpeed's fp16 (distributed.engine=deepspeed distributed.precision=fp16)"
-    ])
-
-
-def _prepare_output_dir(cfg: Config, rank: int) -> tuple[Path, int, str | None] | None:
-    """Refuse a fresh run over another run's checkpoints (or delete them when asked); find the one to resume.
-
-    Returns:
-        (checkpoint, its step, its W&B run id or None), or None for a fresh start.
-    """
-    root = cfg.folder.checkpoints
-    t = cfg.train
-    if t.resume is None:
-        if _holds_checkpoints(root):
-            if not t.overwrite_output_dir:
-                raise ConfigError([
-                    f"train.output_dir {cfg.output_dir} already holds checkpoints of another run; resume it with "
-                    f"train.resume=auto, or start over with train.overwrite_output_dir=true (deletes them)"
-                ])
-            distributed.barrier()  # every rank has looked before rank 0 deletes
-            if rank == 0:
-                shutil.rmtree(root)
-            distributed.barrier()
-        return None
-    path = checkpoint.find_latest(root) if t.resume == "auto" else Path(t.resume)
-    if path is None:
-        return None
-    # A root given as train.resume: load_checkpoint follows its `latest`; read that step's state here.
-    step_dir = path if (path / checkpoint.STATE_FILE).is_file() else (checkpoint.find_latest(path) or path)
-    try:
-        state = json.loads((step_dir / checkpoint.STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return path, 0, None  # load_checkpoint reports what is wrong with it
-    extra = state.get("extra") or {}
-    return path, int(state.get("step", 0)), extra.get("wandb_run_id")
-
-
-def _holds_checkpoints(root: Path) -> bool:
-    return root.is_dir() and any(p.name == checkpoint.LATEST or p.name.startswith("step-") for p in root.iterdir())
-
-
-def _device() -> torch.device:
-    import os
-
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
-    env = os.environ
-    local_procs = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("WORLD_SIZE", "1"))
-    if local_procs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # CPU ranks on one machine: split the cores, or every rank's thread pool spins on all of them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
-    return torch.device("cpu")
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _materialize_model(cfg: Config, rank: int) -> str:
-    """The folder to load: `model.path`, or the embedded tiny Llama written under the output dir."""
-    if cfg.model.path != BUILTIN_MODEL:
-        return cfg.model.path
-    from lora_dist import tiny
-
-    target = cfg.folder.tiny_model
-    if rank == 0 and not (target / "config.json").is_file():
-        tiny.build_tiny_model(target, seed=cfg.train.seed)
-    distributed.barrier()  # the other ranks read what rank 0 wrote
-    return str(target)
-
-
-def _random_tokens(cfg: Config, tokenizer: Any, sequences_per_step: int) -> data.RandomTokens:
-    """Random-token rows for exactly `train.max_steps` optimizer steps (each row is seen once)."""
-    shape = cfg.model.random_shape()
-    vocab = shapes.shape(shape).vocab_size if shape else len(tokenizer)
-    rows = cfg.train.max_steps * cfg.train.micro_batch_size * sequences_per_step
-    return data.RandomTokens(rows, cfg.data.max_seq_len, vocab, seed=cfg.train.seed)
-
-
-def _build_model(cfg: Config, model_path: str, device: torch.device) -> tuple[LoRAModel, bool]:
-    """The base (loaded, or random for `random:<shape>`) wrapped with adapters, on `device`; and whether
-    the fused forward is on."""
-    m = cfg.model
-    if m.random_shape():
-        base = shapes.build_random_model(
-            m.random_shape(), bits=m.bits, quant_type=m.quant_type, double_quant=m.double_quant,
-            compute_dtype=torch_dtype(m.compute_dtype), device=device, seed=cfg.train.seed,
-            attn_implementation=m.attn_implementation,
-        )
-    else:
-        base, _ = loading.load_base_model(
-            model_path, bits=m.bits, quant_type=m.quant_type, double_quant=m.double_quant,
-            compute_dtype=torch_dtype(m.compute_dtype), device_map={"": device} if device.type == "cuda" else None,
-            attn_implementation=m.attn_implementation, require_tokenizer=False,
-        )
-        if getattr(base.config, "use_cache", False):
-            base.config.use_cache = False  # a KV cache is useless in training and clashes with checkpointing
-    torch.manual_seed(cfg.train.seed)  # the same adapter init on every rank and in every launch mode
-    try:
-        model = LoRAModel(base, cfg.lora)
-    except (ValueError, TypeError) as err:  # target_modules matching nothing, or a layer LoRA cannot wrap
-        raise ConfigError(f"lora.target_modules: {err}") from None
-    if m.gradient_checkpointing:
-        loading.enable_activation_checkpointing(base)
-    fused = _patch_for_speed(cfg, model, device)
-    if any(layer.bits is not None for layer in model.lora_layers.values()):
-        for layer in model.lora_layers.values():  # the quantized base is already where it was loaded
-            layer.lora_A.to(device)
-            layer.lora_B.to(device)
-    else:
-        model.to(device)
-    return model, fused
-
-
 def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device) -> bool:
     """Apply `kernels.patch_model_for_speed` when `model.fused_kernels` asks; returns whether it did."""
     from lora_dist import kernels
@@ -323,12 +195,6 @@ def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device) -> boo
             raise ConfigError([f"model.fused_kernels=on: {err}; set model.fused_kernels=off"]) from None
         return False  # auto: a model the fast path does not know keeps its own forward
     return True
-
-
-def _total_steps(cfg: Config, batches_per_epoch: int, accum: int) -> int:
-    if cfg.train.max_steps is not None:
-        return cfg.train.max_steps
-    return max(1, math.floor(cfg.train.epochs * batches_per_epoch / accum))
 
 
 def _eval_engine(run: Run) -> Any:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_dist import train
+from lora_dist import building, train
 from lora_dist.config import load_config
 from lora_dist.preemption import EXIT_PREEMPTED, Preempted, StopSignals
 from lora_dist.tracking import read_metrics
@@ -43,7 +43,7 @@ def uninterrupted(tmp_path_factory):
 
 def _signal_at_forward(monkeypatch, forward: int, sig: signal.Signals) -> None:
     """Make the process send itself `sig` during its `forward`-th model forward (1-based)."""
-    build = train._build_model
+    build = building.build_model
 
     def build_and_hook(*args, **kwargs):
         model, fused = build(*args, **kwargs)
@@ -57,7 +57,7 @@ def _signal_at_forward(monkeypatch, forward: int, sig: signal.Signals) -> None:
         model.base_model.model.norm.register_forward_hook(hook)
         return model, fused
 
-    monkeypatch.setattr(train, "_build_model", build_and_hook)
+    monkeypatch.setattr(building, "build_model", build_and_hook)
 
 
 # Two random points of the 12 forwards (2 per step): a seed keeps a failure reproducible.

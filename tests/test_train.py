@@ -434,11 +434,38 @@ def test_cluster_info_reaches_the_run_record(scaling_study):
 def test_setup_binds_the_device_before_its_first_collective(tmp_path, capsys, monkeypatch):
     # On GPUs NCCL runs a collective on the current CUDA device: cluster_info's all_gather_object before
     # torch.cuda.set_device put every rank's tensors on cuda:0 and failed on rank 1 (seen on 2 H200s).
-    from lora_dist import distributed
+    from lora_dist import building, distributed
 
     calls = []
-    device, info = train._device, distributed.cluster_info
-    monkeypatch.setattr(train, "_device", lambda: calls.append("device") or device())
+    device, info = building.device, distributed.cluster_info
+    monkeypatch.setattr(building, "device", lambda: calls.append("device") or device())
     monkeypatch.setattr(distributed, "cluster_info", lambda: calls.append("cluster_info") or info())
     train.setup(load_config(None, [*RANDOM, f"train.output_dir={tmp_path}"]))
     assert calls == ["device", "cluster_info"]
+
+
+def test_steady_state_and_whole_run_tokens_per_s_count_only_this_launch(tmp_path, capsys):
+    import statistics
+
+    def launch(*extra):
+        summary = train.train(load_config(None, [*RANDOM, f"train.output_dir={tmp_path}", "train.save_interval=3",
+                                                 *extra]))
+        records = read_metrics(tmp_path)
+        return summary, records
+
+    def check(summary, steps, records):
+        rows = {r["step"]: r for r in records if r["kind"] == "train"}
+        rates = [rows[s]["tokens_per_s"] for s in steps]
+        # The median after the launch's first train.WARMUP_STEPS steps (those pay for allocation).
+        assert summary["tokens_per_s_steady"] == round(statistics.median(rates[train.WARMUP_STEPS:]), 1)
+        tokens = rows[steps[-1]]["tokens_seen"] - (rows[steps[0] - 1]["tokens_seen"] if steps[0] > 1 else 0)
+        # Whole launch: its tokens over its wall time (start-up included); wall_time_s is rounded to 0.1 s.
+        assert summary["tokens_per_s"] == pytest.approx(tokens / summary["wall_time_s"], rel=0.05)
+        assert summary["tokens_per_s"] < summary["tokens_per_s_steady"]
+        assert [r for r in records if r["kind"] == "summary"][-1]["tokens_per_s_steady"] == summary["tokens_per_s_steady"]
+
+    first, records = launch("train.max_steps=6")
+    check(first, [1, 2, 3, 4, 5, 6], records)
+    resumed, records = launch("train.max_steps=9", "train.resume=auto")  # three more steps
+    check(resumed, [7, 8, 9], records)
+    assert "tokens_per_s_steady" in capsys.readouterr().out  # the console summary shows it

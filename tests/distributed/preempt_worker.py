@@ -10,13 +10,13 @@ import os
 import signal
 import sys
 
-from lora_dist import cli, train
+from lora_dist import building, cli
 
 
 def main() -> int:
     signal_rank, forward, name, *argv = sys.argv[1:]
     if int(forward) > 0 and int(os.environ["RANK"]) == int(signal_rank):
-        build = train._build_model
+        build = building.build_model
 
         def build_and_hook(*args, **kwargs):
             model, fused = build(*args, **kwargs)
@@ -30,7 +30,7 @@ def main() -> int:
             model.base_model.model.norm.register_forward_hook(hook)
             return model, fused
 
-        train._build_model = build_and_hook
+        building.build_model = build_and_hook
     return cli.main(argv)
 
 
