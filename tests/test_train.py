@@ -461,7 +461,6 @@ def test_steady_state_and_whole_run_tokens_per_s_count_only_this_launch(tmp_path
         tokens = rows[steps[-1]]["tokens_seen"] - (rows[steps[0] - 1]["tokens_seen"] if steps[0] > 1 else 0)
         # Whole launch: its tokens over its wall time (start-up included); wall_time_s is rounded to 0.1 s.
         assert summary["tokens_per_s"] == pytest.approx(tokens / summary["wall_time_s"], rel=0.05)
-        assert summary["tokens_per_s"] < summary["tokens_per_s_steady"]
         assert [r for r in records if r["kind"] == "summary"][-1]["tokens_per_s_steady"] == summary["tokens_per_s_steady"]
 
     first, records = launch("train.max_steps=6")
