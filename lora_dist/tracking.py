@@ -33,7 +33,7 @@ class Tracker:
         job: "train" or "eval": the W&B job type, and the local record `<output_dir>/<job>-metrics.jsonl`
             ("metrics.jsonl" for training).
         stream: where console progress goes (stdout by default).
-        cluster: `world_size`, `num_nodes` and `hostnames` (`launch.cluster_info()`), recorded under
+        cluster: `world_size`, `num_nodes` and `hostnames` (`distributed.cluster_info()`), recorded under
             `cluster` in the W&B config and as the first line of the metrics record.
         resume_step: the step of the checkpoint this run resumes (None: a fresh run). The metrics record
             is kept up to that step and appended to; records of later steps (a crash after the checkpoint)

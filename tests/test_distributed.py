@@ -144,3 +144,11 @@ def test_an_op_not_built_yet_is_announced(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", "0")
     distributed.check_cpu_comm_op()
     assert "building DeepSpeed's CPU comm op once (a few minutes)" in capsys.readouterr().err
+
+
+def test_cluster_info_of_a_single_process(monkeypatch):
+    import socket
+
+    for var in ("CROSS_SIZE", "SLURM_NNODES"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.cluster_info() == {"world_size": 1, "num_nodes": 1, "hostnames": [socket.gethostname()]}
