@@ -444,27 +444,38 @@ def test_setup_binds_the_device_before_its_first_collective(tmp_path, capsys, mo
     assert calls == ["device", "cluster_info"]
 
 
-def test_steady_state_and_whole_run_tokens_per_s_count_only_this_launch(tmp_path, capsys):
+def test_steady_state_and_whole_run_tokens_per_s_count_only_this_launch(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
     import statistics
 
-    def launch(*extra):
-        summary = train.train(load_config(None, [*RANDOM, f"train.output_dir={tmp_path}", "train.save_interval=3",
-                                                 *extra]))
-        records = read_metrics(tmp_path)
-        return summary, records
+    from lora_dist import building
+    from lora_dist.preemption import Preempted
 
-    def check(summary, steps, records):
-        rows = {r["step"]: r for r in records if r["kind"] == "train"}
+    settings = [*RANDOM, f"train.output_dir={tmp_path}", "train.max_steps=8"]
+    build = building.build_model
+
+    def build_and_preempt_in_step_3(*args, **kwargs):  # 2 micro batches per step: forward 5 is step 3's first
+        model, fused = build(*args, **kwargs)
+        forwards = []
+        model.base_model.model.norm.register_forward_hook(
+            lambda *_: forwards.append(1) or (os.kill(os.getpid(), signal.SIGTERM) if len(forwards) == 5 else None))
+        return model, fused
+
+    with monkeypatch.context() as patch:
+        patch.setattr(building, "build_model", build_and_preempt_in_step_3)
+        with pytest.raises(Preempted):
+            train.train(load_config(None, settings))
+    resumed = train.train(load_config(None, [*settings, "train.resume=auto"]))
+    records = read_metrics(tmp_path)
+    first = [r for r in records if r["kind"] == "summary"][0]
+    rows = {r["step"]: r for r in records if r["kind"] == "train"}
+    for summary, steps in ((first, [1, 2, 3]), (resumed, [4, 5, 6, 7, 8])):
         rates = [rows[s]["tokens_per_s"] for s in steps]
-        # The median after the launch's first train.WARMUP_STEPS steps (those pay for allocation).
+        # The median after each launch's first train.WARMUP_STEPS steps (those pay for allocation).
         assert summary["tokens_per_s_steady"] == round(statistics.median(rates[train.WARMUP_STEPS:]), 1)
         tokens = rows[steps[-1]]["tokens_seen"] - (rows[steps[0] - 1]["tokens_seen"] if steps[0] > 1 else 0)
-        # Whole launch: its tokens over its wall time (start-up included); wall_time_s is rounded to 0.1 s.
+        # Whole launch: its own tokens over its own wall time (start-up included); wall_time_s is rounded to 0.1 s.
         assert summary["tokens_per_s"] == pytest.approx(tokens / summary["wall_time_s"], rel=0.05)
-        assert [r for r in records if r["kind"] == "summary"][-1]["tokens_per_s_steady"] == summary["tokens_per_s_steady"]
-
-    first, records = launch("train.max_steps=6")
-    check(first, [1, 2, 3, 4, 5, 6], records)
-    resumed, records = launch("train.max_steps=9", "train.resume=auto")  # three more steps
-    check(resumed, [7, 8, 9], records)
+    assert [r for r in records if r["kind"] == "summary"][-1]["tokens_per_s_steady"] == resumed["tokens_per_s_steady"]
     assert "tokens_per_s_steady" in capsys.readouterr().out  # the console summary shows it
