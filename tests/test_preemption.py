@@ -15,6 +15,7 @@ from lora_dist import building, train
 from lora_dist.config import load_config
 from lora_dist.preemption import EXIT_PREEMPTED, Preempted, StopSignals
 from lora_dist.tracking import read_metrics
+from preempt_hook import signalling
 
 STEPS, ACCUM = 6, 2
 # random:tiny on random tokens: no tokenizer or dataset to build. Dropout on: the resumed run only
@@ -43,21 +44,7 @@ def uninterrupted(tmp_path_factory):
 
 def _signal_at_forward(monkeypatch, forward: int, sig: signal.Signals) -> None:
     """Make the process send itself `sig` during its `forward`-th model forward (1-based)."""
-    build = building.build_model
-
-    def build_and_hook(*args, **kwargs):
-        model, fused = build(*args, **kwargs)
-        count = []
-
-        def hook(module, inputs, output):
-            count.append(1)
-            if len(count) == forward:
-                os.kill(os.getpid(), sig)
-
-        model.base_model.model.norm.register_forward_hook(hook)
-        return model, fused
-
-    monkeypatch.setattr(building, "build_model", build_and_hook)
+    monkeypatch.setattr(building, "build_model", signalling(building.build_model, forward, sig))
 
 
 # Two random points of the 12 forwards (2 per step): a seed keeps a failure reproducible.

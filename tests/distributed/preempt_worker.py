@@ -9,28 +9,17 @@ environment variables; exits with the CLI's status (75 when preempted).
 import os
 import signal
 import sys
+from pathlib import Path
 
-from lora_dist import building, cli
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared preempt_hook
+from lora_dist import building, cli  # noqa: E402
+from preempt_hook import signalling  # noqa: E402
 
 
 def main() -> int:
     signal_rank, forward, name, *argv = sys.argv[1:]
     if int(forward) > 0 and int(os.environ["RANK"]) == int(signal_rank):
-        build = building.build_model
-
-        def build_and_hook(*args, **kwargs):
-            model, fused = build(*args, **kwargs)
-            count = []
-
-            def hook(module, inputs, output):
-                count.append(1)
-                if len(count) == int(forward):
-                    os.kill(os.getpid(), getattr(signal, name))
-
-            model.base_model.model.norm.register_forward_hook(hook)
-            return model, fused
-
-        building.build_model = build_and_hook
+        building.build_model = signalling(building.build_model, int(forward), getattr(signal, name))
     return cli.main(argv)
 
 
