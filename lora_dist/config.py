@@ -11,7 +11,12 @@ A YAML file mirrors the dataclasses one to one:
 
 `load_config(path, overrides)` reads it with `yaml.safe_load`, applies `section.key=value` overrides
 (values are YAML: `lora.target_modules=[q_proj,v_proj]`, `model.bits=null`), checks every key and type,
-builds the sections and raises one `ConfigError` listing every problem at once.
+builds the sections and raises one `ConfigError` listing every problem at once. A closed choice is a
+`Literal` type from `lora_dist.choices`, checked here once, when its section is built.
+
+The coercion below is ours, not pydantic's (installed as a DeepSpeed dependency): pydantic's lax mode
+turns "1" into 1 and 1.0 into 1, its strict mode refuses YAML's "2e-4" (a string to PyYAML), and its
+multi-line errors would still need this module's one-line, every-problem, did-you-mean rendering.
 """
 
 from __future__ import annotations
