@@ -33,26 +33,31 @@ class Preempted(RuntimeError):
 class StopSignals:
     """Context manager: SIGTERM, SIGINT and SIGUSR1 set `received` instead of ending the process.
 
-    Outside the main thread (where Python cannot install handlers) it does nothing. The previous
-    handlers come back on exit.
+    Outside the main thread (where Python cannot install handlers) it does nothing. It may be entered
+    again while active (`train` around `fit`, which also enters it); the previous handlers come back
+    when the outermost `with` ends.
     """
 
     def __init__(self) -> None:
         self.received: str | None = None
         self._previous: dict[int, object] = {}
+        self._depth = 0
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
+        if self._depth == 0 and threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        self._depth += 1
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.received == "SIGINT":

@@ -73,6 +73,7 @@ class Run:
     step_rates: list[float] = field(default_factory=list)  # tokens/s of each step of this launch
     launch_tokens: int = 0  # tokens of this launch's steps (a resumed run counts only its own)
     started: float = field(default_factory=time.perf_counter)  # when this launch began (train() sets it)
+    signals: StopSignals = field(default_factory=StopSignals)  # stop requests while training
 
     @property
     def scheduler(self) -> Any:
@@ -91,12 +92,16 @@ def train(cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
     run = setup(cfg)
     run.started = started
-    if run.step == 0 or not run.evals:
-        run.evals.append(evaluate(run))
-    fit(run)
-    if not run.evals or run.evals[-1]["step"] != run.step:
-        run.evals.append(evaluate(run))
-    adapter_dir = save(run)
+    # From the first eval to the final save a stop signal never kills the job: during fit it ends the
+    # step in progress and checkpoints it; during the final eval and save the job just finishes them.
+    with run.signals:
+        if run.step == 0 or not run.evals:
+            run.evals.append(evaluate(run))
+        fit(run)
+        _stop_if_signalled(run)  # one that came after fit's last check: checkpoint before the final eval
+        if not run.evals or run.evals[-1]["step"] != run.step:
+            run.evals.append(evaluate(run))
+        adapter_dir = save(run)
     return finish(run, time.perf_counter() - started, adapter=adapter_dir)
 
 
@@ -249,7 +254,7 @@ def fit(run: Run) -> None:
     batches = _batch_stream(run)
     run.engine.train()
     profiler = Profiler(run.device, t.profile_steps) if t.profile_steps else None
-    with StopSignals() as signals:
+    with run.signals:
         while run.step < run.total_steps:
             window = [next(batches) for _ in range(run.accum)]
             if profiler is not None:
@@ -265,8 +270,7 @@ def fit(run: Run) -> None:
             run.launch_tokens += int(stats["tokens"])
             run.step_rates.append(stats["tokens"] / max(stats["step_time"], 1e-9))
             run.tracker.log_step(run.step, _step_metrics(run, stats))
-            if distributed.any_rank(signals.received is not None, run.device):
-                _stop_for_signal(run, signals.received or "a stop signal on another rank")
+            _stop_if_signalled(run)
             if t.eval_interval and run.step % t.eval_interval == 0 and run.step < run.total_steps:
                 run.evals.append(evaluate(run))
                 run.engine.train()
@@ -276,8 +280,12 @@ def fit(run: Run) -> None:
         write_diagnostics(run.cfg.folder.rank_diagnostics(run.rank), _diagnostics_record(run))
 
 
-def _stop_for_signal(run: Run, received: str) -> None:
-    """Checkpoint the finished step, flush the record and W&B, and raise Preempted (every rank together)."""
+def _stop_if_signalled(run: Run) -> None:
+    """If a stop signal reached any rank: checkpoint the finished step, flush the record and W&B, and raise
+    Preempted, on every rank together (a collective: every rank calls it at the same point)."""
+    if not distributed.any_rank(run.signals.received is not None, run.device):
+        return
+    received = run.signals.received or "a stop signal on another rank"
     path = save_checkpoint(run)
     run.tracker.message(f"{received}: stopping after step {run.step}; checkpoint {path}")
     run.tracker.finish(_summary(run, time.perf_counter() - run.started) | {"preempted": received})

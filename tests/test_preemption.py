@@ -113,3 +113,20 @@ def test_sigusr1_to_the_cli_exits_75_with_one_line_and_a_checkpoint_of_the_last_
     last = _train_steps(out)[-1]
     assert f"after step {last};" in errors[0]
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{last:08d}"
+
+
+def test_signal_after_the_last_step_checkpoints_before_the_final_eval(tmp_path, monkeypatch, capsys):
+    fit = train.fit
+    monkeypatch.setattr(train, "fit", lambda run: fit(run) or os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(Preempted) as stopped:
+        train.train(load_config(None, [*RUN, f"train.output_dir={tmp_path}"]))
+    assert stopped.value.step == STEPS and (tmp_path / "checkpoints" / f"step-{STEPS:08d}").is_dir()
+    assert not (tmp_path / "adapter").exists()  # the resume evaluates and exports
+
+
+def test_signal_during_the_final_save_lets_the_job_finish(tmp_path, monkeypatch, capsys):
+    save = train.save
+    monkeypatch.setattr(train, "save", lambda run: os.kill(os.getpid(), signal.SIGTERM) or save(run))
+    summary = train.train(load_config(None, [*RUN, f"train.output_dir={tmp_path}"]))
+    assert summary["steps"] == STEPS and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored after the job
