@@ -2,7 +2,7 @@
 
     python preempt_worker.py SIGNAL_RANK FORWARD SIGNAL [lora-dist train arguments...]
 
-FORWARD 0 sends nothing. Run by test_preemption_zero2.py on plain processes with torch.distributed's
+FORWARD 0 sends nothing. Run by test_zero_preemption.py on plain processes with torch.distributed's
 environment variables; exits with the CLI's status (75 when preempted).
 """
 

@@ -1,4 +1,4 @@
-"""Preemption under DeepSpeed ZeRO-2 on 2 CPU ranks (gloo): one rank gets the signal, both stop together.
+"""Preemption under DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU ranks (gloo): one rank gets the signal, both stop together.
 
 Only rank 1 is signalled, mid-step: the ranks must agree (a collective flag) to finish that step, write
 one complete checkpoint and both exit 75; a resume with train.resume=auto must end on the adapter of an
@@ -28,7 +28,7 @@ WORLD, STEPS, ACCUM = 2, 5, 2
 RUN = ["model.path=random:tiny", "data.path=random-tokens", "data.max_seq_len=64", "model.compute_dtype=fp32",
        f"train.max_steps={STEPS}", "train.micro_batch_size=2", f"train.grad_accum={ACCUM}", "train.warmup_steps=0",
        "train.eval_interval=0", "train.save_interval=0", "train.log_interval=100", "wandb.mode=disabled",
-       "lora.dropout=0.1", "distributed.zero_stage=2", "distributed.timeout_s=120"]
+       "lora.dropout=0.1", "distributed.timeout_s=120"]
 
 
 def _launch(out: Path, *extra: str, signal_at: int = 0) -> list[int]:
@@ -54,18 +54,20 @@ def _tail(out: Path) -> str:
     return "\n".join((out.parent / f"{out.name}-rank{r}.log").read_text()[-1500:] for r in range(WORLD))
 
 
-def test_signal_on_one_rank_stops_both_after_the_step_and_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_signal_on_one_rank_stops_both_after_the_step_and_resume_is_bit_exact(tmp_path, stage):
+    zero = f"distributed.zero_stage={stage}"
     whole = tmp_path / "whole"
-    assert _launch(whole) == [0, 0], _tail(whole)
+    assert _launch(whole, zero) == [0, 0], _tail(whole)
 
-    forward = random.Random(7).randrange(1, STEPS * ACCUM)  # a seeded random point: reproducible
+    forward = random.Random(stage).randrange(1, STEPS * ACCUM)  # a seeded random point: reproducible
     cut = tmp_path / "cut"
-    assert _launch(cut, signal_at=forward) == [EXIT_PREEMPTED] * WORLD, _tail(cut)
+    assert _launch(cut, zero, signal_at=forward) == [EXIT_PREEMPTED] * WORLD, _tail(cut)
     in_progress = -(-forward // ACCUM)
     assert (cut / "checkpoints" / "latest").read_text().strip() == f"step-{in_progress:08d}"
     assert [r["step"] for r in read_metrics(cut) if r["kind"] == "train"] == list(range(1, in_progress + 1))
 
-    assert _launch(cut, "train.resume=auto") == [0, 0], _tail(cut)
+    assert _launch(cut, zero, "train.resume=auto") == [0, 0], _tail(cut)
     assert [r["step"] for r in read_metrics(cut) if r["kind"] == "train"] == list(range(1, STEPS + 1))
     a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
