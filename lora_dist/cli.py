@@ -7,8 +7,17 @@
 
 Under `deepspeed` (`deepspeed --num_gpus N --module lora_dist train ...`) the launcher adds
 `--local_rank=N`; it is accepted anywhere and ignored (LOCAL_RANK in the environment says the same).
-Bad configs and bad data exit with status 2 and one line on stderr; a run stopped on purpose (a
-non-finite loss or gradient under nan_policy "stop", too many skipped steps) exits with 1.
+
+Exit status:
+    0    done.
+    1    training stopped on purpose (a non-finite loss or gradient under nan_policy "stop", too many
+         skipped steps), or a crash (with its traceback).
+    2    bad config, data, adapter, checkpoint or arguments: one line on stderr says what and how to fix it.
+    75   preempted (EX_TEMPFAIL): SIGTERM, SIGINT or SIGUSR1 arrived during training; every rank finished
+         its optimizer step and a complete checkpoint was written. Run the same command again with
+         train.resume=auto to continue (launch/slurm.sbatch requeues itself on 75). A second Ctrl-C
+         stops at once without that checkpoint (exit 130).
+    130  interrupted outside training (Ctrl-C while loading), or Ctrl-C twice.
 """
 
 from __future__ import annotations
@@ -17,8 +26,13 @@ import argparse
 import contextlib
 import sys
 
+from lora_dist.choices import DTYPES
+from lora_dist.errors import UserError
+from lora_dist.preemption import EXIT_PREEMPTED, Preempted
+
 EXIT_USAGE = 2  # bad config, bad data, bad arguments: the user can fix it
 EXIT_FAILED = 1  # training stopped or crashed
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -42,7 +56,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     merge.add_argument("--base", required=True, help="base model folder or hub id")
     merge.add_argument("--adapter", required=True, help="adapter folder")
     merge.add_argument("--out", required=True, help="output folder")
-    merge.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="dtype of the export")
+    merge.add_argument("--dtype", default="bf16", choices=DTYPES, help="dtype of the export")
     merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     inspect = sub.add_parser("inspect", help="describe an adapter folder")
@@ -78,9 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns the process exit status."""
     argv = _without_local_rank(sys.argv[1:] if argv is None else list(argv))
     args = build_parser(argv[0] if argv else None).parse_args(argv)
-    # Imported after argument parsing: `lora-dist --help` stays quick.
-    from lora_dist.errors import UserError
-
     try:
         return _dispatch(args)
     except UserError as err:
@@ -89,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:  # a model folder or adapter that is not there
         _fail(str(err))
         return EXIT_USAGE
+    except Preempted as err:
+        _fail(str(err))
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         _fail("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:
         from lora_dist.train import TrainingStopped
 
@@ -164,7 +178,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _user_errors():
     """adapters.py reports a wrong folder or a mismatched adapter as ValueError: the user's to fix."""
-    from lora_dist.config import ConfigError
+    from lora_dist.errors import ConfigError
 
     try:
         yield

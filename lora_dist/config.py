@@ -11,7 +11,12 @@ A YAML file mirrors the dataclasses one to one:
 
 `load_config(path, overrides)` reads it with `yaml.safe_load`, applies `section.key=value` overrides
 (values are YAML: `lora.target_modules=[q_proj,v_proj]`, `model.bits=null`), checks every key and type,
-builds the sections and raises one `ConfigError` listing every problem at once.
+builds the sections and raises one `ConfigError` listing every problem at once. A closed choice is a
+`Literal` type from `lora_dist.choices`, checked here once, when its section is built.
+
+The coercion below is ours, not pydantic's (installed as a DeepSpeed dependency): pydantic's lax mode
+turns "1" into 1 and 1.0 into 1, its strict mode refuses YAML's "2e-4" (a string to PyYAML), and its
+multi-line errors would still need this module's one-line, every-problem, did-you-mean rendering.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from lora_dist.choices import Bits, Dtype, Engine, FusedKernels, NanPolicy, QuantType, Schedule, WandbMode, ZeroStage
 from lora_dist.data import RANDOM_TOKENS, DataConfig
-from lora_dist.errors import ConfigError
+from lora_dist.errors import ConfigError, read_text
+from lora_dist.layout import SHIPPED_DATASET, RunFolder
 from lora_dist.model import LoRAConfig
 
 # Names of things shipped inside the package, usable where a path is expected.
@@ -37,15 +44,6 @@ BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATASET = "builtin:tiny-instructions"
 # `model.path: random:<shape>`: a Llama of that shape with random weights, built on the run's device.
 RANDOM_MODEL_PREFIX = "random:"
-FUSED_KERNELS = ("auto", "on", "off")
-
-DTYPES = ("fp32", "bf16", "fp16")
-SCHEDULES = ("cosine", "linear", "constant")
-NAN_POLICIES = ("skip", "stop")
-ENGINES = ("auto", "deepspeed", "none")
-WANDB_MODES = ("online", "offline", "disabled")
-
-
 
 
 @dataclass
@@ -55,19 +53,19 @@ class ModelConfig:
     path: str = ""
     """Local folder or hub id of a causal LM; `builtin:tiny-llama` builds the embedded tiny Llama into
     `<train.output_dir>/tiny-llama` and loads it back from there."""
-    bits: int | None = 4
+    bits: Bits | None = 4
     """4 (QLoRA NF4/FP4), 8 (LLM.int8) or none (null) for a dense base."""
-    quant_type: str = "nf4"
+    quant_type: QuantType = "nf4"
     """"nf4" or "fp4" (4-bit only)."""
     double_quant: bool = True
     """Quantize the 4-bit absmax statistics too (QLoRA's double quantization)."""
-    compute_dtype: str = "bf16"
+    compute_dtype: Dtype = "bf16"
     """Dtype the quantized matmuls and the dense parts of the model run in: fp32, bf16 or fp16."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: far less memory for about a third more compute."""
     attn_implementation: str | None = None
     """"sdpa", "eager", "flash_attention_2", ... (null: transformers' default)."""
-    fused_kernels: str = "auto"
+    fused_kernels: FusedKernels = "auto"
     """Route the Llama forward through `kernels.patch_model_for_speed` (grouped LoRA GEMMs, chunked loss,
     fused norms/RoPE/SwiGLU): "on", "off", or "auto" (on for a 4-bit base on CUDA)."""
 
@@ -80,14 +78,6 @@ class ModelConfig:
                 f"model.path {self.path!r}: unknown random shape; use one of "
                 f"{', '.join(RANDOM_MODEL_PREFIX + s for s in sorted(random_shapes()))}"
             )
-        if self.fused_kernels not in FUSED_KERNELS:
-            out.append(f"model.fused_kernels must be one of {', '.join(FUSED_KERNELS)}, got {self.fused_kernels!r}")
-        if self.bits not in (None, 4, 8):
-            out.append(f"model.bits must be 4, 8 or null, got {self.bits!r}")
-        if self.quant_type not in ("nf4", "fp4"):
-            out.append(f"model.quant_type must be nf4 or fp4, got {self.quant_type!r}")
-        if self.compute_dtype not in DTYPES:
-            out.append(f"model.compute_dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}")
         return out
 
     def random_shape(self) -> str | None:
@@ -120,7 +110,7 @@ class TrainConfig:
     """Sequences per optimizer step over all processes (= micro_batch_size * grad_accum * world size)."""
     lr: float = 2e-4
     """Peak learning rate (reached after warmup)."""
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     """Decay after warmup to 0 at the last step: cosine, linear or constant."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to `lr`."""
@@ -147,7 +137,7 @@ class TrainConfig:
     overwrite_output_dir: bool = False
     """Let a fresh run (resume null) start in an output_dir that holds checkpoints: they are deleted first.
     Without it such a run is refused, so a forgotten `train.resume` cannot mix two runs' checkpoints."""
-    nan_policy: str = "skip"
+    nan_policy: NanPolicy = "skip"
     """On a non-finite loss or gradient norm: "skip" the optimizer step and count it, or "stop" (last good
     checkpoint kept)."""
     max_skipped_steps: int = 10
@@ -179,8 +169,6 @@ class TrainConfig:
                 )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             out.append(f"train.lr must be a positive number, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            out.append(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_steps < 0:
             out.append(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         elif self.max_steps is not None and self.warmup_steps >= self.max_steps > 1:
@@ -207,8 +195,6 @@ class TrainConfig:
         if self.overwrite_output_dir and self.resume is not None:
             out.append("train.overwrite_output_dir=true deletes the checkpoints train.resume would continue; "
                        "set one of them")
-        if self.nan_policy not in NAN_POLICIES:
-            out.append(f"train.nan_policy must be skip or stop, got {self.nan_policy!r}")
         if self.max_skipped_steps < 0:
             out.append(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         if self.profile_steps:
@@ -242,14 +228,14 @@ class TrainConfig:
 class DistributedConfig:
     """DeepSpeed ZeRO settings; ignored when a run is a single process without DeepSpeed."""
 
-    engine: str = "auto"
+    engine: Engine = "auto"
     """"auto": DeepSpeed when a launcher (deepspeed, torchrun) started this process; "deepspeed": always;
     "none": never (a launched run then fails)."""
-    zero_stage: int = 2
+    zero_stage: ZeroStage = 2
     """ZeRO stage 0-3 over the adapter parameters, gradients and optimizer state."""
     offload_optimizer: bool = False
     """Keep the optimizer state on the CPU (ZeRO 1-3)."""
-    precision: str = "fp32"
+    precision: Dtype = "fp32"
     """Adapter / optimizer precision under DeepSpeed: fp32, bf16 or fp16."""
     ds_config: str | None = None
     """A DeepSpeed JSON merged over ours; a key that contradicts this config is an error."""
@@ -260,14 +246,8 @@ class DistributedConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if self.engine not in ENGINES:
-            out.append(f"distributed.engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            out.append(f"distributed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
             out.append("distributed.offload_optimizer needs zero_stage 1, 2 or 3; set zero_stage or turn offload off")
-        if self.precision not in DTYPES:
-            out.append(f"distributed.precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
         if self.ds_config is not None and not Path(self.ds_config).is_file():
             out.append(f"distributed.ds_config: no file at {self.ds_config!r}")
         if not self.timeout_s > 0:
@@ -279,7 +259,7 @@ class DistributedConfig:
 class WandbConfig:
     """Weights & Biases reporting (rank 0 only)."""
 
-    mode: str | None = None
+    mode: WandbMode | None = None
     """online, offline or disabled; null: online when WANDB_API_KEY is set, else offline."""
     project: str = "lora-dist"
     """W&B project."""
@@ -294,8 +274,6 @@ class WandbConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if self.mode is not None and self.mode not in WANDB_MODES:
-            out.append(f"wandb.mode must be one of {', '.join(WANDB_MODES)} or null, got {self.mode!r}")
         if not self.project:
             out.append("wandb.project is empty")
         return out
@@ -336,6 +314,11 @@ class Config:
     def output_dir(self) -> Path:
         return Path(self.train.output_dir)
 
+    @property
+    def folder(self) -> RunFolder:
+        """The run's paths (adapter, checkpoints, metrics, ...) under `train.output_dir`."""
+        return RunFolder(self.output_dir)
+
 
 # ---------------------------------------------------------------------------------------- loading
 
@@ -353,10 +336,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     source = str(path) if path is not None else None
     raw: Any = {}
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError([f"cannot read config file ({err.strerror})"], source) from None
+        text = read_text(path, "config file", ConfigError)
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -388,9 +368,7 @@ def config_from_dict(raw: dict[str, Any], problems: list[str] | None = None, sou
             problems.append(f"section {name!r} must be a mapping of keys, got {type(values).__name__}")
             values = {}
         if name == "data" and values.get("path") == BUILTIN_DATASET:
-            from lora_dist.tiny import DEFAULT_DATASET  # resolved here so every later check sees a real file
-
-            values = {**values, "path": str(DEFAULT_DATASET)}
+            values = {**values, "path": str(SHIPPED_DATASET)}  # resolved here: every later check sees a real file
         section, section_problems = _build_section(name, cls, values)
         problems.extend(section_problems)
         sections[name] = section
@@ -462,6 +440,8 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
         return False, value
     if tp is Any:
         return True, value
+    if origin is Literal:  # exact members only: True is not 1, "4" is not 4
+        return any(type(value) is type(c) and value == c for c in typing.get_args(tp)), value
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:
@@ -503,6 +483,8 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in typing.get_args(tp)]
         return " or ".join(names)
+    if origin is Literal:
+        return "one of " + ", ".join(str(c) for c in typing.get_args(tp))
     if origin is not None:
         args = ", ".join(_type_name(a) for a in typing.get_args(tp))
         return f"a {origin.__name__}[{args}]" if origin in (list, dict) else str(tp)

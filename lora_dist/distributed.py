@@ -1,28 +1,47 @@
-"""DeepSpeed in one place: ds_config from our typed settings, process-group init, the engine, gathers.
+"""DeepSpeed and the collectives in one place: processes, ds_config, the engine, gathers, checkpoints.
 
 This is the only module that imports deepspeed, and it does so lazily: a single-process run never
-pays for the import. DeepSpeed is handed a module that owns only the adapter parameters
-(`_AdapterModule`), while the frozen, possibly quantized, base is reached through a plain reference
-it cannot see. So under every ZeRO stage DeepSpeed partitions, casts, moves and checkpoints the
-adapters alone; the base stays whole and untouched on every rank (`shard_report` shows it).
+pays for the import. It also holds every collective the training job runs (`barrier`,
+`all_reduce_sum`, `any_rank`, `cluster_info`) and the ZeRO-3 gather policy (`adapters_whole`), so the
+loop in `train.py` reads the same with and without DeepSpeed.
+
+DeepSpeed is handed a module that owns only the adapter parameters (`_AdapterModule`), while the
+frozen, possibly quantized, base is reached through a plain reference it cannot see. So under every
+ZeRO stage DeepSpeed partitions, casts, moves and checkpoints the adapters alone; the base stays whole
+and untouched on every rank (`shard_report` shows it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
+import json
 import os
+import socket
+import sys
+import time
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from lora_dist.choices import DTYPES as PRECISIONS
+from lora_dist.choices import SCHEDULES, ZERO_STAGES
+from lora_dist.errors import ConfigError, read_text
 from lora_dist.model import LoRAModel
+from lora_dist.optim import make_lr_scheduler, param_groups
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-SCHEDULES = ("cosine", "linear", "constant")
-ZERO_STAGES = (0, 1, 2, 3)
+if TYPE_CHECKING:
+    from lora_dist.config import Config
+
+__all__ = [  # make_lr_scheduler lives in optim (both paths use it); it is re-exported here for DeepSpeed users
+    "adapters_whole", "all_reduce_sum", "any_rank", "barrier", "cluster_info", "deepspeed_config", "gathered",
+    "gathered_adapter_state_dict", "init_distributed", "init_processes", "make_ds_config",
+    "make_lr_scheduler", "setup_engine", "shard_report", "warmup_steps", "full_optimizer_state",
+    "set_full_optimizer_state",
+]
 
 # Our own keys inside a ds_config: the LR schedule, which we build ourselves (DeepSpeed's
 # WarmupCosineLR runs its first step at lr 0 and forces >= 2 warmup steps, so a single-process run
@@ -215,35 +234,37 @@ def _merge(base: dict, top: dict) -> dict:
     return base
 
 
-def make_lr_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    schedule: str = "constant",
-    warmup_steps: int = 0,
-    total_steps: int | None = None,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The LR schedule used with and without DeepSpeed: LR multiplier at optimizer step k (0-based)
+def deepspeed_config(cfg: Config, world_size: int, total_steps: int) -> dict[str, Any]:
+    """The ds_config a run of `cfg` on `world_size` processes hands to `setup_engine` (`make_ds_config`).
 
-        k < warmup:  (k + 1) / (warmup + 1)
-        after:       cosine 0.5 * (1 + cos(pi * t)) | linear 1 - t | constant 1,
-                     t = (k - warmup) / (total - warmup), clamped to [0, 1].
-
-    Step it once after every optimizer step (DeepSpeed's engine does so itself).
+    Raises:
+        ConfigError: the global batch does not divide over `world_size` processes, or the DeepSpeed
+            JSON of `distributed.ds_config` is unreadable or contradicts the config.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if schedule != "constant" and total_steps is None:
-        raise ValueError(f"schedule {schedule!r} needs total_steps; use 'constant' to train without an end")
+    t, d = cfg.train, cfg.distributed
+    user = None
+    if d.ds_config:
+        try:
+            user = json.loads(read_text(d.ds_config, "distributed.ds_config", ConfigError))
+        except ValueError as err:
+            raise ConfigError(f"distributed.ds_config {d.ds_config} is not valid JSON ({err})") from None
+    try:
+        return make_ds_config(
+            zero_stage=d.zero_stage, micro_batch_size=t.micro_batch_size, grad_accum=t.accumulation(world_size),
+            world_size=world_size, grad_clip=t.grad_clip, precision=d.precision, lr=t.lr,
+            weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps,
+            warmup_steps=warmup_steps(cfg, total_steps), total_steps=total_steps, schedule=t.schedule,
+            offload_optimizer=d.offload_optimizer, user_config=user,
+        )
+    except ConfigError:
+        raise
+    except ValueError as err:  # a DeepSpeed JSON key that contradicts ours: the user's to fix
+        raise ConfigError(str(err)) from None
 
-    def multiplier(k: int) -> float:
-        if k < warmup_steps:
-            return (k + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        t = min(1.0, (k - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * t)) if schedule == "cosine" else 1.0 - t
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+def warmup_steps(cfg: Config, total_steps: int) -> int:
+    """`train.warmup_steps`, kept below `total_steps` so a short run still reaches its peak LR."""
+    return min(cfg.train.warmup_steps, max(total_steps - 1, 0))
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> tuple[int, int]:
@@ -345,13 +366,9 @@ def setup_engine(model: LoRAModel, ds_config: dict) -> Any:
         raise ValueError(f"the model is on {sorted(wrong)} but this rank trains on {device}; move it there first")
 
     view = _AdapterModule(model)
-    decay = [p for layer in model.lora_layers.values() for p in layer.adapter_parameters()]
-    groups = [{"params": decay, "weight_decay": config["optimizer"]["params"]["weight_decay"]}]
-    if len(view.biases):
-        groups.append({"params": list(view.biases.values()), "weight_decay": 0.0})
     engine, _, _, _ = deepspeed.initialize(
         model=view,
-        model_parameters=groups,
+        model_parameters=param_groups(model, config["optimizer"]["params"]["weight_decay"]),
         config=config,
         lr_scheduler=lambda optimizer: make_lr_scheduler(optimizer, **own),
     )
@@ -361,6 +378,151 @@ def setup_engine(model: LoRAModel, ds_config: dict) -> Any:
         for bias in view.biases.values():
             deepspeed.zero.register_external_parameter(view, bias)
     return engine
+
+
+# ============================================================================ processes
+
+
+def init_processes(cfg: Config) -> tuple[int, int, bool]:
+    """(rank, world size, use DeepSpeed) from the launcher's environment and `distributed.engine`.
+
+    Joins the process group when DeepSpeed is used; a plain `python` run with
+    `distributed.engine=deepspeed` becomes a process group of one.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    engine = cfg.distributed.engine
+    if engine == "none" and launched:
+        raise ConfigError(
+            f"launched as {os.environ['WORLD_SIZE']} processes but distributed.engine is none; "
+            f"set distributed.engine=auto (or run one process)"
+        )
+    use_deepspeed = engine == "deepspeed" or (engine == "auto" and "WORLD_SIZE" in os.environ)
+    if not use_deepspeed:
+        return 0, 1, False
+    if "WORLD_SIZE" not in os.environ:
+        # Port 0: the store of a one-process group binds any free port (nobody else connects to it).
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "0")
+    if not torch.cuda.is_available():
+        check_cpu_comm_op()
+    rank, world_size = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
+    return rank, world_size, True
+
+
+SHM_OP = "deepspeed_shm_comm"  # the op DeepSpeed's CPU accelerator JIT-builds at its first collective
+_LOCK_GRACE_S = 60.0  # a lock this young may belong to a build that is just starting
+
+
+def check_cpu_comm_op() -> None:
+    """Refuse to wait forever on a dead build of DeepSpeed's CPU comm op; say when it is built.
+
+    torch's JIT builder holds `<extensions dir>/deepspeed_shm_comm/lock` while it builds; a build
+    killed midway leaves the file, and every later run waits on it silently. A lock older than a
+    minute with no process working in that folder (ninja and the compiler run there) is stale.
+
+    Raises:
+        ConfigError: the lock is stale; the message names the file to delete.
+    """
+    from torch.utils.cpp_extension import _get_build_directory  # where torch's JIT builder puts the op
+
+    folder = Path(_get_build_directory(SHM_OP, verbose=False))
+    lock = folder / "lock"
+    built = (folder / f"{SHM_OP}.so").is_file()
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        age = None
+    if age is not None and age > _LOCK_GRACE_S and not _someone_works_in(folder):
+        raise ConfigError(
+            f"a killed build of DeepSpeed's CPU comm op left {lock} behind and DeepSpeed would wait on it "
+            f"forever; no build is running: delete that file (or set TORCH_EXTENSIONS_DIR) and run again"
+        )
+    if not built and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"building DeepSpeed's CPU comm op once (a few minutes) into {folder} ...", file=sys.stderr, flush=True)
+
+
+def _someone_works_in(folder: Path) -> bool:
+    """Whether a live process has `folder` as its working directory (Linux /proc; True where unknown)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    target = folder.resolve()
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(entry / "cwd")).resolve() == target:
+                    return True
+    return False
+
+
+def cluster_info() -> dict[str, Any]:
+    """`world_size`, `num_nodes` and `hostnames` of the running job, for the run record.
+
+    A collective when torch.distributed is initialized (every rank must call it). `num_nodes` is the
+    launcher's node count (DeepSpeed's CROSS_SIZE, SLURM_NNODES), which differs from the distinct
+    host names when "nodes" share a machine.
+    """
+    host = socket.gethostname()
+    hosts = [host]
+    if _dist_on():
+        hosts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(hosts, host)
+    names = list(dict.fromkeys(hosts))
+    nodes = os.environ.get("CROSS_SIZE") or os.environ.get("SLURM_NNODES")
+    return {"world_size": len(hosts), "num_nodes": int(nodes) if nodes else len(names), "hostnames": names}
+
+
+# ============================================================================ collectives
+
+
+def _dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if _dist_on():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over all ranks (a new tensor; `t` itself in one process)."""
+    if _dist_on() and torch.distributed.get_world_size() > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on any: one decision all ranks act on together."""
+    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)) > 0)
+
+
+def adapters_whole(engine: Any, model: LoRAModel, *, fused: bool, training: bool):
+    """Context manager: the ZeRO-3 adapter shards gathered for a forward (and backward) that reads them
+    outside their modules; a no-op everywhere else (no DeepSpeed, ZeRO 0-2, layers that call their modules).
+
+    ZeRO-3's hooks fetch a partitioned parameter when its own module is called. The fused kernels
+    (`kernels.lora_group`, and `LoRALayer`'s own 4-bit CUDA training path) read `lora_A.weight` and
+    `lora_B.weight` directly instead. DeepSpeed 0.19.8 catches such reads inside the engine's forward
+    (its parameter getter gathers the one parameter and registers it as external to the running
+    module); here all adapters are gathered in one call per micro batch instead, not relying on that
+    getter, and partitioned again before the optimizer step. The adapters are ~3% of a 4-bit 8B
+    base's bytes (168 MB fp32 against 5.6 GB). Both ways train bit-identically on the CPU.
+    """
+    partitioned = getattr(engine, "zero_optimization_partition_weights", None)
+    if partitioned is None or not partitioned():
+        return contextlib.nullcontext()
+    from lora_dist.layers import supports_fast_path
+
+    layers = list(model.lora_layers.values())
+    if not layers or not all(supports_fast_path(layer) for layer in layers):
+        return contextlib.nullcontext()  # every layer calls its lora_A / lora_B modules: ZeRO's hooks fetch
+    on_cuda = any(p.is_cuda for p in model.get_trainable_parameters())
+    cuda_4bit = training and on_cuda and all(layer.bits == 4 for layer in layers)
+    if not (fused or cuda_4bit):
+        return contextlib.nullcontext()
+    return gathered(engine)
 
 
 def _model_of(engine_or_model: Any) -> LoRAModel:

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from lora_dist import quant
+from lora_dist.choices import BITS, QUANT_TYPES, check_choice
+from lora_dist.errors import ConfigError
 
 
 def load_base_model(
@@ -52,10 +54,8 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    if bits not in (None, 4, 8):
-        raise ValueError(f"bits must be 4, 8 or None (dense), got {bits!r}")
-    if quant_type not in quant.QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {quant.QUANT_TYPES}, got {quant_type!r}")
+    check_choice("bits", bits, BITS, none_ok=True)
+    check_choice("quant_type", quant_type, QUANT_TYPES)
     check_local_path(name_or_path)
 
     kwargs: dict = {"dtype": compute_dtype if dtype is None else dtype}
@@ -97,12 +97,49 @@ def load_base_model(
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str) -> object:
+    """The tokenizer of a model folder or hub id.
+
+    Raises:
+        FileNotFoundError: none can be loaded from there (the message names the path and why).
+    """
+    from transformers import AutoTokenizer
+
+    check_local_path(name_or_path)  # "folder does not exist" beats a hub-id syntax error
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        first = _first_line(err)
+        raise FileNotFoundError(f"model.path {name_or_path!r}: no tokenizer could be loaded ({first})") from None
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (transformers' checkpointing, non-reentrant).
+
+    Raises:
+        ConfigError: the model class does not support it.
+    """
+    # Non-reentrant checkpointing works with a frozen embedding (no input that requires grad).
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
+
+
 def check_local_path(name_or_path: str) -> None:
-    """Clear errors for a local path that is not a model folder (hub ids pass through)."""
+    """Clear errors for a local path that is not a model folder (hub ids pass through).
+
+    Raises:
+        ConfigError: the path is a file. FileNotFoundError: a folder without config.json, or a local-looking
+        path that does not exist.
+    """
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{name_or_path} is a file; pass the model folder (the one with config.json)")
+            raise ConfigError(f"model.path {name_or_path} is a file; give the model folder (the one with config.json)")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{name_or_path} has no config.json: not a Hugging Face model folder")
         return

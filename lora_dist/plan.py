@@ -720,7 +720,10 @@ def fit_advice(cfg: Config, gpu_mem_bytes: int, world_size: int = 1,
         p = plan_memory(cfg, world_size, micro_batch=1, seq_len=seq, checkpointing=True, facts=facts)
         if p.peak_bytes <= budget:
             return False, p, head + "; even micro batch 1 with checkpointing does not; " + _change(cfg, p, total)
-    return False, current, head + "; no micro batch, checkpointing or sequence length fits: use a larger card (every rank holds the whole base: ZeRO shards only the adapters)"
+    return False, current, head + (
+        "; no micro batch, checkpointing or sequence length fits: use a larger card "
+        "(every rank holds the whole base: ZeRO shards only the adapters)"
+    )
 
 
 def _change(cfg: Config, plan: Plan, total: int) -> str:
@@ -732,7 +735,8 @@ def _change(cfg: Config, plan: Plan, total: int) -> str:
         parts.append(f"model.gradient_checkpointing={str(plan.checkpointing).lower()}")
     if plan.seq_len != cfg.data.max_seq_len:
         parts.append(f"data.max_seq_len={plan.seq_len}")
-    return (" ".join(parts) or "no change") + f" -> peak {plan.peak_bytes / GiB:.2f} GiB, relative speed {relative_speed(plan):.2f}"
+    peak = f" -> peak {plan.peak_bytes / GiB:.2f} GiB, relative speed {relative_speed(plan):.2f}"
+    return (" ".join(parts) or "no change") + peak
 
 
 # ------------------------------------------------------------------------------------ report

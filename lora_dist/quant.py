@@ -1,7 +1,7 @@
 """bitsandbytes in one place: quantize a model's linears, dequantize and requantize a weight.
 
 This is the only module that imports bitsandbytes. Everything else asks it questions
-(`is_quantized_linear`, `dequantize_weight`) so that layer and model code stay plain torch.
+(`is_supported_linear`, `bits_of`, `dequantize_weight`) so that layer and model code stay plain torch.
 """
 
 from __future__ import annotations
@@ -16,19 +16,14 @@ from dataclasses import dataclass
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import bitsandbytes as bnb  # noqa: E402
-import bitsandbytes.functional as bnbF
-import torch
-from bitsandbytes.functional import (
+import bitsandbytes.functional as bnbF  # noqa: E402
+import torch  # noqa: E402
+from bitsandbytes.functional import (  # noqa: E402
     _convert_weight_packed_for_cpu_inverse,  # CPU AVX512 repack; see dequantize_weight
 )
-from bitsandbytes.nn import Linear4bit, Linear8bitLt, Params4bit
+from bitsandbytes.nn import Linear4bit, Linear8bitLt, Params4bit  # noqa: E402
 
-QUANT_TYPES = ("nf4", "fp4")
-
-
-def is_quantized_linear(module: torch.nn.Module) -> bool:
-    """True for the bitsandbytes linears we can wrap (`Linear4bit`, `Linear8bitLt`)."""
-    return isinstance(module, (Linear4bit, Linear8bitLt))
+from lora_dist.choices import BITS, QUANT_TYPES, check_choice  # noqa: E402
 
 
 def is_supported_linear(module: torch.nn.Module) -> bool:
@@ -224,10 +219,8 @@ def quantize_model(
     Returns:
         `model`, for chaining.
     """
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits!r}; use no quantization for a dense model")
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    check_choice("bits", bits, BITS)  # a dense model needs no quantize_model call
+    check_choice("quant_type", quant_type, QUANT_TYPES)
     skip = tuple(skip_modules)
     targets = [
         (name, module)

@@ -1,36 +1,24 @@
 """Metric reporting: console progress, metrics.jsonl and Weights & Biases, all on rank 0 only.
 
 The training loop calls `Tracker` methods on every rank; the rank check lives here, so call sites stay
-plain (STYLE rule 8). wandb is imported only when reporting is on (`wandb.mode` not "disabled"), and it
-runs offline when no WANDB_API_KEY is set. A resumed run continues its W&B run (same id, `resume="allow"`)
-and its metrics.jsonl (records past the resumed step, written after the checkpoint, are dropped first).
-
-Offline runs, read back by `read_wandb_history` / `read_wandb_config` / `read_wandb_artifacts` so tests
-and users without a network can see what was logged (`wandb sync <run folder>` uploads one later):
-
-    <output_dir>/wandb/offline-run-<YYYYMMDD_HHMMSS>-<run id>/run-<run id>.wandb
-
-wandb 0.31 ships no reader for that file. It is a LevelDB-style log: a 7-byte file header (b":W&B",
-version 2 bytes, ident 1 byte), then 32 KiB blocks of records. Each record has a 7-byte header (crc32
-4 bytes, length 2 bytes little-endian, type 1 byte: 1 full, 2 first, 3 middle, 4 last; a record too
-long for its block continues in the next), around a `wandb.proto.wandb_internal_pb2.Record`. A block
-tail shorter than a header is padding. History records keep each key in `item.nested_key` (or
-`item.key`) and its value as JSON in `item.value_json`; the run record carries `run.run_id`. Every
-launch of a resumed run writes its own folder with the same run id; `wandb sync` joins them.
+plain (STYLE rule 8). On a terminal the progress is a tqdm bar (step, loss, tokens/s, ETA); in a log
+file it is one plain line every `train.log_interval` steps. wandb is imported only when reporting is
+on (`wandb.mode` not "disabled"), and it runs offline when no WANDB_API_KEY is set (`wandb sync
+<run folder>` uploads one later). A resumed run continues its W&B run (same id, `resume="allow"`) and
+its metrics.jsonl (records past the resumed step, written after the checkpoint, are dropped first).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import struct
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from lora_dist.config import Config, dump_config
+from lora_dist.files import atomic_write_text
 
 
 class Tracker:
@@ -44,7 +32,7 @@ class Tracker:
         job: "train" or "eval": the W&B job type, and the local record `<output_dir>/<job>-metrics.jsonl`
             ("metrics.jsonl" for training).
         stream: where console progress goes (stdout by default).
-        cluster: `world_size`, `num_nodes` and `hostnames` (`launch.cluster_info()`), recorded under
+        cluster: `world_size`, `num_nodes` and `hostnames` (`distributed.cluster_info()`), recorded under
             `cluster` in the W&B config and as the first line of the metrics record.
         resume_step: the step of the checkpoint this run resumes (None: a fresh run). The metrics record
             is kept up to that step and appended to; records of later steps (a crash after the checkpoint)
@@ -77,13 +65,16 @@ class Tracker:
         self._interactive = self.stream.isatty()
         self._metrics_file: TextIO | None = None
         self._metrics_mode = "w" if resume_step is None else "a"  # a new run starts the file afresh
-        self.metrics_path = self.output_dir / ("metrics.jsonl" if job == "train" else f"{job}-metrics.jsonl")
-        self.config_path = self.output_dir / ("config.yaml" if job == "train" else f"{job}-config.yaml")
+        self.metrics_path = config.folder.metrics(job)
+        self.config_path = config.folder.config(job)
         self.cluster = cluster
+        self._bar: Any = None  # the tqdm bar on a terminal
+        self._first_step = resume_step or 0
+        self._shown_step = self._first_step  # the last step the progress showed
         if not self.active:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.config_path, dump_config(config))
+        atomic_write_text(self.config_path, dump_config(config))
         if resume_step is not None:
             _truncate_metrics(self.metrics_path, resume_step)
         if self.wandb_mode != "disabled":
@@ -123,6 +114,16 @@ class Tracker:
         if self.active:
             self._clear_progress()
             print(text, file=self.stream, flush=True)
+
+    def log_data(self, stats: Any) -> None:
+        """Report what the data pipeline kept and dropped (a `data.DataStats`): console, record, W&B summary."""
+        if not self.active:
+            return
+        self._write({"kind": "data", **stats.as_dict(prefix="")})
+        if self.run is not None:
+            for key, value in stats.as_dict().items():
+                self.run.summary[key] = value
+        self.message(stats.summary())
 
     # -------------------------------------------------------------------------------- the end
     def log_adapter(self, path: Path, name: str = "adapter") -> None:
@@ -170,30 +171,32 @@ class Tracker:
         self._metrics_file.write(json.dumps(record) + "\n")
 
     def _progress(self, step: int, metrics: dict[str, float]) -> None:
-        frac = step / max(self.total_steps, 1)
-        width = 20
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        shown = {"loss": _fmt(metrics.get("loss")), "lr": f"{metrics.get('lr', 0.0):.2e}",
+                 "tok/s": f"{metrics.get('tokens_per_s', 0.0):,.0f}"}
+        if self._interactive:  # a tqdm bar on a terminal, redrawn in place
+            if self._bar is None:
+                from tqdm import tqdm
+
+                # Its rate and ETA count from here: a resumed run's earlier steps are not timed again.
+                self._bar = tqdm(total=self.total_steps, initial=self._shown_step, unit="step", file=self.stream,
+                                 dynamic_ncols=True, leave=False)
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(step - self._bar.n)
+            self._bar.refresh()  # called every log_interval steps only: draw each time
+            self._shown_step = step
+            return
+        # Plain lines in a log file: the ETA from this launch's pace.
+        done = step - self._first_step
         elapsed = time.perf_counter() - self._start
-        eta = elapsed / frac - elapsed if frac > 0 else 0.0
-        line = (
-            f"step {step}/{self.total_steps} [{bar}] loss {_fmt(metrics.get('loss'))} "
-            f"lr {metrics.get('lr', 0.0):.2e} tok/s {metrics.get('tokens_per_s', 0.0):,.0f} "
-            f"elapsed {_clock(elapsed)} eta {_clock(eta)}"
-        )
-        if self._interactive:  # redraw one line on a terminal; plain lines in logs
-            print("\r" + line, end="", file=self.stream, flush=True)
-        else:
-            print(line, file=self.stream, flush=True)
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+        line = "  ".join([f"step {step}/{self.total_steps}", *(f"{k} {v}" for k, v in shown.items()),
+                          f"elapsed {_clock(elapsed)}", f"eta {_clock(eta)}"])
+        print(line, file=self.stream, flush=True)
 
     def _clear_progress(self) -> None:
-        if self._interactive:
-            print("\r\033[K", end="", file=self.stream, flush=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        if self._bar is not None:
+            self._bar.close()  # the next log_step opens a fresh bar below the printed line
+            self._bar = None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -209,7 +212,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         if record.get("kind") in ("train", "eval") and record.get("step", 0) > step:
             break
         kept.append(line + "\n")
-    _atomic_write_text(path, "".join(kept))
+    atomic_write_text(path, "".join(kept))
 
 
 def _start_wandb(
@@ -273,128 +276,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------ offline run reader
-
-_BLOCK = 32 * 1024
-_FILE_HEADER = 7  # b":W&B" magic, version (2 bytes), ident (1 byte)
-_RECORD_HEADER = 7  # crc32 (4), length (2, little-endian), type (1)
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def find_wandb_run_file(root: str | Path) -> Path:
-    """The `run-*.wandb` file of the newest W&B run under `root` (an output dir or a run folder).
-
-    Raises:
-        FileNotFoundError: there is none.
-    """
-    files = sorted(Path(root).rglob("run-*.wandb"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(f"no W&B run file (run-*.wandb) under {root}")
-    return files[-1]
-
-
-def _wandb_records(path: Path):
-    """Yield the protobuf payloads of a W&B transaction log, reassembling records split across blocks."""
-    data = path.read_bytes()
-    pos, pending = _FILE_HEADER, b""
-    while pos + _RECORD_HEADER <= len(data):
-        left_in_block = _BLOCK - (pos % _BLOCK)
-        if left_in_block < _RECORD_HEADER:  # a block tail too short for a header is padding
-            pos += left_in_block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _RECORD_HEADER])
-        start = pos + _RECORD_HEADER
-        chunk = data[start : start + length]
-        pos = start + length
-        if kind == _FULL:
-            yield chunk
-        elif kind == _FIRST:
-            pending = chunk
-        elif kind == _MIDDLE:
-            pending += chunk
-        elif kind == _LAST:
-            yield pending + chunk
-            pending = b""
-
-
-def read_wandb_history(path: str | Path) -> list[dict[str, Any]]:
-    """The history rows (`run.log` calls) of an offline W&B run, in order, as {key: value} dicts.
-
-    Args:
-        path: a `run-*.wandb` file, or a folder containing one (the newest is read).
-    """
-    from wandb.proto import wandb_internal_pb2  # wandb's own schema for the records
-
-    path = Path(path)
-    if path.is_dir():
-        path = find_wandb_run_file(path)
-    rows = []
-    for payload in _wandb_records(path):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        if record.WhichOneof("record_type") != "history":
-            continue
-        row = {}
-        for item in record.history.item:
-            key = "/".join(item.nested_key) if item.nested_key else item.key
-            row[key] = json.loads(item.value_json)
-        rows.append(row)
-    return rows
-
-
-def read_wandb_artifacts(path: str | Path) -> list[dict[str, Any]]:
-    """(name, type, file paths) of the artifacts logged by an offline W&B run."""
-    from wandb.proto import wandb_internal_pb2
-
-    path = Path(path)
-    if path.is_dir():
-        path = find_wandb_run_file(path)
-    out = []
-    for payload in _wandb_records(path):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "artifact":
-            art = record.artifact
-            out.append({"name": art.name, "type": art.type, "files": [e.path for e in art.manifest.contents]})
-    return out
-
-
-def read_wandb_config(path: str | Path) -> dict[str, Any]:
-    """The run config an offline W&B run recorded (`wandb.init(config=...)`), as {key: value}."""
-    from wandb.proto import wandb_internal_pb2
-
-    path = Path(path)
-    if path.is_dir():
-        path = find_wandb_run_file(path)
-    config: dict[str, Any] = {}
-    for payload in _wandb_records(path):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "run":
-            items = record.run.config.update
-        elif record.WhichOneof("record_type") == "config":
-            items = record.config.update
-        else:
-            continue
-        for item in items:
-            key = "/".join(item.nested_key) if item.nested_key else item.key
-            config[key] = json.loads(item.value_json)
-    return config
-
-
 def read_metrics(output_dir: str | Path, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
-    """The records of `<output_dir>/metrics.jsonl` (train, eval and summary lines)."""
+    """The records of `<output_dir>/metrics.jsonl` (cluster, data, train, eval and summary lines)."""
     path = Path(output_dir) / name
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-__all__ = [
-    "Tracker",
-    "find_wandb_run_file",
-    "format_summary",
-    "read_metrics",
-    "read_wandb_artifacts",
-    "read_wandb_config",
-    "read_wandb_history",
-]
-
+__all__ = ["Tracker", "format_summary", "read_metrics"]

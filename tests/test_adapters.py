@@ -16,7 +16,6 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_loading import VOCAB, save_tiny_llama
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -40,6 +39,7 @@ from lora_dist.adapters import (
 from lora_dist.errors import AdapterError
 from lora_dist.loading import load_base_model
 from lora_dist.quant import dequantize_weight
+from test_loading import VOCAB, save_tiny_llama
 
 U32, U16, UBF16 = 2.0**-24, 2.0**-11, 2.0**-8  # unit roundoff (round to nearest) of fp32, fp16, bf16
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -9,7 +9,8 @@ import pytest
 
 from lora_dist import cli, tiny
 from lora_dist.launch import free_port
-from lora_dist.tracking import read_metrics, read_wandb_artifacts, read_wandb_history
+from lora_dist.tracking import read_metrics
+from wandb_reader import read_wandb_artifacts, read_wandb_history
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "tiny-cpu.yaml")
@@ -135,7 +136,9 @@ def _bad_files(root: Path) -> dict[str, Path]:
     }
     for name, text in files.items():
         (root / name).write_text(text)
-    return {name: root / name for name in files}
+    (root / "latin1.yaml").write_bytes("train:\n  output_dir: caf\xe9\n".encode("latin-1"))
+    (root / "folder.yaml").mkdir(exist_ok=True)
+    return {name: root / name for name in [*files, "latin1.yaml", "folder.yaml"]}
 
 
 # (name, extra overrides or a config path, words the message must contain)
@@ -149,14 +152,18 @@ BAD_CONFIGS = [
     ("batch not divisible", ["train.global_batch_size=20"], "multiple of train.micro_batch_size"),
     ("missing data file", ["data.path=/nonexistent/rows.jsonl"], "not found"),
     ("missing model folder", ["model.path=/nonexistent/model"], "model folder /nonexistent/model does not exist"),
-    ("bits 3", ["model.bits=3"], "model.bits must be 4, 8 or null"),
+    ("bits 3", ["model.bits=3"], "model.bits must be one of 4, 8 or null"),
     ("zero stage 5", ["distributed.zero_stage=5"], "distributed.zero_stage"),
     ("wandb mode", ["wandb.mode=sometimes"], "wandb.mode must be one of"),
     ("override without =", ["train.lr"], "must read section.key=value"),
     ("lora rank 0", ["lora.rank=0"], "rank must be a positive integer"),
     ("missing resume folder", ["train.resume=/nonexistent/ckpt"], "train.resume"),
     ("offload without zero", ["distributed.offload_optimizer=true", "distributed.zero_stage=0"], "offload"),
-    ("missing config file", "/nonexistent/config.yaml", "cannot read config file"),
+    ("missing config file", "/nonexistent/config.yaml", "config file /nonexistent/config.yaml does not exist"),
+    ("config not UTF-8", "latin1.yaml", "is not UTF-8 text (byte 24)"),
+    ("config is a folder", "folder.yaml", "is a directory, not a file"),
+    ("model.path is a file", ["model.path={root}/data.txt"], "data.txt is a file; give the model folder"),
+    ("target modules match nothing", ["lora.target_modules=[nope_proj]"], "matched no module"),
     ("yaml syntax", "bad.yaml", "not valid YAML"),
     ("yaml top level list", "list.yaml", "top level must be a mapping"),
     ("unsupported data file", ["data.path={root}/data.txt"], "data.path"),

@@ -6,6 +6,7 @@ from lora_dist.config import BUILTIN_DATASET, Config, ConfigError, dump_config, 
 from lora_dist.model import LoRAConfig
 from lora_dist.tiny import DEFAULT_DATASET
 
+
 def _write(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text(text)

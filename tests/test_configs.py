@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_dist import train
+from lora_dist import distributed
 from lora_dist.config import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -27,7 +27,7 @@ def test_the_five_recipes_ship():
 def test_shipped_config_derives_a_deepspeed_config_whose_batch_adds_up(path):
     cfg = load_config(path)
     world = _intended_world_size(path)
-    ds = train.deepspeed_config(cfg, world, total_steps=cfg.train.max_steps)
+    ds = distributed.deepspeed_config(cfg, world, total_steps=cfg.train.max_steps)
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     # DeepSpeed refuses a config where train_batch_size != micro * accum * world.
     assert ds["train_batch_size"] == micro * accum * world
@@ -46,8 +46,14 @@ def test_shipped_config_is_headed_by_its_command(path):
     assert f"configs/{path.name}" in first
 
 
-def test_70b_recipe_is_meant_for_8_ranks_under_zero3():
+def test_70b_recipe_is_meant_for_8_ranks_under_zero3_bf16():
     path = CONFIGS[0].parent / "llama3-70b-qlora-zero3-8gpu.yaml"
-    ds = train.deepspeed_config(load_config(path), _intended_world_size(path), total_steps=500)
+    cfg = load_config(path)
+    ds = distributed.deepspeed_config(cfg, _intended_world_size(path), total_steps=cfg.train.max_steps)
     assert _intended_world_size(path) == 8 and ds["zero_optimization"]["stage"] == 3
-    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 8
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (1, 8)
+    assert ds["train_batch_size"] == 1 * 8 * 8 == cfg.train.global_batch_size == 64
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    # Small adapters must still be partitioned under ZeRO-3: DeepSpeed keeps params below this
+    # threshold (default 1e5 elements) whole on every rank, e.g. a 70B k_proj's lora_B (1024 x 16).
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0

@@ -579,7 +579,7 @@ def test_two_nodes_match_single_process_losses(two_nodes, single_process):
 
 @pytest.mark.distributed
 def test_two_nodes_report_to_one_wandb_run(two_nodes):
-    from lora_dist.tracking import read_wandb_history
+    from wandb_reader import read_wandb_history
 
     runs = list((two_nodes / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

@@ -8,9 +8,7 @@ differ by at most (6 u + 2 (K + r) u32) * |y|abs elementwise, where
 dequantized base weight, base output, update, sum.
 """
 
-import copy
 
-import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from torch import nn
@@ -366,31 +364,6 @@ def test_from_base_rejects_unsupported_module():
 def test_from_base_rejects_in_out_mismatch():
     with pytest.raises(ValueError, match="base is 128->64 but the layer was asked for 64->64"):
         LoRALayer.from_base(nn.Linear(IN, OUT), in_features=64)
-
-
-def test_quantize_model_keeps_weights_within_4bit_error():
-    model = nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, OUT))
-    dense = copy.deepcopy(model)
-    quantize_model(model, bits=4, quant_type="nf4", double_quant=False, compute_dtype=torch.float32, skip_modules=())
-    for i in (0, 2):
-        w, q = dense[i].weight, dequantize_weight(model[i])
-        absmax = w.reshape(-1, 64).abs().amax(dim=1, keepdim=True)
-        code = bnbF.get_4bit_type("nf4", device="cpu").sort().values
-        half_gap = (code[1:] - code[:-1]).max() / 2
-        assert ((q - w).reshape(-1, 64).abs() <= half_gap * absmax + 1e-7).all()
-        assert torch.equal(model[i].bias, dense[i].bias)
-
-
-def test_quantize_model_skips_named_modules_and_rejects_bad_bits():
-    model = nn.Sequential()
-    model.add_module("body", nn.Linear(IN, OUT))
-    model.add_module("lm_head", nn.Linear(OUT, OUT))
-    quantize_model(model, bits=8)
-    assert type(model.lm_head) is nn.Linear and type(model.body) is not nn.Linear
-    with pytest.raises(ValueError, match="bits must be 4 or 8"):
-        quantize_model(nn.Linear(IN, OUT), bits=3)
-    with pytest.raises(ValueError, match="quant_type must be one of"):
-        quantize_model(nn.Sequential(nn.Linear(IN, OUT)), bits=4, quant_type="int4")
 
 
 @pytest.mark.parametrize("kind", ["dense", "nf4"])

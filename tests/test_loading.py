@@ -125,7 +125,7 @@ def test_missing_tokenizer_is_a_clear_error_unless_optional(tmp_path):
 
 def test_bad_bits_and_quant_type_are_refused(tiny):
     folder, _ = tiny
-    with pytest.raises(ValueError, match="bits must be 4, 8 or None"):
+    with pytest.raises(ValueError, match="bits must be one of 4, 8 or None, got 3"):
         load_base_model(str(folder), bits=3)
     with pytest.raises(ValueError, match="quant_type"):
         load_base_model(str(folder), bits=4, quant_type="int4")

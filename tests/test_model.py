@@ -1,4 +1,4 @@
-"""LoRAModel / LoRAOptimizer / apply_lora_to_model on a tiny Hugging Face Llama and on plain modules."""
+"""LoRAModel and apply_lora_to_model on a tiny Hugging Face Llama and on plain modules (optimizer tests: test_optim.py)."""
 
 import ast
 import logging
@@ -15,7 +15,6 @@ from lora_dist import (
     LoRAConfig,
     LoRALayer,
     LoRAModel,
-    LoRAOptimizer,
     apply_lora_to_model,
     quantize_model,
 )
@@ -172,48 +171,6 @@ def test_bias_modes_choose_which_biases_train(mode, expected):
     biases = [p for p in model.get_trainable_parameters() if p.ndim == 1]
     assert len(biases) == expected
     assert all(p.requires_grad for p in biases)
-
-
-def test_optimizer_decays_adapter_weights_but_not_biases():
-    base = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
-    model = LoRAModel(base, {"target_modules": ["0"], "bias": "lora_only"})
-    opt = LoRAOptimizer(model, lr=1e-3, weight_decay=0.1)
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert [p.ndim for p in no_decay["params"]] == [1]
-    optimized = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert optimized == {id(p) for p in model.get_trainable_parameters()}
-
-
-def test_optimizer_state_dict_round_trips():
-    model, opt = apply_lora_to_model(tiny_llama(), {"target_modules": ATTN}, lr=1e-2)
-    ids = batch()
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    state = opt.state_dict()
-    fresh = LoRAOptimizer(model, lr=1e-2)
-    fresh.load_state_dict(state)
-    a = opt.state[model.get_trainable_parameters()[0]]["exp_avg"]
-    b = fresh.state[model.get_trainable_parameters()[0]]["exp_avg"]
-    assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("optimizer_class", [bnb.optim.AdamW8bit, bnb.optim.PagedAdamW8bit, bnb.optim.PagedAdamW])
-def test_bitsandbytes_optimizers_train_the_adapter(optimizer_class):
-    model = LoRAModel(tiny_llama(), {"target_modules": ATTN, "rank": 4})
-    # min_8bit_size=0: our tiny adapters (256 values) are below bnb's default 4096, which would keep fp32 state
-    opt = LoRAOptimizer(model, lr=1e-2, optimizer_class=optimizer_class, min_8bit_size=0)
-    ids = batch()
-    before = [p.detach().clone() for p in model.get_trainable_parameters()]
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    after = model.get_trainable_parameters()
-    assert any(not torch.equal(b, a) for b, a in zip(before, after))
-    state = opt.state[after[0]]["state1"]
-    assert state.dtype == (torch.float32 if optimizer_class is bnb.optim.PagedAdamW else torch.uint8)
-    fresh = LoRAOptimizer(model, lr=1e-2, optimizer_class=optimizer_class, min_8bit_size=0)
-    fresh.load_state_dict(opt.state_dict())
-    assert torch.equal(fresh.state[after[0]]["state1"], state)
 
 
 def test_merge_and_export_is_a_model_method(tmp_path):

@@ -22,7 +22,6 @@ from peft import PeftModel, get_peft_model
 from peft.utils.integrations import dequantize_bnb_weight
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_loading import VOCAB, save_tiny_llama
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lora_dist import LoRAConfig, LoRAModel
@@ -36,6 +35,7 @@ from lora_dist.adapters import (
 )
 from lora_dist.errors import AdapterError
 from lora_dist.loading import load_base_model
+from test_loading import VOCAB, save_tiny_llama
 
 PEFT_TOL = 1e-5
 BITS = {"dense": None, "4bit": 4, "8bit": 8}

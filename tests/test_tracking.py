@@ -5,9 +5,8 @@ import subprocess
 import sys
 
 from lora_dist.config import BUILTIN_DATASET, load_config
-from lora_dist.tracking import (
-    Tracker, format_summary, read_metrics, read_wandb_artifacts, read_wandb_config, read_wandb_history,
-)
+from lora_dist.tracking import Tracker, format_summary, read_metrics
+from wandb_reader import read_wandb_artifacts, read_wandb_config, read_wandb_history
 
 
 def _config(tmp_path, *overrides):
@@ -154,3 +153,36 @@ def test_tracker_writes_the_resolved_config_beside_the_metrics(tmp_path, capsys)
     Tracker(cfg, rank=0, total_steps=1).finish({})
     assert load_config(tmp_path / "config.yaml").to_dict() == cfg.to_dict()
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file, then renamed
+
+
+def test_data_report_reaches_the_console_and_the_record(tmp_path, capsys):
+    from lora_dist.data import DataStats
+
+    stats = DataStats(rows_read=120, malformed_skipped=3, truncated=7, no_target_dropped=1, train_samples=100,
+                      eval_samples=16, train_sequences=100, train_target_tokens=4321)
+    tracker = Tracker(_config(tmp_path, "wandb.mode=disabled"), rank=0, total_steps=1)
+    tracker.log_data(stats)
+    tracker.finish({"steps": 1})
+    (record,) = [r for r in read_metrics(tmp_path) if r["kind"] == "data"]
+    assert record == {"kind": "data", **stats.__dict__}
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data: "))
+    assert "rows read 120" in line and "malformed skipped 3" in line and "train target tokens 4,321" in line
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar_with_loss_and_tokens_per_s(tmp_path):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    tracker = Tracker(_config(tmp_path, "wandb.mode=disabled"), rank=0, total_steps=4, stream=screen)
+    for step in (1, 2):
+        tracker.log_step(step, {"loss": 2.5, "lr": 1e-4, "tokens_per_s": 12345.0})
+    tracker.message("between steps")  # closes the bar, prints the line, the next step opens a new one
+    tracker.log_step(3, {"loss": 2.0, "lr": 1e-4, "tokens_per_s": 23456.0})
+    tracker.finish({"steps": 3})
+    shown = screen.getvalue()
+    assert "2/4" in shown and "3/4" in shown and "tok/s=12,345" in shown and "loss=2.5000" in shown
+    assert "between steps\n" in shown

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from lora_dist import cli, shapes, tiny, train
 from lora_dist.config import ConfigError, load_config
 from lora_dist.data import IGNORE_INDEX
-from lora_dist.tracking import find_wandb_run_file, read_metrics, read_wandb_history
+from lora_dist.tracking import read_metrics
+from wandb_reader import find_wandb_run_file, read_wandb_history
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
@@ -140,7 +141,7 @@ def test_inf_gradient_under_zero_is_skipped_and_the_schedule_still_advances(tiny
 def test_inf_gradient_without_zero_stops_once_it_reaches_the_adapters(tiny_dir, tmp_path):
     # ZeRO stage 0 in fp32 checks nothing: the update applies the nan, and the run stops saying so.
     result = _inf_gradient_under_deepspeed(tiny_dir, tmp_path, 0)
-    assert "reached the adapter weights under DeepSpeed" in result["stopped"]
+    assert "reached the adapter weights" in result["stopped"]
 
 
 def test_fit_counts_skipped_steps_and_stops_past_the_limit(tiny_dir, tmp_path, capsys):
@@ -433,9 +434,42 @@ def test_cluster_info_reaches_the_run_record(scaling_study):
 def test_setup_binds_the_device_before_its_first_collective(tmp_path, capsys, monkeypatch):
     # On GPUs NCCL runs a collective on the current CUDA device: cluster_info's all_gather_object before
     # torch.cuda.set_device put every rank's tensors on cuda:0 and failed on rank 1 (seen on 2 H200s).
+    from lora_dist import building, distributed
+
     calls = []
-    device, info = train._device, train.cluster_info
-    monkeypatch.setattr(train, "_device", lambda: calls.append("device") or device())
-    monkeypatch.setattr(train, "cluster_info", lambda: calls.append("cluster_info") or info())
+    device, info = building.device, distributed.cluster_info
+    monkeypatch.setattr(building, "device", lambda: calls.append("device") or device())
+    monkeypatch.setattr(distributed, "cluster_info", lambda: calls.append("cluster_info") or info())
     train.setup(load_config(None, [*RANDOM, f"train.output_dir={tmp_path}"]))
     assert calls == ["device", "cluster_info"]
+
+
+def test_steady_state_and_whole_run_tokens_per_s_count_only_this_launch(tmp_path, monkeypatch, capsys):
+    import signal
+    import statistics
+
+    from lora_dist import building
+    from lora_dist.preemption import Preempted
+    from preempt_hook import signalling
+
+    settings = [*RANDOM, f"train.output_dir={tmp_path}", "train.max_steps=8"]
+    with monkeypatch.context() as patch:
+        # 2 micro batches per step: forward 5 is step 3's first
+        patch.setattr(building, "build_model", signalling(building.build_model, 5, signal.SIGTERM))
+        with pytest.raises(Preempted):
+            train.train(load_config(None, settings))
+    resumed = train.train(load_config(None, [*settings, "train.resume=auto"]))
+    records = read_metrics(tmp_path)
+    first = [r for r in records if r["kind"] == "summary"][0]
+    rows = {r["step"]: r for r in records if r["kind"] == "train"}
+    for summary, steps in ((first, [1, 2, 3]), (resumed, [4, 5, 6, 7, 8])):
+        rates = [rows[s]["tokens_per_s"] for s in steps]
+        # The median after each launch's first train.WARMUP_STEPS steps (those pay for allocation).
+        assert summary["tokens_per_s_steady"] == round(statistics.median(rates[train.WARMUP_STEPS:]), 1)
+        tokens = rows[steps[-1]]["tokens_seen"] - (rows[steps[0] - 1]["tokens_seen"] if steps[0] > 1 else 0)
+        # Whole launch: its own tokens over its own wall time (start-up included), which the summary shows
+        # rounded to 0.1 s: the rate lies between the ones that rounding allows.
+        wall = summary["wall_time_s"]
+        assert tokens / (wall + 0.05) <= summary["tokens_per_s"] <= tokens / max(wall - 0.05, 1e-9)
+    assert [r for r in records if r["kind"] == "summary"][-1]["tokens_per_s_steady"] == resumed["tokens_per_s_steady"]
+    assert "tokens_per_s_steady" in capsys.readouterr().out  # the console summary shows it

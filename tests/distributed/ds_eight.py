@@ -29,7 +29,6 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ds_scenarios as sc  # noqa: E402
-
 from lora_dist import distributed  # noqa: E402
 
 WORLD = 8

@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ds_scenarios as sc  # noqa: E402
-
 from lora_dist import checkpoint, distributed  # noqa: E402
 
 STAGES = (0, 1, 2, 3)

@@ -24,8 +24,8 @@ signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
 watch_launcher(timeout_s)
 
 # after the watch, as in the job (importing torch takes seconds)
-import torch
-import torch.distributed as dist
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
 rank = dist.get_rank()

@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ds_scenarios as sc
-
 from lora_dist import checkpoint, distributed
 
 SETTINGS = {"fp32-z0": ("fp32", 0), "fp32-z1": ("fp32", 1), "fp32-z2": ("fp32", 2), "fp32-z3": ("fp32", 3),

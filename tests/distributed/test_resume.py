@@ -16,12 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ds_scenarios as sc
 import pytest
 import torch
-from conftest import launch
 from safetensors.torch import load_file
 
+import ds_scenarios as sc
+from conftest import launch
 from lora_dist.launch import free_port
 
 pytestmark = pytest.mark.distributed

@@ -1,13 +1,17 @@
-"""make_ds_config, make_lr_scheduler, init_distributed: single process, DeepSpeed not imported."""
+"""distributed.py on one process, DeepSpeed not imported: make_ds_config, init_distributed, the shm-op lock check."""
 
 from __future__ import annotations
 
-import math
+import os
+import re
+import subprocess
+import time
 
 import pytest
-import torch
 
-from lora_dist.distributed import init_distributed, make_ds_config, make_lr_scheduler
+from lora_dist import distributed
+from lora_dist.distributed import init_distributed, make_ds_config
+from lora_dist.errors import ConfigError
 
 BASE = dict(
     zero_stage=2, micro_batch_size=4, grad_accum=8, world_size=2, grad_clip=1.0, precision="bf16",
@@ -93,36 +97,58 @@ def test_user_json_adds_keys_and_overrides_soft_defaults():
     assert user["zero_optimization"]["stage"] == 2  # the user's dict is not modified
 
 
-def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    scheduler = make_lr_scheduler(optimizer, schedule="cosine", warmup_steps=2, total_steps=6)
-    seen = []
-    for _ in range(7):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    # warmup (k + 1) / 3 for k = 0, 1; then 0.5 (1 + cos(pi t)), t = (k - 2) / 4
-    expected = [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(5)]
-    assert seen == pytest.approx(expected, abs=1e-12)
-
-
-def test_linear_and_constant_schedules():
-    def lrs(schedule):
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = make_lr_scheduler(optimizer, schedule=schedule, warmup_steps=0, total_steps=4)
-        out = []
-        for _ in range(5):
-            out.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-        return out
-
-    assert lrs("linear") == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
-    assert lrs("constant") == [1.0] * 5
-
-
 def test_init_distributed_without_a_launcher_is_rank_0_of_1(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     assert init_distributed() == (0, 1)
+
+
+# ---------------------------------------------------------------- DeepSpeed's CPU comm op, built once
+
+
+def _op_folder(root, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    folder = root / distributed.SHM_OP
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _stale_lock(folder):
+    lock = folder / "lock"
+    lock.write_text("")
+    old = time.time() - 600  # a build killed ten minutes ago
+    os.utime(lock, (old, old))
+    return lock
+
+
+def test_a_lock_left_by_a_killed_build_fails_in_one_line_naming_it(tmp_path, monkeypatch):
+    lock = _stale_lock(_op_folder(tmp_path, monkeypatch))
+    with pytest.raises(ConfigError, match=rf"left {re.escape(str(lock))} behind .* delete that file"):
+        distributed.check_cpu_comm_op()
+
+
+def test_a_lock_of_a_live_build_is_left_alone(tmp_path, monkeypatch, capsys):
+    folder = _op_folder(tmp_path, monkeypatch)
+    _stale_lock(folder)
+    (folder / f"{distributed.SHM_OP}.so").write_bytes(b"")
+    builder = subprocess.Popen(["sleep", "60"], cwd=folder)  # ninja and the compiler run in that folder
+    try:
+        distributed.check_cpu_comm_op()  # DeepSpeed will wait for it, rightly
+    finally:
+        builder.kill()
+        builder.wait()
+
+
+def test_an_op_not_built_yet_is_announced(tmp_path, monkeypatch, capsys):
+    _op_folder(tmp_path, monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    distributed.check_cpu_comm_op()
+    assert "building DeepSpeed's CPU comm op once (a few minutes)" in capsys.readouterr().err
+
+
+def test_cluster_info_of_a_single_process(monkeypatch):
+    import socket
+
+    for var in ("CROSS_SIZE", "SLURM_NNODES"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.cluster_info() == {"world_size": 1, "num_nodes": 1, "hostnames": [socket.gethostname()]}
