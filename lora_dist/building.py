@@ -141,7 +141,14 @@ def build_model(
         model = LoRAModel(base, cfg.lora)
     except (ValueError, TypeError) as err:  # target_modules matching nothing, or a layer LoRA cannot wrap
         raise ConfigError(f"lora.target_modules: {err}") from None
-    if m.gradient_checkpointing:
+    if m.gradient_checkpointing and m.activation_offload:
+        from lora_dist.offload import enable_activation_offload  # checkpoints each decoder layer itself
+
+        try:
+            enable_activation_offload(model)
+        except TypeError as err:  # a model without `.model.layers`
+            raise ConfigError(f"model.activation_offload: {err}") from None
+    elif m.gradient_checkpointing:
         loading.enable_activation_checkpointing(base)
     fused = patch(model)
     if any(layer.bits is not None for layer in model.lora_layers.values()):

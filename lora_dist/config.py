@@ -2,7 +2,8 @@
 
 A YAML file mirrors the dataclasses one to one:
 
-    model:        {path, bits, quant_type, double_quant, compute_dtype, gradient_checkpointing, attn_implementation}
+    model:        {path, bits, quant_type, double_quant, compute_dtype, gradient_checkpointing, activation_offload,
+                   attn_implementation, fused_kernels}
     lora:         LoRAConfig (lora_dist.model)
     data:         DataConfig (lora_dist.data)
     train:        TrainConfig
@@ -63,14 +64,21 @@ class ModelConfig:
     """Dtype the quantized matmuls and the dense parts of the model run in: fp32, bf16 or fp16."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: far less memory for about a third more compute."""
+    activation_offload: bool = False
+    """With gradient_checkpointing: each decoder layer's saved input waits in pinned host memory, copied
+    back one layer ahead in backward (`lora_dist.offload`): about 2 layer inputs on the GPU instead of all."""
     attn_implementation: str | None = None
     """"sdpa", "eager", "flash_attention_2", ... (null: transformers' default)."""
     fused_kernels: FusedKernels = "auto"
-    """Route the Llama forward through `kernels.patch_model_for_speed` (grouped LoRA GEMMs, chunked loss,
-    fused norms/RoPE/SwiGLU): "on", "off", or "auto" (on for a 4-bit base on CUDA)."""
+    """Route the forward through `families.patch_model_for_speed` (grouped LoRA GEMMs, chunked loss, fused
+    norms/RoPE/activations), for the families it lists: "on" (others refused), "off", or "auto" (on for a
+    4-bit base on CUDA where the family is listed; other families run their own forward)."""
 
     def problems(self) -> list[str]:
         out = []
+        if self.activation_offload and not self.gradient_checkpointing:
+            out.append("model.activation_offload offloads checkpointed layer inputs: set "
+                       "model.gradient_checkpointing=true, or model.activation_offload=false")
         if not self.path:
             out.append(f"model.path is empty; give a local folder, a hub id or {BUILTIN_MODEL}")
         elif self.path.startswith(RANDOM_MODEL_PREFIX) and self.random_shape() not in random_shapes():
@@ -102,8 +110,9 @@ class TrainConfig:
     """Optimizer steps to run; null: `epochs` passes over the training set."""
     epochs: float = 1.0
     """Passes over the training set when `max_steps` is null."""
-    micro_batch_size: int = 1
-    """Sequences per forward pass on each process."""
+    micro_batch_size: int | Literal["auto"] = 1
+    """Sequences per forward pass on each process; "auto" (CUDA, with global_batch_size): the largest
+    that `lora-dist plan` predicts to fit the card, accumulation keeping the global batch."""
     grad_accum: int | None = None
     """Micro batches accumulated per optimizer step on each process; null: derived from global_batch_size."""
     global_batch_size: int | None = None
@@ -155,14 +164,19 @@ class TrainConfig:
             out.append(f"train.max_steps must be >= 1 (or null to use epochs), got {self.max_steps}")
         if self.max_steps is None and not self.epochs > 0:
             out.append(f"train.epochs must be > 0 when train.max_steps is null, got {self.epochs}")
-        if self.micro_batch_size < 1:
+        if self.micro_batch_size == "auto":
+            if self.global_batch_size is None:
+                out.append("train.micro_batch_size=auto keeps the global batch: set train.global_batch_size too")
+        elif self.micro_batch_size < 1:
             out.append(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.grad_accum is not None and self.grad_accum < 1:
             out.append(f"train.grad_accum must be >= 1, got {self.grad_accum}")
         if self.global_batch_size is not None:
             if self.grad_accum is not None:
                 out.append("set one of train.grad_accum and train.global_batch_size, not both")
-            elif self.global_batch_size < 1 or self.global_batch_size % max(self.micro_batch_size, 1):
+            elif self.global_batch_size < 1 or (
+                self.micro_batch_size != "auto" and self.global_batch_size % max(self.micro_batch_size, 1)
+            ):
                 out.append(
                     f"train.global_batch_size ({self.global_batch_size}) must be a positive multiple of "
                     f"train.micro_batch_size ({self.micro_batch_size})"

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from lora_dist.config import Config
 
 __all__ = [  # make_lr_scheduler lives in optim (both paths use it); it is re-exported here for DeepSpeed users
-    "adapters_whole", "all_reduce_sum", "any_rank", "barrier", "cluster_info", "deepspeed_config", "gathered",
+    "adapters_whole", "all_reduce_min", "all_reduce_sum", "any_rank", "barrier", "cluster_info", "deepspeed_config", "gathered",
     "gathered_adapter_state_dict", "init_distributed", "init_processes", "make_ds_config",
     "make_lr_scheduler", "setup_engine", "shard_report", "warmup_steps", "full_optimizer_state",
     "set_full_optimizer_state",
@@ -487,9 +487,18 @@ def barrier() -> None:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """The sum of `t` over all ranks (a new tensor; `t` itself in one process)."""
+    return _all_reduce(t, torch.distributed.ReduceOp.SUM)
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """The minimum of `t` over all ranks (a new tensor; `t` itself in one process)."""
+    return _all_reduce(t, torch.distributed.ReduceOp.MIN)
+
+
+def _all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
     if _dist_on() and torch.distributed.get_world_size() > 1:
         t = t.clone()
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(t, op=op)
     return t
 
 

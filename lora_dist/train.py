@@ -35,6 +35,7 @@ from lora_dist.engine import build_engine, checkpoint_state
 from lora_dist.errors import ConfigError
 from lora_dist.model import LoRAModel
 from lora_dist.preemption import Preempted, StopSignals
+from lora_dist.supervise import watch_launcher
 from lora_dist.tracking import Tracker
 
 WARMUP_STEPS = 2  # steps of each launch left out of the steady-state tokens/s (allocation, autotuning)
@@ -129,10 +130,14 @@ def evaluate_only(cfg: Config, adapter_path: str | None = None) -> dict[str, flo
 
 def setup(cfg: Config, *, for_eval: bool = False) -> Run:
     """Processes, model, data, engine, resume state and reporting, in that order."""
+    # A rank whose launcher dies (SIGKILL, a lost ssh session) stops instead of holding its GPU forever.
+    watch_launcher(cfg.distributed.timeout_s)
     rank, world_size, use_deepspeed = distributed.init_processes(cfg)
     if not for_eval:
         building.refuse_unscaled_fp16(cfg, use_deepspeed)
     device = building.device()  # before any collective: NCCL runs on the current CUDA device, which this sets
+    if cfg.train.micro_batch_size == "auto":
+        cfg = _auto_micro_batch(cfg, device, rank, world_size)
     cluster = distributed.cluster_info()  # a collective: every rank, right after the process group exists
     building.seed_everything(cfg.train.seed)
     resume_from = None if for_eval else building.prepare_output_dir(cfg, rank)
@@ -184,6 +189,21 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
         _resume(run, resume_from[0])
     _announce(run)
     return run
+
+
+def _auto_micro_batch(cfg: Config, device: torch.device, rank: int, world_size: int) -> Config:
+    """`cfg` with `train.micro_batch_size=auto` resolved by the planner for the smallest card of the job."""
+    if device.type != "cuda":
+        raise ConfigError(["train.micro_batch_size=auto fits a GPU's memory; on the CPU give a number"])
+    from lora_dist import plan
+
+    budget = plan.device_budget_bytes(device)
+    if world_size > 1:  # every rank must pick the same split: the smallest card decides
+        budget = int(distributed.all_reduce_min(torch.tensor(float(budget), device=device)))
+    cfg, line = plan.resolve_auto_micro_batch(cfg, budget, world_size)
+    if rank == 0:
+        print(line, flush=True)
+    return cfg
 
 
 def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device) -> bool:
