@@ -6,7 +6,7 @@
 
 The model is built on the meta device (no weights, no GPU), wrapped by the real `LoRAModel` (so
 the adapter count is the job's own) and, where the job would, patched by
-`kernels.patch_model_for_speed` (so the fused path is taken exactly when the job takes it). Every
+`families.patch_model_for_speed` (so the fused path is taken exactly when the job takes it). Every
 byte count below is read off that model or derived from what the code saves for backward; the
 formulas and their reasons sit beside each term. It predicts what `torch.cuda.max_memory_allocated`
 reports (the caching allocator's live bytes); the CUDA context lives outside it and is added only
@@ -64,8 +64,9 @@ class _Linear:
 
     @property
     def fast(self) -> bool:
-        """LoRALayer.forward's own fused path on CUDA: 4-bit base, no dropout (kernels.lora_linear)."""
-        return self.rank > 0 and not self.dropout and self.bits == 4
+        """LoRALayer.forward's own fused path on CUDA: 4-bit base (kernels.lora_linear); its dropout mask
+        is drawn again in backward, never stored."""
+        return self.rank > 0 and self.bits == 4
 
 
 @dataclass
@@ -93,7 +94,7 @@ class ModelFacts:
     base_terms: dict[str, int]
     adapter_param_bytes: int
     adapter_tensors: int
-    fused: bool  # the job routes the forward through kernels.patch_model_for_speed
+    fused: bool  # the job routes the forward through families.patch_model_for_speed
     chunked_loss: bool  # ... and its loss through the chunked linear + cross-entropy
     fused_norms: bool
 
@@ -150,7 +151,7 @@ def describe_model(cfg: Config, num_layers: int | None = None) -> ModelFacts:
     """Build `cfg`'s model on the meta device with the job's LoRA layers and read off its facts."""
     from transformers import AutoModelForCausalLM
 
-    from lora_dist import kernels
+    from lora_dist import families
     from lora_dist.model import LoRAModel
 
     hf = model_config(cfg, num_layers)
@@ -160,7 +161,7 @@ def describe_model(cfg: Config, num_layers: int | None = None) -> ModelFacts:
     torch.set_default_dtype(dtype)  # dense weights load in the compute dtype, as load_base_model asks
     try:
         with torch.device("meta"):
-            base = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
+            base = AutoModelForCausalLM.from_config(hf, attn_implementation=cfg.model.attn_implementation or "sdpa")
     finally:
         torch.set_default_dtype(old)
     head = base.get_output_embeddings()
@@ -175,9 +176,9 @@ def describe_model(cfg: Config, num_layers: int | None = None) -> ModelFacts:
     fused = False
     if mode == "on" or (mode == "auto" and cfg.model.bits == 4):  # train._patch_for_speed's rule, on CUDA
         try:
-            kernels.patch_model_for_speed(model)
+            families.patch_model_for_speed(model)
             fused = True
-        except TypeError:
+        except families.UnsupportedModel:
             fused = False
     chunked = fused and "_lora_dist_original_forward" in base.__dict__  # patched: lm_head is a plain Linear
     layers_module = _decoder_layers(base)
@@ -316,7 +317,7 @@ def _layer_saved(layer: _Layer, facts: ModelFacts, e: int, first: bool = False, 
 
     def group(names: tuple[str, ...], width: int, key: str, input_counted: bool = False) -> None:
         members = [lin[n] for n in names]
-        all_fast = fused and all(m.rank > 0 and not m.dropout and m.bits != 8 for m in members)
+        all_fast = fused and all(m.rank > 0 and m.bits != 8 for m in members)  # dropout: the mask is redrawn
         saves_x = False
         for m in members:
             if m.rank and (all_fast or m.fast):
@@ -496,7 +497,7 @@ def plan_memory(
     micro_batch: int | None = None,
     seq_len: int | None = None,
     checkpointing: bool | None = None,
-    offload_activations: bool = False,
+    offload_activations: bool | None = None,
     facts: ModelFacts | None = None,
     device: str = "cuda",
 ) -> Plan:
@@ -508,8 +509,8 @@ def plan_memory(
         micro_batch: sequences per forward (default: train.micro_batch_size).
         seq_len: tokens per sequence (default: data.max_seq_len, the longest a batch can be).
         checkpointing: per-layer activation checkpointing (default: model.gradient_checkpointing).
-        offload_activations: the checkpointed layer inputs live in host memory (two on the GPU at a
-            time, as offloaded checkpointing does); the job has no switch for it yet: a what-if.
+        offload_activations: the checkpointed layer inputs live in host memory, two on the GPU at a
+            time (`model.activation_offload`, `lora_dist.offload`; default: the config's setting).
         facts: a `describe_model(cfg)` result to reuse (searches call this many times).
         device: "cuda" (what the plan is for) or "cpu": only dropout masks differ (see _layer_saved);
             the CPU tests count saved tensors there.
@@ -523,6 +524,8 @@ def plan_memory(
         raise ConfigError([f"plan needs a numeric micro batch, got {micro!r}; use auto_micro_batch for 'auto'"])
     seq = seq_len or cfg.data.max_seq_len
     ckpt = cfg.model.gradient_checkpointing if checkpointing is None else checkpointing
+    if offload_activations is None:
+        offload_activations = cfg.model.activation_offload and ckpt
     e = DTYPE_BYTES[cfg.model.compute_dtype]
     m = micro * seq
     d, vocab = facts.hidden, facts.vocab
@@ -589,8 +592,6 @@ def plan_memory(
     phases = {"end of forward (loss)": int(fixed + at_loss), "backward of a layer": int(fixed + at_backward),
               "optimizer step": int(fixed + at_step)}
     phase = max(phases, key=phases.get)
-    if offload_activations:
-        notes.append("activation offload is a what-if: the job has no switch for it yet")
     return Plan(
         model=facts.name, micro_batch=micro, seq_len=seq, world_size=world_size, zero_stage=stage,
         checkpointing=ckpt, offload_activations=offload_activations, fused=facts.fused,
@@ -700,7 +701,7 @@ def fit_advice(cfg: Config, gpu_mem_bytes: int, world_size: int = 1,
                                f"{budget / GiB:.2f} GiB usable ({SAFETY:.0%} of the card minus the CUDA context)")
     total = per_rank_sequences(cfg, world_size)
     micros = [m for m in range(1, total + 1) if total % m == 0]
-    candidates = [plan_memory(cfg, world_size, micro_batch=m, checkpointing=c, facts=facts)
+    candidates = [plan_memory(cfg, world_size, micro_batch=m, checkpointing=c, offload_activations=False, facts=facts)
                   for m in micros for c in (False, True)]
     fitting = [p for p in candidates if p.peak_bytes <= budget]
     head = f"does not fit a {gib:g} GiB card: peak {current.peak_bytes / GiB:.2f} GiB > {budget / GiB:.2f} GiB usable"
@@ -712,8 +713,8 @@ def fit_advice(cfg: Config, gpu_mem_bytes: int, world_size: int = 1,
     offloaded = [p for p in offloaded if p.peak_bytes <= budget]
     if offloaded:
         best = max(offloaded, key=relative_speed)
-        return False, best, head + ("; nothing the job offers fits; offloading the checkpointed layer inputs "
-                                    "to the CPU (not in the job yet) would, with " + _change(cfg, best, total))
+        return False, best, head + ("; fastest change that fits: offload the checkpointed layer inputs "
+                                    "(model.activation_offload=true) with " + _change(cfg, best, total))
     seq = cfg.data.max_seq_len
     while seq > 128:
         seq //= 2
@@ -764,7 +765,7 @@ def format_plan(plan: Plan, others: list[Plan] = ()) -> str:
     lines.append(f"(torch.cuda.max_memory_allocated; the CUDA context adds ~{CUDA_CONTEXT / GiB:.1f} GiB on the card)")
     for other in others:
         what = (f"checkpointing {'on' if other.checkpointing else 'off'}"
-                + (" + activation offload (what-if)" if other.offload_activations else ""))
+                + (" + activation offload" if other.offload_activations else ""))
         lines.append(row(f"same batch, {what}", other.peak_bytes, 0))
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
@@ -804,8 +805,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         plan, fits, advice = plan_memory(cfg, args.world_size, facts=facts), None, None
     current = plan_memory(cfg, args.world_size, facts=facts)
-    others = [plan_memory(cfg, args.world_size, checkpointing=not current.checkpointing, facts=facts)]
-    others.append(plan_memory(cfg, args.world_size, checkpointing=True, offload_activations=True, facts=facts))
+    others = [plan_memory(cfg, args.world_size, checkpointing=not current.checkpointing, offload_activations=False,
+                          facts=facts)]
+    if not current.offload_activations:
+        others.append(plan_memory(cfg, args.world_size, checkpointing=True, offload_activations=True, facts=facts))
     if args.json:
         print(json.dumps({"plan": current.to_dict(), "fits": fits, "advice": advice,
                           "suggested": plan.to_dict() if plan is not current else None,

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_dist import cli, kernels, plan, quant
+from lora_dist import cli, families, plan, quant
 from lora_dist.config import load_config
 from lora_dist.errors import ConfigError
 from lora_dist.model import LoRAModel
@@ -199,13 +199,13 @@ def _saved_tensor_bytes(model: nn.Module, ids: torch.Tensor) -> int:
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_saved_activations_equal_what_autograd_keeps_on_the_fused_path(dropout):
     # bf16 compute on the CPU runs the same autograd functions as on CUDA (kernels.py; SDPA's CPU
-    # flash kernel saves q, k, v, out and the log-sum-exp like cuDNN's); dropout sends every LoRA
-    # linear down the plain path with its fp32 copies.
+    # flash kernel saves q, k, v, out and the log-sum-exp like cuDNN's); with dropout the fused path
+    # draws its mask again in backward and stores none.
     cfg = _cfg("model.compute_dtype=bf16", "model.fused_kernels=on", "model.gradient_checkpointing=false",
                f"lora.dropout={dropout}")
     torch.manual_seed(0)
     model = LoRAModel(build_random_model("tiny", bits=4, compute_dtype=torch.bfloat16), cfg.lora)
-    kernels.patch_model_for_speed(model)
+    families.patch_model_for_speed(model)
     model.train()
     micro, seq = 2, 64
     counted = _saved_tensor_bytes(model, torch.randint(0, 512, (micro, seq)))
@@ -254,7 +254,9 @@ def test_base_of_the_8b_shape_equals_the_bytes_the_two_gpu_run_reported():
 
 
 HUB_SHAPES = {"meta-llama/Meta-Llama-3-8B": "llama3-8b", "meta-llama/Meta-Llama-3-70B": "llama3-70b",
-              "Qwen/Qwen2.5-7B": "qwen2.5-7b", "mistralai/Mistral-7B-v0.3": "mistral-7b"}
+              "Qwen/Qwen2.5-7B": "qwen2.5-7b", "mistralai/Mistral-7B-v0.3": "mistral-7b",
+              "Qwen/Qwen3-8B-Base": "qwen3-8b", "google/gemma-2-9b": "gemma2-9b",
+              "microsoft/Phi-3.5-mini-instruct": "phi3.5-mini", "google/gemma-3-12b-pt": "gemma3-12b"}
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
@@ -264,7 +266,12 @@ def test_plan_runs_on_every_shipped_config(config, tmp_path, capsys):
     overrides = [f"train.output_dir={tmp_path / 'run'}"]
     path = load_config(config).model.path
     if path in HUB_SHAPES:
-        SHAPES[HUB_SHAPES[path]].hf_config().save_pretrained(tmp_path / "model")
+        hf = SHAPES[HUB_SHAPES[path]].hf_config()
+        if path == "google/gemma-3-12b-pt":  # released as the multimodal model: the text config inside
+            from transformers import Gemma3Config
+
+            hf = Gemma3Config(text_config=hf.to_dict())
+        hf.save_pretrained(tmp_path / "model")
         overrides.append(f"model.path={tmp_path / 'model'}")
     world = "8" if "8gpu" in config.name else "1"
     code = cli.main(["plan", str(config), *overrides, "--gpu-mem", "80", "--world-size", world])
