@@ -35,7 +35,7 @@ class Shape:
             kw["num_hidden_layers"] = num_layers
             if "layer_types" in kw:  # families with per-layer attention kinds list one per layer
                 kw["layer_types"] = kw["layer_types"][:num_layers]
-        kw.update(overrides)
+        kw.update({k: v for k, v in overrides.items() if v is not None})  # None: the shape's own choice
         config = AutoConfig.for_model(self.model_type, **kw)
         config.use_cache = False
         return config
@@ -87,6 +87,8 @@ SHAPES: dict[str, Shape] = {
         "vocab_size": 256000, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
         "rope_theta": 10000.0, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
         "hidden_activation": "gelu_pytorch_tanh",
+        # the attention that soft-caps: transformers 5.17 would give sdpa, which drops the cap (5.24: eager)
+        "attn_implementation": "eager",
     }),
     "gemma3-12b": Shape("gemma3_text", {
         "hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16,
@@ -143,7 +145,7 @@ def build_random_model(
 
     compute_dtype = compute_dtype or torch.bfloat16
     device = torch.device(device)
-    # sdpa unless the family refuses it (Gemma 2 soft-caps its scores: transformers picks eager there)
+    # transformers' choice (sdpa) unless the shape names one (Gemma 2: eager, the attention that soft-caps)
     config = shape(name).hf_config(num_layers, attn_implementation=attn_implementation)
     old = torch.get_default_dtype()
     torch.set_default_dtype(compute_dtype)

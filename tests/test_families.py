@@ -39,8 +39,9 @@ FAMILY_FIELDS: dict[str, dict] = {
     "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
     "qwen3": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
     "gemma": {},
+    # eager: the attention that soft-caps (transformers 5.17 defaults Gemma 2 to sdpa, which drops the cap)
     "gemma2": {"sliding_window": WINDOW, "attn_logit_softcapping": 0.5, "final_logit_softcapping": 2.0,
-               "query_pre_attn_scalar": 48},
+               "query_pre_attn_scalar": 48, "attn_implementation": "eager"},
     "gemma3_text": {"sliding_window": WINDOW, "query_pre_attn_scalar": 48, "final_logit_softcapping": 2.0,
                     "layer_types": ["sliding_attention", "full_attention"]},
     "gemma3": {"sliding_window": WINDOW, "query_pre_attn_scalar": 48,
@@ -248,6 +249,53 @@ def test_each_quirk_of_the_test_models_changes_the_loss(model_type, entry, wrong
         decoder.patch(model.base_model, family, loss=True, norms=True, block_checkpointing=False)
         wrong_loss = model(input_ids=tokens, labels=tokens).loss.item()
     assert abs(wrong_loss - right) > 20 * LOSS_RTOL * right
+
+
+def test_gemma2_under_sdpa_is_refused_because_sdpa_does_not_soft_cap():
+    model_type = "gemma2"
+    # transformers' sdpa attention cannot soft-cap: 5.17 (the GPU image) drops the `softcap` it is passed,
+    # so the model's own forward under sdpa (Gemma 2's default there) does not cap its scores while the
+    # fast path does: two different models; 5.24 raises instead. Whichever is installed is checked here.
+    model = build(model_type)  # attn_logit_softcapping=0.5
+    tokens = batch()
+    with torch.no_grad():
+        model.base_model.config._attn_implementation = "eager"
+        eager_loss = model(input_ids=tokens, labels=tokens).loss.item()
+        model.base_model.config._attn_implementation = "sdpa"
+        try:
+            sdpa_loss = model(input_ids=tokens, labels=tokens).loss.item()
+        except ValueError as err:  # transformers >= 5.2x refuses the cap under sdpa
+            assert "softcap" in str(err)
+        else:  # transformers 5.17 runs sdpa without it
+            assert abs(sdpa_loss - eager_loss) > 20 * LOSS_RTOL * eager_loss, (sdpa_loss, eager_loss)
+    forwards = {name: m.forward for name, m in model.named_modules()}
+    with pytest.raises(families.UnsupportedModel, match=r"attn_logit_softcapping=0.5 with attn_implementation="
+                                                        r"'sdpa'.*model.attn_implementation=eager") as info:
+        families.patch_model_for_speed(model)
+    assert "\n" not in str(info.value)
+    assert all(m.forward == forwards[name] for name, m in model.named_modules())  # nothing rebound
+    model.base_model.config._attn_implementation = "eager"  # the attention that caps: patched, and equal
+    ref_loss, ref_grads = loss_and_grads(model, tokens)
+    families.patch_model_for_speed(model)
+    loss, grads = loss_and_grads(model, tokens)
+    assert abs(loss - ref_loss) <= LOSS_RTOL * ref_loss
+    assert abs(loss - eager_loss) <= LOSS_RTOL * ref_loss
+    assert max(rel_err(g, r) for g, r in zip(grads, ref_grads)) < GRAD_RTOL
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma3"])
+def test_gemma3_attention_is_not_soft_capped_even_where_its_config_sets_a_cap(model_type):
+    # Gemma3Attention never hands attn_logit_softcapping to its attention function: the model's own
+    # forward does not cap, so neither may the fast path (a cap of 0.5 bites in these test models).
+    config = _hf_config(model_type)
+    config.get_text_config().attn_logit_softcapping = 0.5
+    model = build(model_type, config=config)
+    tokens = batch()
+    ref_loss, ref_grads = loss_and_grads(model, tokens)
+    families.patch_model_for_speed(model)
+    loss, grads = loss_and_grads(model, tokens)
+    assert abs(loss - ref_loss) <= LOSS_RTOL * ref_loss, (loss, ref_loss)
+    assert max(rel_err(g, r) for g, r in zip(grads, ref_grads)) < GRAD_RTOL
 
 
 def test_sliding_window_layers_see_a_banded_mask():

@@ -85,7 +85,8 @@ class Family:
             (over the whole q and k projections: OLMo 2).
         fused_qkv: one `qkv_proj` linear (Phi-3) instead of q/k/v_proj.
         fused_gate_up: one `gate_up_proj` linear (Phi-3), gate first.
-        attn_softcap: the attention module's `attn_logit_softcapping` caps its scores (Gemma 2/3).
+        attn_softcap: the attention module's `attn_logit_softcapping` caps its scores (Gemma 2; Gemma 3's
+            attention reads none); refused under any attention but eager, the one that caps.
         final_softcap: `config.final_logit_softcapping` caps the logits (Gemma 2/3).
         logits_scaling: the logits are divided by `config.logits_scaling` (Granite).
         residual_multiplier: each sublayer's output is scaled by the layer's `residual_multiplier`
@@ -138,6 +139,12 @@ def problems(lm: nn.Module, family: Family) -> list[str]:
     impl = config._attn_implementation
     if impl not in ATTENTION_IMPLEMENTATIONS:
         found.append(f"attn_implementation={impl!r} (the fast path reads {' or '.join(ATTENTION_IMPLEMENTATIONS)} masks)")
+    softcap = getattr(config, "attn_logit_softcapping", None) if family.attn_softcap else None
+    if softcap is not None and impl != "eager":
+        # transformers' sdpa attention cannot soft-cap: 5.17 drops the cap it is passed (and gives Gemma 2
+        # sdpa by default), so the model's own forward would not cap while the fast path does; 5.24 raises
+        found.append(f"attn_logit_softcapping={softcap} with attn_implementation={impl!r}, which does not "
+                     f"soft-cap (set model.attn_implementation=eager: the attention that applies it)")
     if config.attention_dropout:
         found.append(f"attention_dropout={config.attention_dropout} (the fast attention has none)")
     activation = getattr(config, family.activation_key)

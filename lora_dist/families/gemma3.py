@@ -2,7 +2,9 @@
 
 Per-head q/k RMSNorms (Gemma's `1 + w` kind) before RoPE; local (sliding, RoPE base 10k) and global
 layers, each with its own mask and cos/sin tables from the model's forward; `query_pre_attn_scalar`
-scaling; soft-capping where the config sets it (null in the released checkpoints). Bidirectional
+scaling; final-logit soft-capping where the config sets it (null in the released checkpoints). No
+attention soft-capping: Gemma3Attention (transformers 5.17 and 5.24) never passes its
+`attn_logit_softcapping` on to the attention function, whatever the config says. Bidirectional
 attention (`use_bidirectional_attention`, an embedding-model variant) is refused.
 
 Two entries: `gemma3_text` (Gemma3ForCausalLM: the 1B checkpoint, or any text-only config) and
@@ -37,7 +39,6 @@ FAMILY = Family(
     layout="sandwich",
     activation_key="hidden_activation",
     qk_norm="head",
-    attn_softcap=True,
     final_softcap=True,
     check=_check,
 )
