@@ -905,13 +905,16 @@ def measure(out: str | None, quick: bool = False) -> int:
 
 
 def _bench_config(shape_name: str, layers: int | None, seq: int, micro: int, global_batch: int | None = None) -> Config:
-    """The job config equivalent to bench.build_ours: NF4 + double quant, bf16, r=16 on the 7 linears."""
-    from lora_dist import bench
+    """The job config equivalent to bench.build_ours: NF4 + double quant, bf16, r=16 on every linear of a layer."""
+    from lora_dist import families
+    from lora_dist.shapes import shape
 
+    targets = families.lora_targets(shape(shape_name).model_type)
+    targets = targets if isinstance(targets, str) else f"[{','.join(targets)}]"
     overrides = [f"model.path=random:{shape_name}", "model.bits=4", "model.compute_dtype=bf16",
                  "model.fused_kernels=on", "data.path=random-tokens", f"data.max_seq_len={seq}", "train.max_steps=2",
                  f"train.micro_batch_size={micro}", "lora.rank=16", "lora.alpha=32", "lora.dropout=0.0",
-                 f"lora.target_modules=[{','.join(bench.TARGETS)}]"]
+                 f"lora.target_modules={targets}"]
     if global_batch is not None:
         overrides.append(f"train.global_batch_size={global_batch}")
     return load_config(None, overrides)
