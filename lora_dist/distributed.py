@@ -32,6 +32,7 @@ from lora_dist.choices import SCHEDULES, ZERO_STAGES
 from lora_dist.errors import ConfigError, read_text
 from lora_dist.model import LoRAModel
 from lora_dist.optim import make_lr_scheduler, param_groups
+from lora_dist.optim_state import set_torch_optimizer_state, to_torch_layout, torch_optimizer_state
 
 if TYPE_CHECKING:
     from lora_dist.config import Config
@@ -709,7 +710,6 @@ def full_optimizer_state(engine: Any, names: dict[int, str]) -> tuple[dict[str, 
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from lora_dist.checkpoint import torch_optimizer_state
 
     params = _model_of(engine).get_trainable_parameters()
     kind = _kind(engine, params)
@@ -750,7 +750,6 @@ def set_full_optimizer_state(engine: Any, names: dict[int, str], tensors: dict[s
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    from lora_dist.checkpoint import _to_torch_layout, set_torch_optimizer_state
     from lora_dist.errors import CheckpointError
 
     model = _model_of(engine)
@@ -761,7 +760,7 @@ def set_full_optimizer_state(engine: Any, names: dict[int, str], tensors: dict[s
     kind = _kind(engine, params)
     if kind in ("plain", "unfused"):
         if meta.get("groups") is not None:  # written by a ZeRO optimizer: one step per group
-            _to_torch_layout(meta, names, tensors)
+            to_torch_layout(meta, names, tensors)
         optimizer, masters = _torch_view(engine, names)
         set_torch_optimizer_state(optimizer, masters, tensors, meta)
         if kind == "unfused":

@@ -259,9 +259,3 @@ def main(args: argparse.Namespace) -> int:
         if keeps_history:
             history += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
     return 0
-
-
-if __name__ == "__main__":  # `python -m lora_dist.generate ...` is `lora-dist generate ...`
-    from lora_dist import cli
-
-    sys.exit(cli.main(["generate", *sys.argv[1:]]))

@@ -2,7 +2,7 @@
 
     lora-dist plan configs/llama3-8b-qlora-24gb.yaml --gpu-mem 24
     lora-dist plan configs/llama3-8b-qlora-24gb.yaml data.max_seq_len=4096 --world-size 2
-    python -m lora_dist.plan --measure --out $OUT/plan.json      # GPU: predicted vs measured
+    lora-dist plan --measure --out $OUT/plan.json      # GPU: predicted vs measured
 
 The model is built on the meta device (no weights, no GPU), wrapped by the real `LoRAModel` (so
 the adapter count is the job's own) and, where the job would, patched by
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -975,9 +974,3 @@ def _format_measure(report: dict[str, Any]) -> str:
                  f"{f['predicted_gib']:.2f} GiB, " + ("OUT OF MEMORY" if f["oom"] else
                                                      f"measured {f['measured_gib']:.2f} GiB ({f['used_fraction']:.0%})"))
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # `python -m lora_dist.plan ...` is `lora-dist plan ...`
-    from lora_dist import cli
-
-    sys.exit(cli.main(["plan", *sys.argv[1:]]))

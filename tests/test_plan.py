@@ -1,7 +1,7 @@
 """lora-dist plan: each part of the prediction against bytes counted on real tiny models (CPU).
 
 The GPU proof (predicted vs torch.cuda.max_memory_allocated for the 8B/1B/Qwen2/Mistral shapes) is
-`python -m lora_dist.plan --measure`; here the parts the peak is built from are checked one by one:
+`lora-dist plan --measure`; here the parts the peak is built from are checked one by one:
 quantized base bytes against the tensors bitsandbytes made, adapter and AdamW bytes against a real
 optimizer step, the activations the fused path saves for backward against autograd's saved
 tensors, the ZeRO columns against the 2-rank shard report of issue 4, and every shipped config.

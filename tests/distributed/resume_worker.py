@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ds_scenarios as sc
-from lora_dist import checkpoint, distributed
+from lora_dist import checkpoint, distributed, optim_state
 
 SETTINGS = {"fp32-z0": ("fp32", 0), "fp32-z1": ("fp32", 1), "fp32-z2": ("fp32", 2), "fp32-z3": ("fp32", 3),
             "bf16-z0": ("bf16", 0), "bf16-z2": ("bf16", 2), "bf16-z3": ("bf16", 3)}
@@ -85,7 +85,7 @@ def phase_resume(out: Path) -> dict:
                 root = out / f"ckpt-w{source}-{name}"
                 state = checkpoint.load_checkpoint(root, model=model, engine=engine)
                 saved = load_file(str(checkpoint.find_latest(root) / checkpoint.OPTIMIZER_FILE))
-                names = checkpoint.trainable_names(model)
+                names = optim_state.trainable_names(model)
                 again, _ = distributed.full_optimizer_state(engine, names)
                 per_param = {k: v for k, v in saved.items() if not k.startswith("group")}
                 equal = per_param.keys() == {k for k in again if not k.startswith("group")} and all(
