@@ -17,10 +17,11 @@ from typing import Any, Callable
 
 import torch
 
-from lora_dist import checkpoint, data, distributed, files, loading, shapes
+from lora_dist import checkpoint, distributed, files, loading, shapes
 from lora_dist.choices import torch_dtype
 from lora_dist.config import BUILTIN_MODEL, Config
 from lora_dist.errors import ConfigError
+from lora_dist.loader import RandomTokens
 from lora_dist.model import LoRAModel
 
 
@@ -108,12 +109,12 @@ def materialize_model(cfg: Config, rank: int) -> str:
     return str(target)
 
 
-def random_tokens(cfg: Config, tokenizer: Any, sequences_per_step: int) -> data.RandomTokens:
+def random_tokens(cfg: Config, tokenizer: Any, sequences_per_step: int) -> RandomTokens:
     """Random-token rows for exactly `train.max_steps` optimizer steps (each row is seen once)."""
     shape = cfg.model.random_shape()
     vocab = shapes.shape(shape).vocab_size if shape else len(tokenizer)
     rows = cfg.train.max_steps * cfg.train.micro_batch_size * sequences_per_step
-    return data.RandomTokens(rows, cfg.data.max_seq_len, vocab, seed=cfg.train.seed)
+    return RandomTokens(rows, cfg.data.max_seq_len, vocab, seed=cfg.train.seed)
 
 
 def build_model(

@@ -35,9 +35,10 @@ from typing import Any, Literal
 import yaml
 
 from lora_dist.choices import Bits, Dtype, Engine, FusedKernels, NanPolicy, QuantType, Schedule, WandbMode, ZeroStage
-from lora_dist.data import RANDOM_TOKENS, DataConfig
+from lora_dist.data import DataConfig
 from lora_dist.errors import ConfigError, read_text
 from lora_dist.layout import SHIPPED_DATASET, RunFolder
+from lora_dist.loader import RANDOM_TOKENS
 from lora_dist.model import LoRAConfig
 
 # Names of things shipped inside the package, usable where a path is expected.

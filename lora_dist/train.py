@@ -29,10 +29,11 @@ import torch
 
 from lora_dist import adapters, building, checkpoint, data, distributed, loading
 from lora_dist.config import BUILTIN_MODEL, Config
-from lora_dist.data import IGNORE_INDEX, RANDOM_TOKENS
+from lora_dist.data import IGNORE_INDEX
 from lora_dist.diagnostics import Profiler, write_diagnostics
 from lora_dist.engine import build_engine, checkpoint_state
 from lora_dist.errors import ConfigError
+from lora_dist.loader import RANDOM_TOKENS, make_dataloader
 from lora_dist.model import LoRAModel
 from lora_dist.preemption import Preempted, StopSignals
 from lora_dist.supervise import watch_launcher
@@ -156,7 +157,7 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
         eval_ds = None
     if for_eval and eval_ds is None:
         raise ConfigError(["no eval split: set data.eval_fraction or data.eval_path"])
-    train_loader = data.make_dataloader(
+    train_loader = make_dataloader(
         train_ds, cfg.train.micro_batch_size, rank=rank, world_size=world_size, accumulation=accum,
         seed=cfg.train.seed, shuffle=cfg.data.shuffle, drop_last=True, pad_token_id=pad_id,
     )
@@ -483,7 +484,7 @@ def evaluate(run: Run) -> dict[str, float]:
     run.engine.eval()
     # Every rank reads the whole eval split and forwards its share of the batches: no sample is
     # repeated to even out shards, so the eval loss is the same at any world size.
-    loader = data.make_dataloader(
+    loader = make_dataloader(
         run.eval_dataset, run.cfg.train.micro_batch_size, shuffle=False, drop_last=False,
         pad_token_id=run.pad_token_id,
     )

@@ -26,10 +26,9 @@ from lora_dist.data import (
     DataError,
     DataStats,
     build_datasets,
-    collate,
-    make_dataloader,
     max_chars_before_tokenizing,
 )
+from lora_dist.loader import collate, make_dataloader
 from lora_dist.tiny import build_tiny_tokenizer
 
 ROWS = [

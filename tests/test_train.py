@@ -306,7 +306,7 @@ def test_random_base_computes_its_rotary_frequencies_instead_of_leaving_them_emp
 
 
 def test_random_tokens_rows_are_deterministic_and_every_token_is_a_target():
-    from lora_dist.data import RandomTokens
+    from lora_dist.loader import RandomTokens
 
     rows = RandomTokens(8, 16, 512, seed=3)[[5, 1]]
     again = RandomTokens(8, 16, 512, seed=3)[[1, 5]]
