@@ -586,14 +586,6 @@ def _check_tensors(path: Path, model: LoRAModel, names: dict[int, str], tensors:
 LEGACY_DS_DIR = "deepspeed"
 
 
-def _legacy_allowlist() -> list[type]:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
 def _torch_load_data(file: Path, allowed: list[type] = ()) -> Any:
     """torch.load(weights_only=True) with `allowed` globals; anything else is refused, never run."""
     import pickle
@@ -666,7 +658,9 @@ def _legacy_zero_state(path: Path, engine: Any) -> tuple[dict[str, torch.Tensor]
                     key=lambda f: int(f.name.split("_")[3]))
     if not shards:
         raise CheckpointError(f"{folder} holds no ZeRO optimizer files; resume it with lora_dist b3d763d")
-    parts = [_torch_load_data(f, _legacy_allowlist())["optimizer_state_dict"] for f in shards]
+    from lora_dist import distributed
+
+    parts = [_torch_load_data(f, distributed.legacy_pickle_classes())["optimizer_state_dict"] for f in shards]
     if any(any(any(pad) for pad in p.get("param_alignment_paddings", [])) for p in parts):
         raise CheckpointError(f"{folder} uses padded (round-robin) partitions, which this version does not read")
     ours = {ds_name: id(p) for ds_name, p in engine.module.named_parameters()}

@@ -165,6 +165,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return int(bench.main(args) or 0)
     if args.command == "plan":
+        if args.measure:
+            from lora_dist import plan_measure
+
+            return int(plan_measure.measure(args.out, quick=args.quick) or 0)
         from lora_dist import plan
 
         return int(plan.main(args) or 0)

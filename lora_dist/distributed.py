@@ -644,6 +644,16 @@ def gathered_adapter_state_dict(engine_or_model: Any) -> dict[str, torch.Tensor]
 
 
 # ---- checkpoint state (owned by checkpoint.py)
+
+
+def legacy_pickle_classes() -> list[type]:
+    """The only globals a first-release (format 2) ZeRO-1/2 optimizer file may name besides tensors:
+    DeepSpeed's loss-scaler record, its stage enum and its (numel, start) fragment address."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
 # The optimizer state of the adapters, whole and by parameter name, so that a checkpoint is data
 # (safetensors + JSON) and loads at any world size. DeepSpeed 0.19.8 gives each rank's share of a
 # parameter's fp32 master weight and Adam moments through deepspeed.utils' safe_get_full_* (an

@@ -139,21 +139,10 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, template: str = "auto",
 
 def recorded_quantization(adapter: str | Path) -> dict[str, Any]:
     """How the adapter's base was quantized in training ({} for dense or unrecorded), from its metadata."""
-    from lora_dist import adapters
+    from lora_dist.adapter_files import read_adapter
 
-    folder = _adapter_folder(adapter)
-    _, raw = adapters._read_config(folder)
-    _, metadata = adapters._read_weights(folder, raw)
+    _, _, _, metadata = read_adapter(adapter)  # AdapterError names a missing or damaged folder
     return json.loads(metadata.get("lora_dist_base_quantization", "null")) or {}
-
-
-def _adapter_folder(adapter: str | Path) -> Path:
-    from lora_dist import adapters
-
-    try:
-        return adapters._adapter_folder(adapter)
-    except (FileNotFoundError, ValueError) as err:
-        raise AdapterError(str(err)) from None
 
 
 def load_for_generation(base: str, adapter: str | None, *, bits: str = "auto", merge: bool = False,
@@ -195,7 +184,7 @@ def load_for_generation(base: str, adapter: str | None, *, bits: str = "auto", m
     if not device.startswith("cuda") and quantization.get("bits") is None:
         model.to(device)
     if adapter:
-        folder = _adapter_folder(adapter)
+        folder = Path(adapter)  # recorded_quantization has read and checked it
         if (folder / "tokenizer_config.json").is_file():  # an adapter that added tokens ships its tokenizer
             from transformers import AutoTokenizer
 

@@ -158,15 +158,18 @@ def test_tracker_writes_the_resolved_config_beside_the_metrics(tmp_path, capsys)
 def test_data_report_reaches_the_console_and_the_record(tmp_path, capsys):
     from lora_dist.data import DataStats
 
-    stats = DataStats(rows_read=120, malformed_skipped=3, truncated=7, no_target_dropped=1, train_samples=100,
-                      eval_samples=16, train_sequences=100, train_target_tokens=4321)
+    stats = DataStats(rows_read=120, train_samples=100, eval_samples=16, train_sequences=100,
+                      train_tokens=9000, train_target_tokens=4321)
+    stats.skip("missing_field", 3, first_row=17, source="train.jsonl")
     tracker = Tracker(_config(tmp_path, "wandb.mode=disabled"), rank=0, total_steps=1)
     tracker.log_data(stats)
     tracker.finish({"steps": 1})
     (record,) = [r for r in read_metrics(tmp_path) if r["kind"] == "data"]
-    assert record == {"kind": "data", **stats.__dict__}
+    assert record == {"kind": "data", **stats.as_dict(prefix="")}
+    assert record["rows_read"] == 120 and record["skipped/missing_field"] == 3
+    assert record["skipped/missing_field/first_row"] == 17 and record["train_target_tokens"] == 4321
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data: "))
-    assert "rows read 120" in line and "malformed skipped 3" in line and "train target tokens 4,321" in line
+    assert line == stats.summary() and "120 rows read" in line and "3 skipped" in line
 
 
 def test_progress_on_a_terminal_is_a_tqdm_bar_with_loss_and_tokens_per_s(tmp_path):
