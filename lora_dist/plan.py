@@ -688,7 +688,7 @@ def fit_advice(cfg: Config, gpu_mem_bytes: int, world_size: int = 1,
     The allocator gets the card minus the CUDA context; a plan fits when its peak stays under
     SAFETY of that. When the config does not fit, the candidates are every micro batch dividing the
     per-rank batch (accumulation keeps the global batch), with and without checkpointing; the
-    fastest predicted one wins. Only if none fits: checkpointed inputs offloaded (a what-if), then
+    fastest predicted one wins. Only if none fits: checkpointed inputs offloaded (model.activation_offload), then
     shorter sequences.
     """
     facts = facts or describe_model(cfg)

@@ -64,7 +64,7 @@ class Run:
     total_steps: int
     tracker: Tracker
     use_deepspeed: bool = False
-    fused: bool = False  # the forward runs through kernels.patch_model_for_speed
+    fused: bool = False  # the forward runs through families.patch_model_for_speed
     engine: Any = None  # DeepSpeed's engine or an engine.PlainEngine: the loop calls the same methods on both
     step: int = 0
     tokens_seen: int = 0
