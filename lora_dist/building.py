@@ -135,8 +135,7 @@ def build_model(
             compute_dtype=torch_dtype(m.compute_dtype), device_map={"": device} if device.type == "cuda" else None,
             attn_implementation=m.attn_implementation, require_tokenizer=False,
         )
-        if getattr(base.config, "use_cache", False):
-            base.config.use_cache = False  # a KV cache is useless in training and clashes with checkpointing
+        loading.disable_kv_cache(base)
     torch.manual_seed(cfg.train.seed)  # the same adapter init on every rank and in every launch mode
     try:
         model = LoRAModel(base, cfg.lora)

@@ -129,6 +129,37 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The text decoder's layers of a Hugging Face causal LM, wrapped (LoRAModel) or not, or None.
+
+    Asks the model itself (`get_decoder()`), so a multimodal checkpoint (Gemma 3's
+    Gemma3ForConditionalGeneration) gives its language model's layers, not its vision tower's.
+    """
+    for module in model.modules():
+        get_decoder = getattr(module, "get_decoder", None)
+        if not callable(get_decoder):
+            continue
+        try:
+            layers = getattr(get_decoder(), "layers", None)
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    return None
+
+
+def disable_kv_cache(model: nn.Module) -> None:
+    """Training needs no KV cache, and it clashes with checkpointing: off in the config and in a
+    multimodal model's text config (Gemma 3 keeps `use_cache` there only)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    texts = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    for c in texts:
+        if getattr(c, "use_cache", False):
+            c.use_cache = False
+
+
 def check_local_path(name_or_path: str) -> None:
     """Clear errors for a local path that is not a model folder (hub ids pass through).
 

@@ -206,7 +206,12 @@ def _call_with_input(fn, saved: OffloadedInput, _anchor: torch.Tensor, args, kwa
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Hugging Face causal LM (`<lm>.model.layers`), wrapped or not."""
+    """The decoder layers of a Hugging Face causal LM, wrapped or not (a multimodal one's language model)."""
+    from lora_dist.loading import decoder_layers
+
+    layers = decoder_layers(model)
+    if layers is not None:
+        return layers
     for module in model.modules():
         inner = module._modules.get("model")
         layers = getattr(inner, "layers", None) if inner is not None else None

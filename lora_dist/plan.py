@@ -199,6 +199,11 @@ def describe_model(cfg: Config, num_layers: int | None = None) -> ModelFacts:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    from lora_dist.loading import decoder_layers
+
+    layers = decoder_layers(model)  # the language model's, also in a multimodal checkpoint
+    if layers is not None:
+        return layers
     for name, module in model.named_modules():
         if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module):
             return module

@@ -189,3 +189,17 @@ def test_host_copy_is_exact_and_outside_the_graph():
     offloader.release_source(saved)
     back = offloader.load(saved)
     assert torch.equal(back, x.detach()) and back.requires_grad and back.grad_fn is None
+
+
+def test_offload_finds_the_language_model_layers_of_a_multimodal_model():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = shapes.shape("gemma3-12b").hf_config(num_layers=2, hidden_size=64, intermediate_size=128,
+                                                 num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                                 vocab_size=256).to_dict()
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14}
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision))
+    layers = offload._decoder_layers(model)
+    assert layers is model.model.language_model.layers and len(layers) == 2

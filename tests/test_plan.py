@@ -332,3 +332,16 @@ def test_plan_of_a_missing_model_folder_is_one_line_exit_2(tmp_path, capsys):
     code = cli.main(["plan", str(ROOT / "configs" / "tiny-cpu.yaml"), f"model.path={tmp_path / 'nope'}/"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "does not exist" in err
+
+
+def test_a_multimodal_gemma3_checkpoint_is_planned_from_its_language_model_layers(tmp_path):
+    # Gemma 3's released checkpoints load as Gemma3ForConditionalGeneration, whose vision tower comes first
+    # in module order: the planner must count the text decoder's layers, not the SigLIP encoder's.
+    from transformers import Gemma3Config
+
+    text = SHAPES["gemma3-12b"].hf_config(num_layers=6).to_dict()
+    Gemma3Config(text_config=text).save_pretrained(tmp_path / "model")
+    cfg = load_config(ROOT / "configs" / "gemma3-12b-qlora-24gb.yaml",
+                      [f"model.path={tmp_path / 'model'}", f"train.output_dir={tmp_path / 'run'}"])
+    facts = plan.describe_model(cfg)
+    assert len(facts.layers) == 6  # the SigLIP encoder has 27
