@@ -212,14 +212,10 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = decoder_layers(model)
     if layers is not None:
         return layers
-    for module in model.modules():
-        inner = module._modules.get("model")
-        layers = getattr(inner, "layers", None) if inner is not None else None
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return layers
     raise TypeError(
-        f"activation offload needs a Hugging Face causal LM with .model.layers (Llama, Mistral, Qwen2 and "
-        f"the like), got {type(model).__name__}; turn activation offload off for this model"
+        f"activation offload needs a Hugging Face causal LM with decoder layers (get_decoder().layers: the "
+        f".model.layers of Llama, Mistral, Qwen2 and the like), got {type(model).__name__}; turn activation "
+        f"offload off for this model"
     )
 
 

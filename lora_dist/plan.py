@@ -204,9 +204,6 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = decoder_layers(model)  # the language model's, also in a multimodal checkpoint
     if layers is not None:
         return layers
-    for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module):
-            return module
     raise ConfigError([f"{type(model).__name__} has no decoder layers (.layers); plan knows causal LMs only"])
 
 
