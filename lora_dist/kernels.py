@@ -523,6 +523,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
             total += loss_sum
             if grad_hidden is not None:
                 torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_tokens])
+            # freed before the next chunk's logits exist: one chunk's logits and gradient alive
+            # at a time, not this gradient beside the next chunk's logits and gradient (3 chunks)
+            del grad_logits
         ctx.save_for_backward(grad_hidden)
         return total / count
 
