@@ -107,6 +107,17 @@ SHAPES: dict[str, Shape] = {
         "original_max_position_embeddings": 4096, "sliding_window": 262144, "rms_norm_eps": 1e-5,
         "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000, "tie_word_embeddings": False,
     }),
+    "olmo2-7b": Shape("olmo2", {  # OLMo-2-1124-7B
+        "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "vocab_size": 100352, "rope_theta": 500000.0, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    }),
+    "granite3.1-8b": Shape("granite", {  # granite-3.1-8b-base: Llama's layout with its four multipliers
+        "hidden_size": 4096, "intermediate_size": 12800, "num_hidden_layers": 40, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 49155, "rope_theta": 10000000.0, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "embedding_multiplier": 12.0,
+        "residual_multiplier": 0.22, "attention_multiplier": 0.0078125, "logits_scaling": 16.0,
+    }),
 }
 
 

@@ -408,12 +408,13 @@ def test_peft_puts_its_adapters_on_the_same_linears_as_ours(model_type):
         assert len(theirs) == 7 * BASE["num_hidden_layers"] and all(".language_model." in n for n in theirs)
 
 
-@pytest.mark.parametrize("name", ["mistral-7b", "qwen3-8b", "gemma2-9b", "gemma3-12b", "phi3.5-mini"])
+@pytest.mark.parametrize("name", ["mistral-7b", "qwen3-8b", "gemma2-9b", "gemma3-12b", "phi3.5-mini", "olmo2-7b",
+                                  "granite3.1-8b"])
 def test_family_shapes_are_published_sizes_and_their_family_runs_them(name):
     from transformers import AutoModelForCausalLM
 
     published = {"mistral-7b": 7.25e9, "qwen3-8b": 8.19e9, "gemma2-9b": 9.24e9, "gemma3-12b": 11.77e9,
-                 "phi3.5-mini": 3.82e9}  # parameter counts of the released text models
+                 "phi3.5-mini": 3.82e9, "olmo2-7b": 7.30e9, "granite3.1-8b": 8.17e9}  # parameter counts of the released text models
     config = shapes.SHAPES[name].hf_config()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
