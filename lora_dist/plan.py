@@ -363,12 +363,13 @@ def _layer_saved_generic(layer: _Layer, facts: ModelFacts, e: int, first: bool =
     return out
 
 
-def _layer_backward_extra(layer: _Layer, e: int) -> tuple[float, int]:
+def _layer_backward_extra(layer: _Layer, e: int, fused_act: bool) -> tuple[float, int]:
     """(bytes per token, bytes) a layer's backward holds beyond its saved tensors, at its worst moment.
 
-    MLP: SwiGLU's backward holds the gradient of h and writes d_gate and d_up (3 I e) while h's saved
-    copy is already freed (-I e when down_proj saved it); the down_proj moment holds grad x (I e)
-    and one dequantized down weight. Attention: the output gradient and dq, dk, dv ((2q + 2kv) e).
+    MLP: the activation's backward holds the gradient of h (I e) while h's saved copy is already
+    freed (-I e when down_proj saved it); HF's also writes new d_gate and d_up (2 I e), the fused
+    one writes them over its saved gate and up. The down_proj moment holds grad x (I e) and one
+    dequantized down weight. Attention: the output gradient and dq, dk, dv ((2q + 2kv) e).
     The absolute term: the largest weight the backward dequantizes (bitsandbytes and the fused path
     alike), in the compute dtype (fp16 for 8-bit).
     """
@@ -380,7 +381,8 @@ def _layer_backward_extra(layer: _Layer, e: int) -> tuple[float, int]:
     down = lin["down_proj"]
     h_saved = down.rank > 0 or down.bits == 8
     q, kv = lin["q_proj"].out_features, lin["k_proj"].out_features
-    per_token = max((3 * inter - (inter if h_saved else 0)) * e, inter * e, (2 * q + 2 * kv) * e)
+    act_moment = (1 if fused_act else 3) * inter - (inter if h_saved else 0)
+    per_token = max(act_moment * e, inter * e, (2 * q + 2 * kv) * e)
     return per_token, _dequant_temp(layer, e)
 
 
@@ -540,7 +542,7 @@ def plan_memory(
     if not all(l.llama_like for l in facts.layers):
         notes.append(f"{facts.model_type}: layers outside the Llama structure; activations estimated, not traced")
     per_layer = [sum(s.values()) for s in saved]
-    extra = [_layer_backward_extra(l, e) for l in facts.layers]
+    extra = [_layer_backward_extra(l, e, facts.fused and l.swiglu) for l in facts.layers]
     x_in = d * e  # the residual stream entering a layer: what a checkpointed layer keeps
     norm = (e + 4 / d) if facts.fused_norms else (4 + 4 / d)
 
@@ -561,13 +563,15 @@ def plan_memory(
     acts["cos/sin, token ids, labels"] = int(shared)
     acts["gradient of the residual stream"] = int(m * d * e)
 
-    # Loss. Chunked (kernels.chunked_causal_lm_loss): chunks of C tokens with C * V ~ 2**28 logits;
+    # Loss. Chunked (kernels.chunked_causal_lm_loss): chunks of C tokens with C * V ~ LOSS_CHUNK_LOGITS;
     # a chunk's logits and their gradient (2 C V e) exist at once, the hidden states (M d e) and their
     # gradient, computed in the forward (M d e), for the whole micro batch. HF's loss: logits (M V e),
     # their fp32 copy and log-softmax (8 M V) in the forward; in the backward the saved log-softmax,
     # its gradient and the input gradient in fp32 (12 M V).
     if facts.chunked_loss:
-        chunks = -(-m * vocab // 2**28)
+        from lora_dist.kernels import LOSS_CHUNK_LOGITS
+
+        chunks = -(-m * vocab // LOSS_CHUNK_LOGITS)
         chunk = -(-m // chunks)
         loss_fwd = 2 * chunk * vocab * e + 2 * m * d * e
         loss_bwd = m * d * e

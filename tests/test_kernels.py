@@ -335,6 +335,27 @@ def test_geglu_tanh_matches_gelu_tanh_times_up_against_float64():
     assert all(rel_err(a, b) < FP32_RTOL for a, b in zip(ours, refs))  # the hand-written derivative
 
 
+@pytest.mark.parametrize("act", ["swiglu", "geglu_tanh"])
+def test_owned_gated_activation_writes_its_gradients_over_gate_and_up(act):
+    # The decoder MLP hands gate and up over (owned=True): their gradients reuse that memory. Same
+    # values as the allocating backward; a second backward through the graph raises, never reads them.
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, requires_grad=True)
+    w = torch.randn(64, 2 * 96) * 0.2
+    fn = getattr(kernels, act)
+    gout = torch.randn(4, 96)
+    grads = {}
+    for owned in (False, True):
+        gate, up = (x @ w).chunk(2, dim=-1)  # views of one tensor, as Phi-3's fused gate_up
+        out = fn(gate, up, owned=owned)
+        grads[owned] = torch.autograd.grad((out * gout).sum(), (gate, up, x), retain_graph=True)
+        assert (grads[owned][0].data_ptr() == gate.data_ptr()) == owned
+        if owned:
+            with pytest.raises(RuntimeError, match="inplace"):
+                torch.autograd.grad((out * gout).sum(), x)
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+
+
 def test_partial_rope_matches_phi3_rotating_only_the_first_dims():
     from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 
@@ -373,6 +394,29 @@ def test_attention_with_a_sliding_mask_and_grouped_heads_matches_eager_attention
     causal = (i[None, :] <= i[:, None])[None, None]
     ref_causal = kernels.attention(q, k, v, scale=0.2, mask=causal, softcap=softcap)
     assert rel_err(kernels.attention(q, k, v, scale=0.2, softcap=softcap), ref_causal) < FP32_RTOL
+
+
+def test_flex_softcapped_attention_matches_the_explicit_softmax_for_every_mask_kind():
+    # The CUDA path (compiled FlexAttention) computes the same function as the explicit one: checked
+    # here through torch's unfused FlexAttention (forward only: it has no CPU backward), on the
+    # masks the models build. The gradients are checked on the GPU (test_families' bf16 gemma tests).
+    torch.manual_seed(0)
+    b, t, h, hkv, d = 2, 12, 4, 2, 32
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    i = torch.arange(t)
+    band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 5)  # causal, window 5
+    padded = band[None].repeat(b, 1, 1)
+    padded[1, :, :3] = False  # the second row's first 3 tokens are padding
+    padded[1, :3, :3] = torch.eye(3, dtype=torch.bool)  # (a padded query still attends to itself)
+    masks = [None, band[None, None], padded[:, None],
+             torch.zeros(t, t).masked_fill(~band, torch.finfo(torch.float32).min)[None, None]]
+    for mask in masks:
+        ref = kernels._softcapped_explicit(q, k, v, mask, 0.2, 0.7)
+        out = kernels._softcapped_flex(q, k, v, mask, 0.2, 0.7, compiled=False)
+        assert rel_err(out, ref) < FP32_RTOL, mask
+    # and the cap is applied: without it the outputs differ far beyond the tolerance
+    assert rel_err(kernels._softcapped_flex(q, k, v, None, 0.2, 70.0, compiled=False),
+                   kernels._softcapped_explicit(q, k, v, None, 0.2, 0.7)) > 100 * FP32_RTOL
 
 
 def test_chunked_loss_with_logit_scaling_and_softcap_matches_capped_cross_entropy():

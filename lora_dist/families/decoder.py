@@ -257,7 +257,7 @@ def _mlp_forward(self, family: Family, activation: Callable, x):
         gate, up = gate_up.chunk(2, dim=-1)
     else:
         gate, up = group_or_plain(x, (self.gate_proj, self.up_proj))
-    (out,) = group_or_plain(activation(gate, up), (self.down_proj,))
+    (out,) = group_or_plain(activation(gate, up, owned=True), (self.down_proj,))  # gate, up: ours alone
     return out
 
 
