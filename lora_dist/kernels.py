@@ -32,9 +32,12 @@ the adapter input); in fp32 both paths draw the same masks and agree to summatio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import threading
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,6 +97,48 @@ def _replayed_rng(device: torch.device, state: torch.Tensor):
         yield
 
 
+# ------------------------------------------------------------------------------------ rebuildable inputs
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """How a fused op's output is computed again from tensors its own backward keeps anyway.
+
+    Set as `_lora_dist_rebuild` on the outputs of the RMSNorm (from x, weight, rstd) and the gated
+    activation (from gate, up). A LoRA group reading such a tensor saves these tensors (the same
+    storage its producer saved: no new memory) instead of its own input, and rebuilds the input in
+    row chunks when its backward needs it: the normed inputs of q/k/v and gate/up and the MLP's h
+    (d + d + I values per token, 352 MiB per Llama-3-8B layer at 8k tokens) are never kept.
+
+    Attributes:
+        fn: fn(*tensors, *static) gives the output, elementwise over rows (same values for any rows).
+        tensors: its tensor inputs.
+        static: its other arguments.
+        row_wise: which tensors are sliced along rows (the others, weights, are passed whole).
+    """
+
+    fn: Callable
+    tensors: tuple[torch.Tensor, ...]
+    static: tuple
+    row_wise: tuple[int, ...]
+
+    def rows(self, saved: Sequence[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the output (flattened to 2-D), from `saved` (the unpacked tensors)."""
+        args = [t.reshape(-1, t.shape[-1])[start:stop] if i in self.row_wise else t for i, t in enumerate(saved)]
+        return _fused(self.fn, *args, *self.static)
+
+
+REBUILD_CHUNKS = 8
+"""Row chunks a rebuilt input is made in: one eighth of it exists at a time."""
+
+
+def _rebuild_of(x: torch.Tensor) -> Rebuild | None:
+    rebuild = getattr(x, "_lora_dist_rebuild", None)
+    if rebuild is None or x._version != 0:  # changed in place since: rebuild no more
+        return None
+    return rebuild
+
+
 # ------------------------------------------------------------------------------------ LoRA linear
 
 
@@ -113,9 +158,14 @@ class _LoRAProject(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2, dropouts, *a_params):
-        # x2: (M, in); dropouts: p_i per layer; a_params: (r_i, in) each
-        ctx.save_for_backward(x2)
+    def forward(ctx, x2, dropouts, rebuild, *a_params):
+        # x2: (M, in); dropouts: p_i per layer; rebuild: None or x2's Rebuild (no dropout only);
+        # a_params: (r_i, in) each
+        if rebuild is None:
+            ctx.save_for_backward(x2)
+        else:  # its producer's kept tensors instead: x2 is made again, in row chunks, in backward
+            ctx.save_for_backward(*rebuild.tensors)
+        ctx.rebuild = None if rebuild is None else dataclasses.replace(rebuild, tensors=())  # no references
         ctx.ranks = [a.shape[0] for a in a_params]
         ctx.dtypes = [a.dtype for a in a_params]
         ctx.dropouts = dropouts
@@ -129,16 +179,20 @@ class _LoRAProject(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_xa):
-        (x2,) = ctx.saved_tensors
-        needs_a = ctx.needs_input_grad[2:]
+        needs_a = ctx.needs_input_grad[3:]
+        if ctx.rebuild is not None:
+            grad_a_cat = _rebuilt_input_grad(ctx.rebuild, ctx.saved_tensors, g_xa)
+        elif not any(ctx.dropouts):
+            (x2,) = ctx.saved_tensors
+            grad_a_cat = _mm_f32(g_xa.t(), x2)  # (R, in)
         if not any(ctx.dropouts):
             # grad of x comes from _LoRAOutput.backward, which folds g_xa @ A into its own GEMM output
-            grad_a_cat = _mm_f32(g_xa.t(), x2)  # (R, in)
             grads, start = [], 0
             for needs, r, dtype in zip(needs_a, ctx.ranks, ctx.dtypes):
                 grads.append(grad_a_cat[start : start + r].to(dtype) if needs else None)
                 start += r
-            return (None, None, *grads)
+            return (None, None, None, *grads)
+        (x2,) = ctx.saved_tensors
         grad_x, grads, start = None, [], 0
         with _replayed_rng(x2.device, ctx.rng_state), torch.enable_grad():
             for a, p, r, dtype, needs in zip(ctx.a_params, ctx.dropouts, ctx.ranks, ctx.dtypes, needs_a, strict=True):
@@ -151,7 +205,19 @@ class _LoRAProject(torch.autograd.Function):
                     g_drop = g @ a.to(g.dtype)  # (M, in)
                     g_in = torch.autograd.grad(x_drop, x_in, g_drop)[0] if p > 0 else g_drop
                     grad_x = g_in if grad_x is None else grad_x.add_(g_in)
-        return (grad_x, None, *grads)
+        return (grad_x, None, None, *grads)
+
+
+def _rebuilt_input_grad(rebuild: Rebuild, saved: Sequence[torch.Tensor], g_xa: torch.Tensor) -> torch.Tensor:
+    """g_xa.T @ x2 (fp32, (R, in)) with x2 made again chunk by chunk from its producer's tensors."""
+    m = g_xa.shape[0]
+    step = -(-m // REBUILD_CHUNKS)
+    total = None
+    for start in range(0, m, step):
+        rows = rebuild.rows(saved, start, start + step)  # (chunk, in), freed after its product
+        part = _mm_f32(g_xa[start : start + step].t(), rows)
+        total = part if total is None else total.add_(part)
+    return total
 
 
 def _dropped(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -242,7 +308,8 @@ def lora_group(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tens
     x2 = x.reshape(-1, x.shape[-1])  # (M, in)
     a_params = [layer.lora_A.weight for layer in layers]
     dropouts = tuple(_dropout_p(layer) for layer in layers)
-    xa = _LoRAProject.apply(x2, dropouts, *a_params)  # (M, R)
+    rebuild = None if any(dropouts) else _rebuild_of(x)  # with dropout, backward replays the masks on x2
+    xa = _LoRAProject.apply(x2, dropouts, rebuild, *a_params)  # (M, R)
     outs = _LoRAOutput.apply(x2, xa, layers, *[layer.lora_B.weight for layer in layers])
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
@@ -260,12 +327,17 @@ def lora_linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 
 def _rmsnorm_fwd(x, weight, eps: float, offset: float, fp32_weight: bool):
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+    return _rmsnorm_apply(x, weight, rstd, offset, fp32_weight), rstd
+
+
+def _rmsnorm_apply(x, weight, rstd, offset: float, fp32_weight: bool):
+    """The norm's output from x and its saved rstd: elementwise, so any rows of it come out the same."""
     xf = x.float()
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
     if fp32_weight:  # (offset + w) * n in fp32, rounded once at the end
-        return ((xf * rstd) * (weight.float() + offset)).to(x.dtype), rstd
+        return ((xf * rstd) * (weight.float() + offset)).to(x.dtype)
     scale = weight + offset if offset else weight
-    return scale * (xf * rstd).to(x.dtype), rstd  # n rounded to x's dtype first
+    return scale * (xf * rstd).to(x.dtype)  # n rounded to x's dtype first
 
 
 def _rmsnorm_bwd(g, x, weight, rstd, offset: float):
@@ -355,6 +427,7 @@ class _RMSNorm(torch.autograd.Function):
         y, rstd = _fused(_rmsnorm_fwd, x, weight, eps, offset, fp32_weight)
         ctx.save_for_backward(x, weight, rstd)
         ctx.offset = offset
+        y._lora_dist_rebuild = Rebuild(_rmsnorm_apply, (x, weight, rstd), (offset, fp32_weight), row_wise=(0, 2))
         return y
 
     @staticmethod
@@ -391,7 +464,9 @@ class _GatedActivation(torch.autograd.Function):
         ctx.save_for_backward(gate, up)
         ctx.bwd = bwd
         ctx.owned = owned
-        return _fused(fwd, gate, up)
+        h = _fused(fwd, gate, up)
+        h._lora_dist_rebuild = Rebuild(fwd, (gate, up), (), row_wise=(0, 1))
+        return h
 
     @staticmethod
     def backward(ctx, g):
@@ -588,17 +663,27 @@ def _flex_runs(qh: torch.Tensor, kh: torch.Tensor, mask: torch.Tensor | None, sc
            None if mask is None else (tuple(mask.shape), mask.dtype))
     ok = _FLEX_TRIED.get(key)
     if ok is None:
-        try:
-            with torch.enable_grad():
-                q, k, v = (torch.zeros_like(x, requires_grad=True) for x in (qh, kh, kh))
-                out = _softcapped_flex(q, k, v, mask, scale, softcap, compiled=True)
-                torch.autograd.grad(out.sum(), (q, k, v))
-            ok = True
-        except Exception as err:  # noqa: BLE001 -- any compiler or kernel failure: the explicit path
+        failure: list[BaseException] = []
+
+        def trial() -> None:
+            try:
+                with torch.enable_grad():
+                    q, k, v = (torch.zeros_like(x, requires_grad=True) for x in (qh, kh, kh))
+                    out = _softcapped_flex(q, k, v, mask, scale, softcap, compiled=True)
+                    torch.autograd.grad(out.sum(), (q, k, v))
+            except Exception as err:  # noqa: BLE001 -- any compiler or kernel failure: the explicit path
+                failure.append(err)
+
+        # In a thread of its own: saved-tensor hooks are per thread, so a checkpointed layer calling
+        # this never sees the trial's tensors (its recompute, which skips the trial, must save the same).
+        runner = threading.Thread(target=trial, name="lora_dist-flex-trial")
+        runner.start()
+        runner.join()
+        if failure:
+            err = failure[0]
             warnings.warn(f"FlexAttention failed for soft-capped attention ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); using the explicit softmax")
-            ok = False
-        _FLEX_TRIED[key] = ok
+        ok = _FLEX_TRIED[key] = not failure
     return ok
 
 

@@ -309,6 +309,9 @@ def _layer_saved(layer: _Layer, facts: ModelFacts, e: int, first: bool = False, 
       HF norms on q and k.
     - MLP: the fused SwiGLU saves gate and up (2 I e); HF's act_fn * up saves gate, act(gate) and up
       (3 I e); down_proj's input h as a linear input (above).
+    - Rebuilt inputs (kernels.Rebuild): a fused group without dropout reading a fused norm's output
+      (q/k/v, gate/up) or the fused activation's (down) keeps its producer's tensors instead of its
+      input: nothing new, except in layer 0, whose input norm keeps nothing itself.
     """
     lin = {n.rsplit(".", 1)[-1]: l for n, l in layer.linears.items()}
     fused = facts.fused
@@ -316,9 +319,17 @@ def _layer_saved(layer: _Layer, facts: ModelFacts, e: int, first: bool = False, 
     d = facts.hidden
     out: dict[str, float] = {}
 
-    def group(names: tuple[str, ...], width: int, key: str, input_counted: bool = False) -> None:
+    def group(names: tuple[str, ...], width: int, key: str, input_counted: bool = False,
+              rebuilt: bool = False) -> None:
         members = [lin[n] for n in names]
         all_fast = fused and all(m.rank > 0 and m.bits != 8 for m in members)  # dropout: the mask is redrawn
+        if rebuilt and all_fast and not any(m.dropout for m in members):
+            # kernels.Rebuild: the input is made again from its producer's kept tensors (counted there);
+            # layer 0's input norm keeps nothing (its input needs no gradient), so this keeps x and rstd
+            out[f"{key}: x @ A.T"] = sum(m.rank for m in members) * e
+            if first and key == "q/k/v":
+                out[f"{key}: norm input and rstd (rebuilt from)"] = d * e + 4
+            return
         saves_x = False
         for m in members:
             if m.rank and (all_fast or m.fast):
@@ -339,18 +350,18 @@ def _layer_saved(layer: _Layer, facts: ModelFacts, e: int, first: bool = False, 
     # The first layer's input is the frozen embedding's output, which needs no gradient: autograd
     # records nothing for that norm.
     out["input norm"] = 0 if first else d * norm
-    group(("q_proj", "k_proj", "v_proj"), d, "q/k/v")
+    group(("q_proj", "k_proj", "v_proj"), d, "q/k/v", rebuilt=facts.fused_norms)
     q, kv = lin["q_proj"].out_features, lin["k_proj"].out_features
     if layer.qk_norm:
         out["q/k norms (HF)"] = (q + kv) * 4
     out["attention: q, k, v, output"] = (2 * q + 2 * kv) * e + facts.heads * 4
     group(("o_proj",), q, "o", input_counted=True)  # o_proj reads SDPA's output as a view: saved once
     out["post-attention norm"] = d * norm
-    group(("gate_proj", "up_proj"), d, "gate/up")
+    group(("gate_proj", "up_proj"), d, "gate/up", rebuilt=facts.fused_norms)
     inter = lin["gate_proj"].out_features
     out["MLP gate, up" + (" (fused SwiGLU)" if fused and layer.swiglu else ", act (HF)")] = (
         (2 if fused and layer.swiglu else 3) * inter * e)
-    group(("down_proj",), inter, "down")
+    group(("down_proj",), inter, "down", rebuilt=fused and layer.swiglu)
     return out
 
 
@@ -363,13 +374,14 @@ def _layer_saved_generic(layer: _Layer, facts: ModelFacts, e: int, first: bool =
     return out
 
 
-def _layer_backward_extra(layer: _Layer, e: int, fused_act: bool) -> tuple[float, int]:
+def _layer_backward_extra(layer: _Layer, e: int, fused_act: bool, rebuilt_h: bool = False) -> tuple[float, int]:
     """(bytes per token, bytes) a layer's backward holds beyond its saved tensors, at its worst moment.
 
     MLP: the activation's backward holds the gradient of h (I e) while h's saved copy is already
     freed (-I e when down_proj saved it); HF's also writes new d_gate and d_up (2 I e), the fused
     one writes them over its saved gate and up. The down_proj moment holds grad x (I e) and one
-    dequantized down weight. Attention: the output gradient and dq, dk, dv ((2q + 2kv) e).
+    dequantized down weight, then, with h rebuilt (not saved), grad x and one row chunk of h
+    (I e / REBUILD_CHUNKS). Attention: the output gradient and dq, dk, dv ((2q + 2kv) e).
     The absolute term: the largest weight the backward dequantizes (bitsandbytes and the fused path
     alike), in the compute dtype (fp16 for 8-bit).
     """
@@ -379,11 +391,22 @@ def _layer_backward_extra(layer: _Layer, e: int, fused_act: bool) -> tuple[float
         return 3 * widest * e, _dequant_temp(layer, e)
     inter = lin["gate_proj"].out_features
     down = lin["down_proj"]
-    h_saved = down.rank > 0 or down.bits == 8
+    h_saved = (down.rank > 0 or down.bits == 8) and not rebuilt_h
     q, kv = lin["q_proj"].out_features, lin["k_proj"].out_features
     act_moment = (1 if fused_act else 3) * inter - (inter if h_saved else 0)
-    per_token = max(act_moment * e, inter * e, (2 * q + 2 * kv) * e)
+    from lora_dist.kernels import REBUILD_CHUNKS
+
+    down_moment = inter * (1 + 1 / REBUILD_CHUNKS if rebuilt_h else 1)
+    per_token = max(act_moment * e, down_moment * e, (2 * q + 2 * kv) * e)
     return per_token, _dequant_temp(layer, e)
+
+
+def _h_rebuilt(layer: _Layer, facts: ModelFacts) -> bool:
+    """down_proj's input is rebuilt from gate and up (the fused group without dropout), not saved."""
+    if not (facts.fused and layer.llama_like and layer.swiglu):
+        return False
+    down = next(l for n, l in layer.linears.items() if n.rsplit(".", 1)[-1] == "down_proj")
+    return down.rank > 0 and down.bits != 8 and not down.dropout
 
 
 def _dequant_temp(layer: _Layer, e: int) -> int:
@@ -542,7 +565,7 @@ def plan_memory(
     if not all(l.llama_like for l in facts.layers):
         notes.append(f"{facts.model_type}: layers outside the Llama structure; activations estimated, not traced")
     per_layer = [sum(s.values()) for s in saved]
-    extra = [_layer_backward_extra(l, e, facts.fused and l.swiglu) for l in facts.layers]
+    extra = [_layer_backward_extra(l, e, facts.fused and l.swiglu, _h_rebuilt(l, facts)) for l in facts.layers]
     x_in = d * e  # the residual stream entering a layer: what a checkpointed layer keeps
     norm = (e + 4 / d) if facts.fused_norms else (4 + 4 / d)
 
