@@ -128,8 +128,9 @@ class Rebuild:
         return _fused(self.fn, *args, *self.static)
 
 
-REBUILD_CHUNKS = 8
-"""Row chunks a rebuilt input is made in: one eighth of it exists at a time."""
+REBUILD_CHUNKS = 4
+"""Row chunks a rebuilt input is made in: a quarter of it exists at a time (the down projection's
+moment then holds its gradient and a quarter of h, below the gated activation's own moment)."""
 
 
 def _rebuild_of(x: torch.Tensor) -> Rebuild | None:
@@ -453,7 +454,7 @@ class _GatedActivation(torch.autograd.Function):
     """act(gate) * up for a (forward, backward) pair of plain functions: SwiGLU or tanh-GeGLU.
 
     With `owned` (the caller's gate and up are read by nothing else), backward writes d_gate and
-    d_up over the saved gate and up (one compiled kernel on CUDA): the MLP's backward then holds no
+    d_up over the saved gate and up (one Triton kernel on CUDA, `triton_ops`): the MLP's backward then holds no
     (tokens, intermediate) tensor beyond the incoming gradient, two fewer than returning new ones
     (448 MiB per Llama-3-8B layer at 8k tokens). A second backward through the same graph finds
     them changed and raises (autograd's version check), never computing with overwritten values.
@@ -471,9 +472,15 @@ class _GatedActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         gate, up = ctx.saved_tensors
+        g = g.contiguous()
         if not ctx.owned:
-            return (*_fused(ctx.bwd, g.contiguous(), gate, up), None, None, None)
-        _fused(_BACKWARD_IN_PLACE[ctx.bwd], g.contiguous(), gate, up)
+            return (*_fused(ctx.bwd, g, gate, up), None, None, None)
+        if gate.is_cuda and gate.stride(-1) == 1 and up.stride(-1) == 1:
+            from lora_dist import triton_ops  # a compiled in-place version still allocated a temporary
+
+            triton_ops.gated_backward_(g, gate, up, gelu=ctx.bwd is _geglu_bwd)
+        else:
+            _fused(_BACKWARD_IN_PLACE[ctx.bwd], g, gate, up)
         return gate, up, None, None, None
 
 

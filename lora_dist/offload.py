@@ -234,7 +234,9 @@ def enable_activation_offload(model: nn.Module, target: str | torch.device = "cp
 
     Replaces the model's own per-layer checkpointing (leave `gradient_checkpointing_enable` off):
     in training with gradients on, each decoder layer runs under non-reentrant checkpointing and
-    its input waits on `target`; in eval or under no_grad the layers run as before.
+    its input waits on `target`; in eval or under no_grad the layers run as before. A layer that
+    `families.patch_model_for_speed` patches (before or after this) is checkpointed as two blocks,
+    attention and MLP, each with its input offloaded.
 
     Args:
         model: a LoRAModel or a Hugging Face causal LM with `.model.layers`.
@@ -256,8 +258,10 @@ def enable_activation_offload(model: nn.Module, target: str | torch.device = "cp
     for layer in layers:
         if hasattr(layer, "_lora_dist_offloader"):
             raise ValueError("activation offload is already enabled on this model")
-        layer._lora_dist_offload_original = layer.forward
         layer._lora_dist_offloader = offloader
+        if getattr(layer, "_lora_dist_blocks", False):
+            continue  # families' block checkpointing: it offloads each block's input with this offloader
+        layer._lora_dist_offload_original = layer.forward
         layer.forward = types.MethodType(_offloaded_layer_forward, layer)
     return offloader
 

@@ -377,28 +377,53 @@ def _layer_saved_generic(layer: _Layer, facts: ModelFacts, e: int, first: bool =
 def _layer_backward_extra(layer: _Layer, e: int, fused_act: bool, rebuilt_h: bool = False) -> tuple[float, int]:
     """(bytes per token, bytes) a layer's backward holds beyond its saved tensors, at its worst moment.
 
-    MLP: the activation's backward holds the gradient of h (I e) while h's saved copy is already
-    freed (-I e when down_proj saved it); HF's also writes new d_gate and d_up (2 I e), the fused
-    one writes them over its saved gate and up. The down_proj moment holds grad x (I e) and one
-    dequantized down weight, then, with h rebuilt (not saved), grad x and one row chunk of h
-    (I e / REBUILD_CHUNKS). Attention: the output gradient and dq, dk, dv ((2q + 2kv) e).
-    The absolute term: the largest weight the backward dequantizes (bitsandbytes and the fused path
-    alike), in the compute dtype (fp16 for 8-bit).
+    The worse of `_backward_moments`; for layers outside the Llama structure, three times the widest
+    linear output. The absolute term: the largest weight the backward dequantizes (bitsandbytes and
+    the fused path alike), in the compute dtype (fp16 for 8-bit).
     """
-    lin = {n.rsplit(".", 1)[-1]: l for n, l in layer.linears.items()}
     if not layer.llama_like:
         widest = max(l.out_features for l in layer.linears.values())
         return 3 * widest * e, _dequant_temp(layer, e)
+    return max(_backward_moments(layer, e, fused_act, rebuilt_h)), _dequant_temp(layer, e)
+
+
+def _backward_moments(layer: _Layer, e: int, fused_act: bool, rebuilt_h: bool) -> tuple[float, float]:
+    """(attention, MLP) bytes per token held beyond the saved tensors at each block's worst moment.
+
+    MLP: the activation's backward holds the gradient of h (I e) while h's saved copy is already
+    freed (-I e when down_proj saved it); HF's also writes new d_gate and d_up (2 I e), the fused
+    one writes them over its saved gate and up (triton_ops on CUDA: torch.compile's version of that
+    write still allocated one (tokens, I) temporary, measured). The down_proj moment holds grad x
+    (I e) and one dequantized down weight, then, with h rebuilt (not saved), grad x and one row
+    chunk of h (I e / REBUILD_CHUNKS). Attention: the output gradient and dq, dk, dv ((2q + 2kv) e).
+    """
+    from lora_dist.kernels import REBUILD_CHUNKS
+
+    lin = {n.rsplit(".", 1)[-1]: l for n, l in layer.linears.items()}
     inter = lin["gate_proj"].out_features
     down = lin["down_proj"]
     h_saved = (down.rank > 0 or down.bits == 8) and not rebuilt_h
     q, kv = lin["q_proj"].out_features, lin["k_proj"].out_features
     act_moment = (1 if fused_act else 3) * inter - (inter if h_saved else 0)
-    from lora_dist.kernels import REBUILD_CHUNKS
-
     down_moment = inter * (1 + 1 / REBUILD_CHUNKS if rebuilt_h else 1)
-    per_token = max(act_moment * e, down_moment * e, (2 * q + 2 * kv) * e)
-    return per_token, _dequant_temp(layer, e)
+    return (2 * q + 2 * kv) * e, max(act_moment, down_moment) * e
+
+
+_ATTENTION_KEYS = ("input norm", "q/k/v", "q/k norms", "attention", "o:")
+"""`_layer_saved` keys of the attention block (the rest belong to the MLP block)."""
+
+
+def _block_recompute(layer: _Layer, saved: dict[str, float], e: int, x_in: int, fused_act: bool,
+                     rebuilt_h: bool) -> float:
+    """Bytes per token of the worse block of a layer checkpointed as two blocks (attention, MLP).
+
+    Each block keeps its own input (in host memory with offload) and recomputes alone, so only that
+    block's saved tensors and its backward's moment are on the GPU at once.
+    """
+    attn = sum(v for k, v in saved.items() if k.startswith(_ATTENTION_KEYS))
+    mlp = sum(saved.values()) - attn
+    attn_moment, mlp_moment = _backward_moments(layer, e, fused_act, rebuilt_h)
+    return max(attn - x_in + attn_moment, mlp - x_in + mlp_moment)
 
 
 def _h_rebuilt(layer: _Layer, facts: ModelFacts) -> bool:
@@ -575,10 +600,16 @@ def plan_memory(
     shared = rope + m * 24
     final_norm = m * d * norm
     acts: dict[str, int] = {}
+    # With activation offload the fused path checkpoints attention and MLP apart (families.decoder)
+    blocks = ckpt and offload_activations and facts.fused and all(l.llama_like for l in facts.layers)
     if ckpt:
         kept = 2 if offload_activations else len(facts.layers)
         acts["checkpointed layer inputs"] = int(kept * m * x_in)
-        recompute = max(m * (s - x_in) + m * g + t for s, (g, t) in zip(per_layer, extra))
+        if blocks:  # families' block checkpointing: the attention and the MLP recompute apart
+            recompute = max(m * _block_recompute(l, sv, e, x_in, facts.fused and l.swiglu, _h_rebuilt(l, facts)) + t
+                            for l, sv, (_, t) in zip(facts.layers, saved, extra))
+        else:
+            recompute = max(m * (s - x_in) + m * g + t for s, (g, t) in zip(per_layer, extra))
         acts["one layer recomputed + its backward"] = int(recompute)
     else:
         acts["saved by every layer"] = int(m * sum(per_layer))

@@ -94,30 +94,33 @@ def test_gradient_accumulation_over_micro_batches_is_exact():
                     _loss_and_grads(_model("hf")[0], batch, micro_batches=2))
 
 
-def test_offload_keeps_checkpoint_early_stop_so_down_proj_gemm_is_not_recomputed(monkeypatch):
-    # torch's non-reentrant checkpoint stops its recompute once every saved tensor is back; the
-    # fused down projection saves nothing after its input, so its base GEMM runs in forward and
-    # backward only (a reentrant recompute would run it a third time: ~9% more step FLOPs).
+def test_offloaded_blocks_keep_early_stop_so_no_o_or_down_projection_gemm_is_recomputed(monkeypatch):
+    # torch's non-reentrant checkpoint stops its recompute once every saved tensor is back. With
+    # offload the fused path checkpoints attention and MLP as blocks: o_proj and down_proj each end
+    # a block and save nothing after their input, so their base GEMMs run in forward and backward
+    # only (per-layer checkpointing recomputes o_proj, whose output the MLP reads: a third run).
     fetched = []
     original = kernels._base_weight
     monkeypatch.setattr(kernels, "_base_weight", lambda base, dtype: fetched.append(base) or original(base, dtype))
     model, _ = _model("offload")
     _loss_and_grads(model, _batch())
-    down = [l.base_layer for n, l in model.lora_layers.items() if n.endswith("down_proj")]
-    o_proj = [l.base_layer for n, l in model.lora_layers.items() if n.endswith("o_proj")]
-    assert all(sum(f is b for f in fetched) == 2 for b in down)
-    assert all(sum(f is b for f in fetched) == 3 for b in o_proj)
+    for name in ("down_proj", "o_proj", "gate_proj"):  # gate_proj: its output is saved, so it is recomputed
+        bases = [l.base_layer for n, l in model.lora_layers.items() if n.endswith(name)]
+        assert all(sum(f is b for f in fetched) == (3 if name == "gate_proj" else 2) for b in bases), name
 
 
-def test_each_input_is_saved_once_and_copied_back_one_layer_ahead():
-    model, offloader = _model("offload")
+@pytest.mark.parametrize("fused, per_layer", [(True, 2), (False, 1)], ids=["blocks", "layers"])
+def test_each_input_is_saved_once_and_copied_back_one_ahead(fused, per_layer):
+    # fused: two block inputs per layer (attention, MLP); the model's own forward: one per layer
+    model, offloader = _model("offload", fused=fused)
     batch = _batch()
+    n = LAYERS * per_layer
     for step in (1, 2):
         model(input_ids=batch, labels=batch).loss.backward()
         s = offloader.stats
-        # the last layer's input is fetched when its backward asks; every other one is prefetched
-        # while the layer after it recomputes, so at most 2 copies are back at once
-        assert (s.saved, s.fetched_on_demand, s.prefetched) == (LAYERS * step, step, (LAYERS - 1) * step)
+        # the last input is fetched when its backward asks; every other one is prefetched while the
+        # block after it recomputes, so at most 2 copies are back at once
+        assert (s.saved, s.fetched_on_demand, s.prefetched) == (n * step, step, (n - 1) * step)
         assert s.max_resident == 2 and s.resident == 0
 
 

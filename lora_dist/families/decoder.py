@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lora_dist import kernels
 from lora_dist.layers import supports_fast_path
+from lora_dist.offload import offloaded_checkpoint
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 """Attention backends whose masks the fast attention reads: None or a (B, 1, T, T) bool/additive tensor.
@@ -185,8 +186,13 @@ def patch(lm: nn.Module, family: Family, *, loss: bool, norms: bool, block_check
     activation = ACTIVATIONS[getattr(config, family.activation_key)]
     text = lm.get_submodule(family.language_model)
     for layer in text.layers:
-        if block_checkpointing:
+        offloaded = hasattr(layer, "_lora_dist_offloader")  # offload.enable_activation_offload ran
+        if offloaded and "_lora_dist_original_forward" not in layer.__dict__:
+            # its per-layer offloaded checkpoint gives way to the blocks below, which offload each input
+            layer.forward = layer._lora_dist_offload_original
+        if block_checkpointing or offloaded:
             _bind(layer, _decoder_forward, family)
+            layer._lora_dist_blocks = True  # offload enabled later only hands it an offloader
         _bind(layer.self_attn, _attention_forward, family)
         _bind(layer.mlp, _mlp_forward, family, activation)
         if norms:
@@ -287,7 +293,9 @@ def _decoder_forward(self, family: Family, hidden_states, *args, **kwargs):
 
     Saves the residual stream twice per layer (x and x + attn(x)) instead of once, and in return
     the recompute of each block stops before its last GEMM (o_proj, down_proj) when nothing after
-    it in the block needs its output saved (pre-norm layouts).
+    it in the block needs its output saved (pre-norm layouts), and a block's backward never has the
+    other block's saved tensors beside its own. With activation offload (the layer's offloader) both
+    inputs wait in host memory: the second costs no GPU memory, only a copy each way.
     """
     if args or not (self.training and torch.is_grad_enabled()):
         return self._lora_dist_original_forward(hidden_states, *args, **kwargs)
@@ -320,5 +328,12 @@ def _decoder_forward(self, family: Family, hidden_states, *args, **kwargs):
             out = self.post_feedforward_layernorm(out)
         return residual(h, out, "resid_mlp_dropout")
 
-    hidden_states = checkpoint(attention_block, hidden_states, use_reentrant=False)
-    return checkpoint(mlp_block, hidden_states, use_reentrant=False)
+    offloader = getattr(self, "_lora_dist_offloader", None)
+
+    def checkpointed(block, h):
+        if offloader is not None:
+            return offloaded_checkpoint(block, h, offloader)
+        return checkpoint(block, h, use_reentrant=False)
+
+    hidden_states = checkpointed(attention_block, hidden_states)
+    return checkpointed(mlp_block, hidden_states)
