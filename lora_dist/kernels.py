@@ -475,13 +475,21 @@ class _GatedActivation(torch.autograd.Function):
         g = g.contiguous()
         if not ctx.owned:
             return (*_fused(ctx.bwd, g, gate, up), None, None, None)
-        if gate.is_cuda and gate.stride(-1) == 1 and up.stride(-1) == 1:
-            from lora_dist import triton_ops  # a compiled in-place version still allocated a temporary
-
+        triton_ops = _triton_ops() if gate.is_cuda and gate.stride(-1) == 1 and up.stride(-1) == 1 else None
+        if triton_ops is not None:  # a compiled in-place version still allocated a temporary
             triton_ops.gated_backward_(g, gate, up, gelu=ctx.bwd is _geglu_bwd)
         else:
             _fused(_BACKWARD_IN_PLACE[ctx.bwd], g, gate, up)
         return gate, up, None, None, None
+
+
+def _triton_ops():
+    """lora_dist.triton_ops, or None where Triton is not installed (a CUDA build of torch without it)."""
+    try:
+        from lora_dist import triton_ops
+    except ImportError:
+        return None
+    return triton_ops
 
 
 def _swiglu_bwd_(g, gate, up):
