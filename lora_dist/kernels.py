@@ -476,7 +476,7 @@ class _GatedActivation(torch.autograd.Function):
         if not ctx.owned:
             return (*_fused(ctx.bwd, g, gate, up), None, None, None)
         triton_ops = _triton_ops() if gate.is_cuda and gate.stride(-1) == 1 and up.stride(-1) == 1 else None
-        if triton_ops is not None:  # a compiled in-place version still allocated a temporary
+        if triton_ops is not None:  # one pass, no temporary by construction
             triton_ops.gated_backward_(g, gate, up, gelu=ctx.bwd is _geglu_bwd)
         else:
             _fused(_BACKWARD_IN_PLACE[ctx.bwd], g, gate, up)

@@ -392,8 +392,7 @@ def _backward_moments(layer: _Layer, e: int, fused_act: bool, rebuilt_h: bool) -
 
     MLP: the activation's backward holds the gradient of h (I e) while h's saved copy is already
     freed (-I e when down_proj saved it); HF's also writes new d_gate and d_up (2 I e), the fused
-    one writes them over its saved gate and up (triton_ops on CUDA: torch.compile's version of that
-    write still allocated one (tokens, I) temporary, measured). The down_proj moment holds grad x
+    one writes them over its saved gate and up (one Triton kernel on CUDA). The down_proj moment holds grad x
     (I e) and one dequantized down weight, then, with h rebuilt (not saved), grad x and one row
     chunk of h (I e / REBUILD_CHUNKS). Attention: the output gradient and dq, dk, dv ((2q + 2kv) e).
     """

@@ -4,10 +4,10 @@ Imported by `kernels` only when a CUDA tensor needs one (Triton ships with CUDA 
 with the CPU build CI runs); the CPU runs the same math through plain torch functions in `kernels`.
 
 - `gated_backward_(g, gate, up, gelu)`: the backward of act(gate) * up written over gate and up in
-  one pass. torch.compile of the same in-place function still allocated one (tokens, I) temporary
-  on the H200 (measured: the planner's backward peak was one such buffer short on every
-  checkpointed row): each element's d_gate and d_up need the other's old value, which a kernel that
-  loads both before it stores either never loses.
+  one pass. Each element's d_gate and d_up need both old values; a kernel that loads both before it
+  stores either needs no temporary by construction, where a compiled in-place torch function leaves
+  that to inductor's scheduling (not isolated: on the H200 the step's peak is elsewhere, at the
+  recompute and the down projection's backward, and did not move with this kernel).
 """
 
 from __future__ import annotations
