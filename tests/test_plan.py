@@ -213,6 +213,40 @@ def test_saved_activations_equal_what_autograd_keeps_on_the_fused_path(dropout):
     assert predicted == counted
 
 
+def test_a_checkpointed_layer_recomputes_after_its_down_projection_made_the_input_gradient(monkeypatch):
+    # The order the planner's checkpointed peak rests on (plan._backward_moments: grad h, then the
+    # recompute rebuilding h beside it): the down group's output half saves nothing, so its backward
+    # runs before the layer's recompute, which the next node's unpack starts. If this order changes,
+    # the recompute moment in the planner must change with it.
+    from lora_dist import kernels
+
+    cfg = _cfg("model.fused_kernels=on")
+    torch.manual_seed(0)
+    base = build_random_model("tiny", bits=4, compute_dtype=torch.float32)
+    model = LoRAModel(base, cfg.lora)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    families.patch_model_for_speed(model)
+    model.train()
+    events: list[str] = []
+    output_backward = kernels._LoRAOutput.backward
+
+    def recording_backward(ctx, *grads):
+        if ctx.layers[0] is down:
+            events.append("down: input gradient")
+        return output_backward(ctx, *grads)
+
+    monkeypatch.setattr(kernels._LoRAOutput, "backward", staticmethod(recording_backward))
+    last = base.model.layers[-1]
+    down = model.lora_layers[next(n for n in model.lora_layers if n.startswith("model.layers.1.mlp.down_proj"))]
+    assert last is base.model.layers[1]
+    last.mlp.register_forward_pre_hook(lambda *_: events.append("mlp forward") if torch.is_grad_enabled() else None)
+    batch = torch.randint(0, 512, (2, 32))
+    loss = model(input_ids=batch, labels=batch).loss
+    assert events == ["mlp forward"]  # the original forward
+    loss.backward()
+    assert events == ["mlp forward", "down: input gradient", "mlp forward"]  # then the recompute
+
+
 # Measured on one H200 (`lora-dist plan --measure`, stop 12, after the rebuilt inputs): Llama-3-8B shape,
 # NF4 + double quant, r=16 on the seven linears, seq 2048, micro batch 4, bf16, fused kernels.
 H200_PEAKS_GIB = {True: 9.12, False: 29.61}
