@@ -235,8 +235,9 @@ def enable_activation_offload(model: nn.Module, target: str | torch.device = "cp
     Replaces the model's own per-layer checkpointing (leave `gradient_checkpointing_enable` off):
     in training with gradients on, each decoder layer runs under non-reentrant checkpointing and
     its input waits on `target`; in eval or under no_grad the layers run as before. A layer that
-    `families.patch_model_for_speed` patches (before or after this) is checkpointed as two blocks,
-    attention and MLP, each with its input offloaded.
+    `families.patch_model_for_speed` patches after this (as the job and the bench do), or patched
+    before with `block_checkpointing=True`, is checkpointed as two blocks, attention and MLP, each
+    with its input offloaded.
 
     Args:
         model: a LoRAModel or a Hugging Face causal LM with `.model.layers`.

@@ -74,6 +74,18 @@ def test_offload_equals_model_checkpointing_and_no_checkpointing_bitwise(fused):
     _assert_bitwise(offloaded, _loss_and_grads(_model("none", fused=fused)[0], batch))
 
 
+def test_offload_enabled_after_block_patching_offloads_both_block_inputs_bitwise():
+    # The other order: patch_model_for_speed(block_checkpointing=True) first, then offload, which
+    # hands each block-patched layer its offloader instead of wrapping it a second time.
+    batch = _batch()
+    model, _ = _model("none", fused=False)
+    families.patch_model_for_speed(model, block_checkpointing=True)
+    offloader = offload.enable_activation_offload(model)
+    result = _loss_and_grads(model, batch)
+    assert offloader.stats.saved == 2 * LAYERS  # attention and MLP inputs of every layer, once
+    _assert_bitwise(result, _loss_and_grads(_model("none")[0], batch))
+
+
 def test_offload_recompute_draws_the_forward_dropout_masks():
     # LoRA dropout 0.2 in every layer: a recompute with other masks would give other gradients.
     batch = _batch()
