@@ -478,8 +478,10 @@ class _GatedActivation(torch.autograd.Function):
         triton_ops = _triton_ops() if gate.is_cuda and gate.stride(-1) == 1 and up.stride(-1) == 1 else None
         if triton_ops is not None:  # one pass, no temporary by construction
             triton_ops.gated_backward_(g, gate, up, gelu=ctx.bwd is _geglu_bwd)
-        else:
-            _fused(_BACKWARD_IN_PLACE[ctx.bwd], g, gate, up)
+        else:  # the CPU (and CUDA without Triton): the same values, through two temporaries
+            d_gate, d_up = _fused(ctx.bwd, g, gate, up)
+            gate.copy_(d_gate)
+            up.copy_(d_up)
         return gate, up, None, None, None
 
 
@@ -491,20 +493,6 @@ def _triton_ops():
         return None
     return triton_ops
 
-
-def _swiglu_bwd_(g, gate, up):
-    d_gate, d_up = _swiglu_bwd(g, gate, up)
-    gate.copy_(d_gate)
-    up.copy_(d_up)
-
-
-def _geglu_bwd_(g, gate, up):
-    d_gate, d_up = _geglu_bwd(g, gate, up)
-    gate.copy_(d_gate)
-    up.copy_(d_up)
-
-
-_BACKWARD_IN_PLACE = {_swiglu_bwd: _swiglu_bwd_, _geglu_bwd: _geglu_bwd_}
 
 
 def rms_norm(
@@ -670,9 +658,9 @@ def _flex_runs(qh: torch.Tensor, kh: torch.Tensor, mask: torch.Tensor | None, sc
     """Whether compiled FlexAttention runs forward and backward for these shapes on this GPU.
 
     Tried once per shape on zeros and the real mask, scale and cap (the compiled kernels are then
-    cached for the real call): a head
-    dim or dtype the kernel cannot tile (shared memory, for instance) is found here, where it can
-    fall back to the explicit attention with one warning, not in the middle of a backward.
+    cached for the real call): a head dim or dtype the kernel cannot tile (shared memory, for
+    instance) is found here, where it can fall back to the explicit attention with one warning,
+    not in the middle of a backward.
     """
     key = (tuple(qh.shape), tuple(kh.shape), qh.dtype, scale, softcap,
            None if mask is None else (tuple(mask.shape), mask.dtype))
