@@ -21,6 +21,7 @@ from lora_dist import families, kernels, quant, shapes, train
 from lora_dist.config import Config, ModelConfig
 from lora_dist.families import decoder
 from lora_dist.model import LoRAConfig, LoRAModel
+from test_plan import saved_tensor_bytes
 
 VOCAB, SEQ, WINDOW = 256, 40, 16
 BASE = {
@@ -458,38 +459,22 @@ def test_patched_family_in_bf16_is_as_accurate_as_its_own_bf16_forward(model_typ
         assert ours < 8e-2, errors
 
 
-def saved_bytes(model: LoRAModel, tokens: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd keeps for backward over one forward."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=tokens, labels=tokens).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(storages.values())
-
-
 def test_lora_groups_rebuild_normed_inputs_and_h_instead_of_keeping_them(monkeypatch):
     # q/k/v and gate/up read a norm's output, down reads the gated activation's: each is rebuilt in
     # backward from what its producer keeps anyway (x and rstd; gate and up), so per layer and token
     # 2 d + I values are not kept (layer 0: d + I; its input norm keeps nothing, the embedding output x
-    # and rstd are then kept for q/k/v). Counted against the same model with rebuilding switched off;
-    # the same gradients (fp32: chunked sums, summation order only).
+    # and rstd are then kept for q/k/v). Counted (weights aside) against the same model with
+    # rebuilding switched off; the same gradients (fp32: chunked sums, summation order only).
     tokens = batch()
     model = families.patch_model_for_speed(build("llama"))
-    with_rebuild = saved_bytes(model, tokens)
+    with_rebuild = saved_tensor_bytes(model, tokens)
     loss, grads = loss_and_grads(model, tokens)
     monkeypatch.setattr(kernels, "_rebuild_of", lambda x: None)
-    without = saved_bytes(model, tokens)
+    without = saved_tensor_bytes(model, tokens)
     ref_loss, ref_grads = loss_and_grads(model, tokens)
     config = model.base_model.config
     d, inter, layers, m = config.hidden_size, config.intermediate_size, config.num_hidden_layers, tokens.numel()
-    expected = (layers * (2 * d + inter) - d) * m * 4 - m * 4 - d * 4  # fp32; layer 0 keeps rstd and weight
+    expected = (layers * (2 * d + inter) - d) * m * 4 - m * 4  # fp32; layer 0 keeps its rstd
     assert without - with_rebuild == expected
     assert loss == ref_loss
     assert max(rel_err(g, r) for g, r in zip(grads, ref_grads)) < GRAD_RTOL

@@ -168,7 +168,7 @@ def test_zero_stage_columns_equal_a_two_process_jobs_shard_report(stage, tmp_pat
                                       shards["optimizer_state_bytes"], shards["master_param_bytes"])
 
 
-def _saved_tensor_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+def saved_tensor_bytes(model: nn.Module, ids: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd keeps for backward over one forward (weights excluded)."""
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     storages: dict[int, int] = {}
@@ -208,7 +208,7 @@ def test_saved_activations_equal_what_autograd_keeps_on_the_fused_path(dropout):
     families.patch_model_for_speed(model)
     model.train()
     micro, seq = 2, 64
-    counted = _saved_tensor_bytes(model, torch.randint(0, 512, (micro, seq)))
+    counted = saved_tensor_bytes(model, torch.randint(0, 512, (micro, seq)))
     predicted = plan.plan_memory(cfg, micro_batch=micro, seq_len=seq, device="cpu").saved_for_backward
     assert predicted == counted
 
