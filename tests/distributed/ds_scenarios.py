@@ -6,6 +6,12 @@ both sides build bit-identical models and feed the same samples in the same micr
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,3 +132,20 @@ def reference_run(base: str, steps: int, dropout: float = 0.0, bias: str = "none
         scheduler.step()
         losses.append(total / n_micro)
     return losses, model
+
+
+def finish_worker(path: Path, results: dict[str, Any]) -> None:
+    """A worker rank's last act: write its results, wait for every rank, leave the group, exit 0.
+
+    os._exit skips the interpreter's teardown of the DeepSpeed engines the process built: once in CI
+    a rank that had built 14 of them aborted there ("terminate called without an active exception",
+    after destroy_process_group), failing a run whose results were all written.
+    """
+    import torch.distributed as dist
+
+    path.write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -10,8 +10,6 @@ because importing DeepSpeed and forming the gloo group costs seconds.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import sys
 import time
@@ -212,16 +210,7 @@ PHASES = {"train": phase_train, "resume": phase_resume, "reshard": phase_reshard
 def main() -> None:
     phase, out = sys.argv[1], Path(sys.argv[2])
     rank, world = distributed.init_distributed(backend="gloo")
-    results = PHASES[phase](out, rank)
-    (out / f"{phase}-rank{rank}.json").write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-    # Results are on disk. Skip the interpreter's teardown of the engines this process built: once in
-    # CI a rank that had built 14 DeepSpeed engines aborted there ("terminate called without an active
-    # exception", after destroy_process_group), failing a run whose results were all written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    sc.finish_worker(out / f"{phase}-rank{rank}.json", PHASES[phase](out, rank))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ the saved one bit for bit), then trains to RESUME_STEPS. Writes OUT_DIR/<phase>-
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -112,16 +110,7 @@ def phase_resume(out: Path) -> dict:
 def main() -> None:
     phase, out = sys.argv[1], Path(sys.argv[2])
     rank, world = distributed.init_distributed(backend="gloo")
-    results = {"write": phase_write, "resume": phase_resume}[phase](out)
-    (out / f"{phase}-w{world}-rank{rank}.json").write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-    # Results are on disk. Skip the interpreter's teardown of the engines this process built: once in
-    # CI a rank that had built 14 DeepSpeed engines aborted there ("terminate called without an active
-    # exception", after destroy_process_group), failing a run whose results were all written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    sc.finish_worker(out / f"{phase}-w{world}-rank{rank}.json", {"write": phase_write, "resume": phase_resume}[phase](out))
 
 
 if __name__ == "__main__":
