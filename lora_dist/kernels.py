@@ -718,12 +718,16 @@ def _ce_chunk(logits, labels, inv_count, scale: float, softcap: float | None):
 
 class _ChunkedLMLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, scale, softcap):
-        # hidden: (N, d), weight: (V, d) frozen, labels: (N,) already shifted
+    def forward(ctx, hidden, weight, labels, chunk_tokens, scale, softcap, num_items):
+        # hidden: (N, d), weight: (V, d) frozen, labels: (N,) already shifted; num_items: None or a
+        # 0-d tensor, the divisor of the summed loss (HF's num_items_in_batch), else the label count.
         # A micro batch with no labelled token (a prompt cut off before its response) scores 0 with a
         # zero gradient, as HF's loss does given num_items_in_batch: every term of the sum is masked,
         # so dividing by max(count, 1) changes nothing else. Stays on the device: no sync.
-        count = (labels != IGNORE_INDEX).sum().float().clamp(min=1.0)
+        if num_items is None:
+            count = (labels != IGNORE_INDEX).sum().float().clamp(min=1.0)
+        else:
+            count = num_items.to(device=hidden.device, dtype=torch.float32)
         inv_count = 1.0 / count
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -746,7 +750,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * g.to(grad_hidden.dtype), None, None, None, None, None
+        return grad_hidden * g.to(grad_hidden.dtype), None, None, None, None, None, None
 
 
 def chunked_causal_lm_loss(
@@ -757,6 +761,7 @@ def chunked_causal_lm_loss(
     *,
     scale: float = 1.0,
     softcap: float | None = None,
+    num_items: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of the logits `hidden @ weight.T`, as Hugging Face causal LMs compute it.
 
@@ -772,6 +777,8 @@ def chunked_causal_lm_loss(
         chunk_tokens: tokens per chunk; default: equal chunks of at most about LOSS_CHUNK_LOGITS logits.
         scale: factor on the logits (Granite divides them by `logits_scaling`).
         softcap: tanh soft-capping of the logits (Gemma 2's `final_logit_softcapping`), or None.
+        num_items: divide the summed token loss by this instead of this batch's label count
+            (Hugging Face's `num_items_in_batch`: the label tokens of the whole accumulated batch).
 
     Returns:
         Scalar fp32 loss; 0 (with a zero gradient) when no label counts.
@@ -781,4 +788,7 @@ def chunked_causal_lm_loss(
     n = shifted.numel()
     chunks = -(-n * vocab // LOSS_CHUNK_LOGITS)  # ceil
     chunk = chunk_tokens or -(-n // chunks)  # equal chunks, so one compiled shape
-    return _ChunkedLMLoss.apply(hidden.reshape(-1, d), weight, shifted.reshape(-1), chunk, float(scale), softcap)
+    if num_items is not None:
+        num_items = torch.as_tensor(num_items)
+    return _ChunkedLMLoss.apply(hidden.reshape(-1, d), weight, shifted.reshape(-1), chunk, float(scale), softcap,
+                                num_items)

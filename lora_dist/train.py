@@ -449,13 +449,9 @@ def _to_device(run: Run, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def _batch_loss(run: Run, batch: dict[str, torch.Tensor], num_items: torch.Tensor) -> torch.Tensor:
-    """This micro batch's summed token loss divided by `num_items`, whichever forward the model runs."""
-    loss = run.engine(**batch, num_items_in_batch=num_items).loss
-    if run.fused:
-        # The chunked loss of the fused forward averages over this batch's own label tokens and
-        # ignores num_items_in_batch: rescale its mean to the sum over num_items.
-        loss = loss * (_label_tokens(batch) / num_items)
-    return loss
+    """This micro batch's summed token loss divided by `num_items`, whichever forward the model runs
+    (the model's own loss and the fused path's chunked loss both divide by num_items_in_batch)."""
+    return run.engine(**batch, num_items_in_batch=num_items).loss
 
 
 def _label_tokens(batch: dict[str, torch.Tensor]) -> int:

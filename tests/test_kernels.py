@@ -147,6 +147,24 @@ def test_chunked_loss_keeps_one_chunk_of_logits_and_gradient_alive_at_a_time():
     assert mode.alive_at_logits == [0, 0, 0, 0]
 
 
+def test_chunked_loss_divides_by_num_items_as_hf_does_with_num_items_in_batch():
+    # Given num_items (the label tokens of the whole accumulated batch), the summed token loss is divided
+    # by it, not by this batch's count: HF's loss with num_items_in_batch, computed here in float64.
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 64, requires_grad=True)
+    weight = torch.randn(100, 64) * 0.1
+    labels = torch.randint(0, 100, (2, 9))
+    labels[0, 3] = kernels.IGNORE_INDEX
+    loss = kernels.chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=5, num_items=torch.tensor(37))
+    loss.backward()
+    hd = hidden.detach().double().requires_grad_()
+    ref = F.cross_entropy((hd @ weight.double().t())[:, :-1].reshape(-1, 100), labels[:, 1:].reshape(-1),
+                          ignore_index=kernels.IGNORE_INDEX, reduction="sum") / 37
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < FP32_RTOL * ref.item()
+    assert rel_err(hidden.grad, hd.grad) < FP32_RTOL
+
+
 def test_chunked_loss_of_a_batch_without_label_tokens_is_zero_with_zero_gradient():
     # A micro batch whose responses were all cut off: HF's loss with num_items_in_batch gives
     # sum / num_items = 0 there; a mean over no token would be 0/0 = nan and poison the whole step.

@@ -341,13 +341,27 @@ def test_fused_kernels_follow_the_plain_forward_step_for_step(tmp_path, capsys):
 
 
 def test_fused_loss_is_the_mean_over_all_response_tokens_of_the_global_batch(tiny_dir, tmp_path, capsys):
-    # The fused chunked loss averages over its own micro batch; the loop must rescale it to the global
-    # token count, as the plain forward does with num_items_in_batch (micro batches of unequal counts).
+    # The fused chunked loss divides its summed token loss by num_items_in_batch, the global token
+    # count, as the plain forward does (micro batches of unequal counts).
     run = train.setup(_config(tiny_dir, tmp_path, "model.fused_kernels=on",
                               "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"))
     assert run.fused and hasattr(run.model.base_model, "_lora_dist_original_forward")  # the chunked loss is on
     window = _window(run)
     expected, _ = _reference_loss(run, window)  # without labels the patched forward returns full logits
+    stats = train.train_step(run, window)
+    # fp32 on both sides, sums in another order: ~1e-6 relative (as in the plain test above).
+    assert stats["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fused_run_with_an_adapter_on_the_head_keeps_the_models_own_loss_scale(tiny_dir, tmp_path, capsys):
+    # The tiny default trains lm_head too: the fused path then keeps the model's own logits and loss,
+    # which already divides by num_items_in_batch. The loop rescaled every fused loss as if it were a
+    # per-batch mean: the step-0 eval loss of `lora-dist train configs/tiny-cpu.yaml
+    # model.fused_kernels=on` read 417 instead of 6.64, and training steps were scaled alike.
+    run = train.setup(_config(tiny_dir, tmp_path, "model.fused_kernels=on"))
+    assert run.fused and "_lora_dist_original_forward" not in run.model.base_model.__dict__  # own loss
+    window = _window(run)
+    expected, _ = _reference_loss(run, window)
     stats = train.train_step(run, window)
     # fp32 on both sides, sums in another order: ~1e-6 relative (as in the plain test above).
     assert stats["loss"] == pytest.approx(expected, rel=1e-5)

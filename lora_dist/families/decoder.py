@@ -281,10 +281,11 @@ def _causal_lm_forward(self, scale: float, softcap: float | None, input_ids=None
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     kwargs.pop("logits_to_keep", None)
-    kwargs.pop("num_items_in_batch", None)
+    num_items = kwargs.pop("num_items_in_batch", None)  # as HF's loss: the sum divided by it when given
     kwargs.setdefault("use_cache", False)  # no cache is returned: none needs building
     outputs = self.model(input_ids=input_ids, **kwargs)
-    loss = kernels.chunked_causal_lm_loss(outputs[0], self.lm_head.weight, labels, scale=scale, softcap=softcap)
+    loss = kernels.chunked_causal_lm_loss(outputs[0], self.lm_head.weight, labels, scale=scale, softcap=softcap,
+                                          num_items=num_items)
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
