@@ -151,17 +151,21 @@ class _LoRAProject(torch.autograd.Function):
     (torch's non-reentrant early stop), never reruns a base GEMM whose output backward does not
     need: the down projection's, about a quarter of a Llama layer's FLOPs.
 
+    Its backward makes all of x's gradient: the adapter part (g_xa @ A), then the base part
+    (g_i @ W_i) from the output gradients `_LoRAOutput.backward` hands over (`_Handoff`), so under
+    checkpointing that (M, in) tensor is made after the layer's recompute, never beside it.
+
     With dropout (p_i > 0 for layer i) each layer reads its own dropped copy of x,
     xa_i = dropout_i(x) @ A_i.T, its mask drawn in layer order, as the layers' plain forwards
     draw theirs. No mask is stored: backward replays the generator state saved in forward and
-    draws the same masks again, then returns the adapter part of x's gradient through them
-    (without dropout `_LoRAOutput` folds that part into its own GEMM instead).
+    draws the same masks again, and the adapter part of x's gradient goes back through them.
     """
 
     @staticmethod
-    def forward(ctx, x2, dropouts, rebuild, *a_params):
+    def forward(ctx, x2, dropouts, rebuild, layers, handoff, *a_params):
         # x2: (M, in); dropouts: p_i per layer; rebuild: None or x2's Rebuild (no dropout only);
-        # a_params: (r_i, in) each
+        # layers: the group's LoRA layers; handoff: where _LoRAOutput.backward leaves the output
+        # gradients for x's base-weight part; a_params: (r_i, in) each
         if rebuild is None:
             ctx.save_for_backward(x2)
         else:  # its producer's kept tensors instead: x2 is made again, in row chunks, in backward
@@ -170,29 +174,36 @@ class _LoRAProject(torch.autograd.Function):
         ctx.ranks = [a.shape[0] for a in a_params]
         ctx.dtypes = [a.dtype for a in a_params]
         ctx.dropouts = dropouts
+        ctx.layers, ctx.handoff = layers, handoff
+        ctx.a_params = a_params  # parameters, changed by the optimizer only after backward
         if not any(dropouts):
             a_cat = torch.cat([a.to(x2.dtype) for a in a_params])  # (R, in)
             return x2 @ a_cat.t()  # (M, R)
-        ctx.a_params = a_params  # parameters, changed by the optimizer only after backward
         ctx.rng_state = _rng_state(x2.device)
         # one (M, in) dropped copy alive at a time; (M, r_i) each
         return torch.cat([_dropped(x2, p) @ a.to(x2.dtype).t() for a, p in zip(a_params, dropouts)], dim=1)
 
     @staticmethod
     def backward(ctx, g_xa):
-        needs_a = ctx.needs_input_grad[3:]
-        if ctx.rebuild is not None:
-            grad_a_cat = _rebuilt_input_grad(ctx.rebuild, ctx.saved_tensors, g_xa)
-        elif not any(ctx.dropouts):
-            (x2,) = ctx.saved_tensors
-            grad_a_cat = _mm_f32(g_xa.t(), x2)  # (R, in)
+        needs_a = ctx.needs_input_grad[5:]
+        outputs_grads, ctx.handoff.grads = ctx.handoff.grads, None  # (M, out_i) each, or None
         if not any(ctx.dropouts):
-            # grad of x comes from _LoRAOutput.backward, which folds g_xa @ A into its own GEMM output
+            if ctx.rebuild is not None:  # first: its row chunks never meet x's (M, in) gradient
+                grad_a_cat = _rebuilt_input_grad(ctx.rebuild, ctx.saved_tensors, g_xa)
+            else:
+                (x2,) = ctx.saved_tensors
+                grad_a_cat = _mm_f32(g_xa.t(), x2)  # (R, in)
             grads, start = [], 0
             for needs, r, dtype in zip(needs_a, ctx.ranks, ctx.dtypes):
                 grads.append(grad_a_cat[start : start + r].to(dtype) if needs else None)
                 start += r
-            return (None, None, None, *grads)
+            del grad_a_cat
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                a_cat = torch.cat([a.to(g_xa.dtype) for a in ctx.a_params])  # (R, in)
+                grad_x = g_xa @ a_cat  # (M, in): the adapter part first, the big GEMMs accumulate onto it
+                grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers)
+            return (grad_x, None, None, None, None, *grads)
         (x2,) = ctx.saved_tensors
         grad_x, grads, start = None, [], 0
         with _replayed_rng(x2.device, ctx.rng_state), torch.enable_grad():
@@ -206,7 +217,34 @@ class _LoRAProject(torch.autograd.Function):
                     g_drop = g @ a.to(g.dtype)  # (M, in)
                     g_in = torch.autograd.grad(x_drop, x_in, g_drop)[0] if p > 0 else g_drop
                     grad_x = g_in if grad_x is None else grad_x.add_(g_in)
-        return (grad_x, None, None, *grads)
+        if ctx.needs_input_grad[0]:
+            grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers)
+        return (grad_x, None, None, None, None, *grads)
+
+
+class _Handoff:
+    """The output gradients of a group, from `_LoRAOutput.backward` to `_LoRAProject.backward`.
+
+    x's gradient through the base weights (g_i @ W_i, (M, in)) is made in the second, not the first:
+    the first saves nothing, so under checkpointing it runs before the layer's recompute, and a
+    (tokens, I) gradient made there would sit beside the whole recomputed layer (the step's peak).
+    """
+
+    __slots__ = ("grads",)
+
+    def __init__(self) -> None:
+        self.grads: list[torch.Tensor | None] | None = None
+
+
+def _add_base_grads(grad_x: torch.Tensor | None, outputs_grads, layers) -> torch.Tensor | None:
+    """grad_x + sum_i g_i @ W_i, each 4-bit W_i dequantized again and freed at once."""
+    for g, layer in zip(outputs_grads or (), layers):
+        if g is None:
+            continue
+        w = _base_weight(layer.base_layer, g.dtype)  # (out, in)
+        grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
+        del w
+    return grad_x
 
 
 def _rebuilt_input_grad(rebuild: Rebuild, saved: Sequence[torch.Tensor], g_xa: torch.Tensor) -> torch.Tensor:
@@ -230,7 +268,7 @@ class _LoRAOutput(torch.autograd.Function):
     """y_i = x @ W_i.T (+ bias_i) + (x @ A_i.T) @ (s_i B_i).T, given xa = x @ cat(A).T."""
 
     @staticmethod
-    def forward(ctx, x2, xa, layers, *b_params):
+    def forward(ctx, x2, xa, layers, handoff, *b_params):
         dtype = x2.dtype
         outs, start = [], 0
         for layer, b in zip(layers, b_params):
@@ -250,7 +288,7 @@ class _LoRAOutput(torch.autograd.Function):
         # Nothing goes through save_for_backward (see _LoRAProject): xa is tiny (M, R) and kept as
         # is; the adapters are parameters, which the optimizer changes only after backward.
         ctx.xa = xa.detach()
-        ctx.layers = layers
+        ctx.layers, ctx.handoff = layers, handoff
         ctx.a_params = [layer.lora_A.weight for layer in layers]
         ctx.b_params = b_params
         return tuple(outs)
@@ -269,27 +307,17 @@ class _LoRAOutput(torch.autograd.Function):
             ],
             dim=1,
         )
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            if not any(_dropout_p(layer) for layer in layers):
-                a_cat = torch.cat([a.to(dtype) for a in ctx.a_params])  # (R, in)
-                grad_x = g_xa @ a_cat  # (M, in): the adapter part first, the big GEMMs accumulate onto it
-            # (with dropout, _LoRAProject.backward returns the adapter part, through the masks)
-            for g, layer in zip(gs, layers):
-                if g is None:
-                    continue
-                w = _base_weight(layer.base_layer, dtype)  # dequantize again, free at once
-                grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
-                del w
+        if ctx.needs_input_grad[0]:  # x's gradient is made by _LoRAProject.backward, from these
+            ctx.handoff.grads = gs
         grad_bs, start = [], 0
-        for g, b, layer, needs in zip(gs, b_params, layers, ctx.needs_input_grad[3:]):
+        for g, b, layer, needs in zip(gs, b_params, layers, ctx.needs_input_grad[4:]):
             r = b.shape[1]
             if g is None or not needs:
                 grad_bs.append(None)
             else:
                 grad_bs.append((_mm_f32(g.t(), xa[:, start : start + r]) * layer.scaling).to(b.dtype))
             start += r
-        return (grad_x, g_xa, None, *grad_bs)
+        return (None, g_xa, None, None, *grad_bs)
 
 
 def lora_group(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
@@ -310,8 +338,9 @@ def lora_group(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tens
     a_params = [layer.lora_A.weight for layer in layers]
     dropouts = tuple(_dropout_p(layer) for layer in layers)
     rebuild = None if any(dropouts) else _rebuild_of(x)  # with dropout, backward replays the masks on x2
-    xa = _LoRAProject.apply(x2, dropouts, rebuild, *a_params)  # (M, R)
-    outs = _LoRAOutput.apply(x2, xa, layers, *[layer.lora_B.weight for layer in layers])
+    handoff = _Handoff()
+    xa = _LoRAProject.apply(x2, dropouts, rebuild, layers, handoff, *a_params)  # (M, R)
+    outs = _LoRAOutput.apply(x2, xa, layers, handoff, *[layer.lora_B.weight for layer in layers])
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
 

@@ -394,15 +394,13 @@ def _backward_moments(layer: _Layer, e: int, fused_act: bool, rebuilt_h: bool, h
 
     MLP: the activation's backward holds the gradient of h (I e) while h's saved copy is already
     freed (-I e when down_proj saved it); HF's also writes new d_gate and d_up (2 I e), the fused
-    one writes them over its saved gate and up (one Triton kernel on CUDA). The down_proj moment holds grad x
-    (I e) and one dequantized down weight, then, with h rebuilt (not saved), grad x and one row
-    chunk of h (I e / REBUILD_CHUNKS). Attention: the output gradient and dq, dk, dv ((2q + 2kv) e).
-    With h rebuilt and `hidden` given (a checkpointed layer), the recompute: down_proj's output half
-    of the backward saves nothing, so it runs first and makes grad h (I e); the layer's recompute
-    starts only at the next node, and rebuilds h (I e) from the MLP input (d e, alive with it) beside
-    it (traced on the CPU; it places the H200's checkpointed peaks within 2%).
+    one writes them over its saved gate and up (one Triton kernel on CUDA). The down_proj moment: with
+    h rebuilt (not saved), one row chunk of h (I e / REBUILD_CHUNKS), then grad h (I e) and one
+    dequantized down weight; with h saved, grad h and the weight. Attention: the output gradient and
+    dq, dk, dv ((2q + 2kv) e). With h rebuilt and `hidden` given (a checkpointed layer), the
+    recompute: it rebuilds h (I e) beside the MLP input (d e); grad h is made only after it
+    (kernels._Handoff: the output half of the group hands its gradients to the input half).
     """
-    from lora_dist.kernels import REBUILD_CHUNKS
 
     lin = {n.rsplit(".", 1)[-1]: l for n, l in layer.linears.items()}
     inter = lin["gate_proj"].out_features
@@ -410,8 +408,8 @@ def _backward_moments(layer: _Layer, e: int, fused_act: bool, rebuilt_h: bool, h
     h_saved = (down.rank > 0 or down.bits == 8) and not rebuilt_h
     q, kv = lin["q_proj"].out_features, lin["k_proj"].out_features
     act_moment = (1 if fused_act else 3) * inter - (inter if h_saved else 0)
-    down_moment = inter * (1 + 1 / REBUILD_CHUNKS if rebuilt_h else 1)
-    recompute_moment = 2 * inter + hidden if rebuilt_h and hidden else 0
+    down_moment = inter  # with h rebuilt: its chunks (I / REBUILD_CHUNKS) are freed before grad h exists
+    recompute_moment = inter + hidden if rebuilt_h and hidden else 0
     return (2 * q + 2 * kv) * e, max(act_moment, down_moment, recompute_moment) * e
 
 

@@ -213,11 +213,11 @@ def test_saved_activations_equal_what_autograd_keeps_on_the_fused_path(dropout):
     assert predicted == counted
 
 
-def test_a_checkpointed_layer_recomputes_after_its_down_projection_made_the_input_gradient(monkeypatch):
-    # The order the planner's checkpointed peak rests on (plan._backward_moments: grad h, then the
-    # recompute rebuilding h beside it): the down group's output half saves nothing, so its backward
-    # runs before the layer's recompute, which the next node's unpack starts. If this order changes,
-    # the recompute moment in the planner must change with it.
+def test_a_checkpointed_layer_recomputes_before_its_down_projection_makes_the_input_gradient(monkeypatch):
+    # The order the planner's checkpointed peak rests on (plan._backward_moments): the down group's
+    # output half saves nothing, so its backward runs before the layer's recompute (which the next
+    # node's unpack starts); it only hands its gradients over, and grad h (tokens x I) is made by the
+    # input half after the recompute. If this order changes, the planner's moments must change too.
     from lora_dist import kernels
 
     cfg = _cfg("model.fused_kernels=on")
@@ -232,10 +232,18 @@ def test_a_checkpointed_layer_recomputes_after_its_down_projection_made_the_inpu
 
     def recording_backward(ctx, *grads):
         if ctx.layers[0] is down:
-            events.append("down: input gradient")
+            events.append("down: output half")
         return output_backward(ctx, *grads)
 
+    grad_of = kernels._add_base_grads
+
+    def recording_grad(grad_x, outputs_grads, layers):
+        if layers[0] is down:
+            events.append("down: input gradient")
+        return grad_of(grad_x, outputs_grads, layers)
+
     monkeypatch.setattr(kernels._LoRAOutput, "backward", staticmethod(recording_backward))
+    monkeypatch.setattr(kernels, "_add_base_grads", recording_grad)
     last = base.model.layers[-1]
     down = model.lora_layers[next(n for n in model.lora_layers if n.startswith("model.layers.1.mlp.down_proj"))]
     assert last is base.model.layers[1]
@@ -244,7 +252,8 @@ def test_a_checkpointed_layer_recomputes_after_its_down_projection_made_the_inpu
     loss = model(input_ids=batch, labels=batch).loss
     assert events == ["mlp forward"]  # the original forward
     loss.backward()
-    assert events == ["mlp forward", "down: input gradient", "mlp forward"]  # then the recompute
+    # then the recompute, and only after it x's (tokens, I) gradient
+    assert events == ["mlp forward", "down: output half", "mlp forward", "down: input gradient"]
 
 
 # Measured on one H200 (`lora-dist plan --measure`, stop 12, after the rebuilt inputs): Llama-3-8B shape,
