@@ -115,12 +115,14 @@ class Rebuild:
         tensors: its tensor inputs.
         static: its other arguments.
         row_wise: which tensors are sliced along rows (the others, weights, are passed whole).
+        chunks: how many row chunks it is made in (1: whole, as wide as the residual stream).
     """
 
     fn: Callable
     tensors: tuple[torch.Tensor, ...]
     static: tuple
     row_wise: tuple[int, ...]
+    chunks: int = 1
 
     def rows(self, saved: Sequence[torch.Tensor], start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the output (flattened to 2-D), from `saved` (the unpacked tensors)."""
@@ -129,8 +131,10 @@ class Rebuild:
 
 
 REBUILD_CHUNKS = 4
-"""Row chunks a rebuilt input is made in: a quarter of it exists at a time (the down projection's
-moment then holds its gradient and a quarter of h, below the gated activation's own moment)."""
+"""Row chunks the MLP's rebuilt h is made in: a quarter of it exists at a time (the down projection's
+moment then holds its gradient and a quarter of h, below the gated activation's own moment). A
+normed input (d wide, smaller than the gradients beside it) is made whole: each chunk costs a
+fused call, a GEMM and an add on the host, which bounds the step on small models."""
 
 
 def _rebuild_of(x: torch.Tensor) -> Rebuild | None:
@@ -250,7 +254,7 @@ def _add_base_grads(grad_x: torch.Tensor | None, outputs_grads, layers) -> torch
 def _rebuilt_input_grad(rebuild: Rebuild, saved: Sequence[torch.Tensor], g_xa: torch.Tensor) -> torch.Tensor:
     """g_xa.T @ x2 (fp32, (R, in)) with x2 made again chunk by chunk from its producer's tensors."""
     m = g_xa.shape[0]
-    step = -(-m // REBUILD_CHUNKS)
+    step = -(-m // rebuild.chunks)
     total = None
     for start in range(0, m, step):
         rows = rebuild.rows(saved, start, start + step)  # (chunk, in), freed after its product
@@ -495,7 +499,7 @@ class _GatedActivation(torch.autograd.Function):
         ctx.bwd = bwd
         ctx.owned = owned
         h = _fused(fwd, gate, up)
-        h._lora_dist_rebuild = Rebuild(fwd, (gate, up), (), row_wise=(0, 1))
+        h._lora_dist_rebuild = Rebuild(fwd, (gate, up), (), row_wise=(0, 1), chunks=REBUILD_CHUNKS)
         return h
 
     @staticmethod
