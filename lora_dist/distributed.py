@@ -285,7 +285,36 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> tup
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
+    _unlink_shm_buffer(rank)
+    return rank, torch.distributed.get_world_size()
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffer_name(rank: int | str) -> str:
+    """The /dev/shm name of DeepSpeed's CPU comm buffer for `rank` of the group this process joins
+    (deepspeed ops/csrc/cpu/comm/shm.cpp: prefix, uid, MASTER_ADDR, MASTER_PORT, rank)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """Remove this rank's DeepSpeed CPU comm buffer from /dev/shm once every rank has mapped it.
+
+    DeepSpeed's CPU accelerator creates one 66 MiB shared-memory file per rank at init and never
+    unlinks it: every CPU run would leave world-size x 66 MiB of RAM in /dev/shm until reboot. After
+    the barrier every rank has returned from DeepSpeed's init, which maps all ranks' files; the
+    mappings stay valid after the names go.
+    """
+    from deepspeed import comm as ds_comm
+
+    if getattr(getattr(ds_comm.comm, "cdb", None), "shm_comm_op", None) is None:
+        return  # not the CPU accelerator's comm op (on GPUs: NCCL, no files)
+    torch.distributed.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        (SHM_DIR / shm_buffer_name(rank)).unlink()
 
 
 def _flat_name(name: str) -> str:

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,9 +114,6 @@ print(json.dumps({"skipped": stats["skipped"], "grad_norm": stats["grad_norm"], 
 
 
 def _inf_gradient_under_deepspeed(tiny_dir, out, stage):
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MASTER_", "WORLD_", "RANK"))}
     proc = subprocess.run(
         [sys.executable, "-c", INF_GRADIENT_UNDER_DEEPSPEED, str(TINY), f"model.path={tiny_dir}",
@@ -135,6 +134,33 @@ def test_inf_gradient_under_zero_is_skipped_and_the_schedule_still_advances(tiny
     assert result["skipped"] and result["grad_norm"] == float("inf") and math.isfinite(result["loss"])
     assert result["unchanged"]
     assert result["lr"][1] == pytest.approx(result["lr"][0] * 2 / 3)  # linear decay to 0 over 3 steps, one taken
+
+
+SHM_AFTER_SETUP = """
+import json, sys
+from deepspeed import comm
+from lora_dist import distributed, train
+from lora_dist.config import load_config
+run = train.setup(load_config(sys.argv[1], sys.argv[2:]))
+print(json.dumps({"shm_op": comm.comm.cdb.shm_comm_op is not None,
+                  "left": (distributed.SHM_DIR / distributed.shm_buffer_name(0)).exists()}))
+"""
+
+
+@pytest.mark.distributed
+def test_deepspeed_cpu_comm_buffer_does_not_outlive_the_job(tiny_dir, tmp_path):
+    # DeepSpeed's CPU accelerator creates a 66 MiB /dev/shm file per rank and never removes it: each CPU
+    # run left one behind (RAM until reboot). The job unlinks it once every rank has mapped it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MASTER_", "WORLD_", "RANK"))}
+    proc = subprocess.run(
+        [sys.executable, "-c", SHM_AFTER_SETUP, str(TINY), f"model.path={tiny_dir}", f"train.output_dir={tmp_path}",
+         "wandb.mode=disabled", "distributed.engine=deepspeed"],
+        # LOCAL_SIZE: set by the deepspeed launcher; DeepSpeed creates the buffers when it equals the world size
+        env={**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LOCAL_SIZE": "1"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"shm_op": True, "left": False}
 
 
 @pytest.mark.distributed
@@ -384,8 +410,6 @@ SCALING_STEPS = 6
 def scaling_study(tmp_path_factory):
     """launch/gpu-scaling.sh exactly as on the GPUs, on random:tiny with 1 and 2 CPU processes (gloo)."""
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     out = tmp_path_factory.mktemp("scaling")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_dist.distributed import SHM_DIR
 from lora_dist.launch import free_port
 
 WORKER = Path(__file__).parent / "ds_worker.py"
@@ -38,6 +39,7 @@ def launch(phase: str, out: Path, world: int = WORLD, worker: Path = WORKER, log
             LOCAL_RANK=str(rank),
             WORLD_SIZE=str(world),
             LOCAL_WORLD_SIZE=str(world),
+            LOCAL_SIZE=str(world),  # as the deepspeed launcher sets it: DeepSpeed's CPU comm maps /dev/shm buffers
             OMP_NUM_THREADS="1",  # 2 ranks on 2 cores: no oversubscription
         )
         log = open(out / f"{log_name}-rank{rank}.log", "w")
@@ -52,6 +54,9 @@ def launch(phase: str, out: Path, world: int = WORLD, worker: Path = WORKER, log
     if any(code != 0 for code in codes):
         tail = (out / f"{log_name}-rank0.log").read_text()[-4000:]
         raise RuntimeError(f"{worker.name} {phase} exited with {codes}; rank 0 log tail:\n{tail}")
+    # DeepSpeed's CPU comm buffers of this group, were any left in /dev/shm (distributed._unlink_shm_buffer)
+    left = sorted(path.name for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
+    (out / f"{log_name}-shm-left.json").write_text(json.dumps(left))
     return _read(out, log_name, world)
 
 

@@ -7,6 +7,7 @@ in this process, without DeepSpeed.
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import pytest
@@ -205,3 +206,14 @@ def test_resume_on_one_rank_reshards_a_two_rank_checkpoint(ds_results, stage):
     # The saved state is whole: no conversion is written beside it.
     assert r["files"] == ["adapter_config.json", "adapter_model.safetensors", "manifest.json", "optimizer.safetensors",
                           "rng-rank00000.safetensors", "rng-rank00001.safetensors", "trainer_state.json"]
+
+
+def test_no_cpu_comm_buffer_is_left_in_dev_shm(ds_results):
+    # DeepSpeed's CPU accelerator creates a 66 MiB /dev/shm file per rank and never removes it; the job
+    # unlinks each once all ranks have mapped them. Every phase of the job (2, 2 and 1 ranks) checked.
+    _, out = ds_results
+    phases = ("train", "resume", "reshard")
+    files = [out / f"{phase}-shm-left.json" for phase in phases]
+    if not all(f.is_file() for f in files):
+        pytest.skip("a reused job directory (LORA_DIST_DS_JOB_DIR) from before this check")
+    assert {phase: json.loads(f.read_text()) for phase, f in zip(phases, files)} == dict.fromkeys(phases, [])
