@@ -73,9 +73,12 @@ class _Layer:
     """A decoder layer reduced to what decides its saved activations."""
 
     linears: dict[str, _Linear]
-    llama_like: bool  # q/k/v/o + gate/up/down: the structure the per-tensor formulas follow
+    llama_like: bool  # q/k/v/o + gate/up/down (or Phi-3's fused pairs): what the per-tensor formulas follow
     qk_norm: bool  # Qwen3/OLMo2-style per-head norms on q and k
     swiglu: bool  # SiLU-gated MLP (the fused kernel's case)
+    fused_pairs: bool = False  # Phi-3: one qkv_proj (q|k|v) and one gate_up_proj (gate|up) linear
+    q_features: int = 0  # q's width (heads x head_dim); k and v: kv_features each
+    kv_features: int = 0
 
 
 @dataclass
@@ -96,6 +99,7 @@ class ModelFacts:
     fused: bool  # the job routes the forward through families.patch_model_for_speed
     chunked_loss: bool  # ... and its loss through the chunked linear + cross-entropy
     fused_norms: bool
+    rotary_dim: int = 0  # dims of each head RoPE rotates (Phi-4-mini's partial_rotary_factor); 0: head_dim
 
 
 def model_config(cfg: Config, num_layers: int | None = None) -> Any:
@@ -188,13 +192,14 @@ def describe_model(cfg: Config, num_layers: int | None = None) -> ModelFacts:
     text = getattr(hf, "text_config", hf)
     heads = int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    rotary_dim = int(head_dim * (getattr(text, "partial_rotary_factor", None) or 1.0))
     return ModelFacts(
         name=cfg.model.path, model_type=str(hf.model_type), layers=layers, hidden=int(text.hidden_size),
         heads=heads, head_dim=head_dim, vocab=int(text.vocab_size),
         tied=head is not None and head.weight is base.get_input_embeddings().weight,
         base_terms=base_terms,
         adapter_param_bytes=sum(p.numel() * p.element_size() for p in trainable),
-        adapter_tensors=len(trainable), fused=fused, chunked_loss=chunked, fused_norms=norms,
+        adapter_tensors=len(trainable), fused=fused, chunked_loss=chunked, fused_norms=norms, rotary_dim=rotary_dim,
     )
 
 
@@ -217,13 +222,21 @@ def _describe_layer(layer: nn.Module, bits: int | None) -> _Layer:
                                     isinstance(module.lora_dropout, nn.Dropout), bits)
         elif type(module) is nn.Linear and not name.endswith(("lora_A", "lora_B", "base_layer")):
             linears[name] = _Linear(name, module.in_features, module.out_features, 0, False, bits)
-    short = {n.rsplit(".", 1)[-1] for n in linears}
-    llama_like = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= short
+    short = {n.rsplit(".", 1)[-1]: l for n, l in linears.items()}
+    separate = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= short.keys()
+    pairs = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} <= short.keys()
     attn = getattr(layer, "self_attn", None)
     mlp = getattr(layer, "mlp", None)
-    act = type(getattr(mlp, "act_fn", None)).__name__
-    return _Layer(linears, llama_like, qk_norm=attn is not None and hasattr(attn, "q_norm"),
-                  swiglu=act in ("SiLU", "SiLUActivation"))
+    act = type(getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)).__name__  # Phi-3: activation_fn
+    q = kv = 0
+    if separate:
+        q, kv = short["q_proj"].out_features, short["k_proj"].out_features
+    elif pairs:  # q first, then k and v of equal width (Phi-3's packing)
+        q = attn.config.num_attention_heads * attn.head_dim
+        kv = (short["qkv_proj"].out_features - q) // 2
+    return _Layer(linears, separate or pairs, qk_norm=attn is not None and hasattr(attn, "q_norm"),
+                  swiglu=act in ("SiLU", "SiLUActivation"), fused_pairs=pairs and not separate,
+                  q_features=q, kv_features=kv)
 
 
 def _base_bytes(base: nn.Module, head: nn.Module | None, bits: int | None, double_quant: bool, e: int) -> dict[str, int]:
@@ -350,15 +363,19 @@ def _layer_saved(layer: _Layer, facts: ModelFacts, e: int, first: bool = False, 
     # The first layer's input is the frozen embedding's output, which needs no gradient: autograd
     # records nothing for that norm.
     out["input norm"] = 0 if first else d * norm
-    group(("q_proj", "k_proj", "v_proj"), d, "q/k/v", rebuilt=facts.fused_norms)
-    q, kv = lin["q_proj"].out_features, lin["k_proj"].out_features
+    pairs = layer.fused_pairs
+    group(("qkv_proj",) if pairs else ("q_proj", "k_proj", "v_proj"), d, "q/k/v", rebuilt=facts.fused_norms)
+    q, kv = layer.q_features, layer.kv_features
     if layer.qk_norm:
         out["q/k norms (HF)"] = (q + kv) * 4
-    out["attention: q, k, v, output"] = (2 * q + 2 * kv) * e + facts.heads * 4
+    if pairs and fused:  # v is a view of the fused q|k|v output: attention keeps all of it (q, k rotate into new tensors)
+        out["attention: q, k, the q|k|v output, output"] = (q + kv + (q + 2 * kv) + q) * e + facts.heads * 4
+    else:
+        out["attention: q, k, v, output"] = (2 * q + 2 * kv) * e + facts.heads * 4
     group(("o_proj",), q, "o", input_counted=True)  # o_proj reads SDPA's output as a view: saved once
     out["post-attention norm"] = d * norm
-    group(("gate_proj", "up_proj"), d, "gate/up", rebuilt=facts.fused_norms)
-    inter = lin["gate_proj"].out_features
+    group(("gate_up_proj",) if pairs else ("gate_proj", "up_proj"), d, "gate/up", rebuilt=facts.fused_norms)
+    inter = _intermediate(layer)
     out["MLP gate, up" + (" (fused SwiGLU)" if fused and layer.swiglu else ", act (HF)")] = (
         (2 if fused and layer.swiglu else 3) * inter * e)
     group(("down_proj",), inter, "down", rebuilt=fused and layer.swiglu)
@@ -403,10 +420,10 @@ def _backward_moments(layer: _Layer, e: int, fused_act: bool, rebuilt_h: bool, h
     """
 
     lin = {n.rsplit(".", 1)[-1]: l for n, l in layer.linears.items()}
-    inter = lin["gate_proj"].out_features
+    inter = _intermediate(layer)
     down = lin["down_proj"]
     h_saved = (down.rank > 0 or down.bits == 8) and not rebuilt_h
-    q, kv = lin["q_proj"].out_features, lin["k_proj"].out_features
+    q, kv = layer.q_features, layer.kv_features
     act_moment = (1 if fused_act else 3) * inter - (inter if h_saved else 0)
     down_moment = inter  # with h rebuilt: its chunks (I / REBUILD_CHUNKS) are freed before grad h exists
     recompute_moment = inter + hidden if rebuilt_h and hidden else 0
@@ -428,6 +445,12 @@ def _block_recompute(layer: _Layer, saved: dict[str, float], e: int, x_in: int, 
     mlp = sum(saved.values()) - attn
     attn_moment, mlp_moment = _backward_moments(layer, e, fused_act, rebuilt_h, x_in // e)
     return max(attn - x_in + attn_moment, mlp - x_in + mlp_moment)
+
+
+def _intermediate(layer: _Layer) -> int:
+    """The MLP's width I (gate_proj's output, or half of Phi-3's gate_up_proj's)."""
+    lin = {n.rsplit(".", 1)[-1]: l for n, l in layer.linears.items()}
+    return lin["gate_up_proj"].out_features // 2 if layer.fused_pairs else lin["gate_proj"].out_features
 
 
 def _h_rebuilt(layer: _Layer, facts: ModelFacts) -> bool:
@@ -601,7 +624,7 @@ def plan_memory(
 
     # Per forward, whatever the layers: cos/sin (1, T, head_dim) each (position ids are (1, T)), shared
     # by all layers; int64 input_ids and labels (16 B per token) and the loss's shifted labels (8 B).
-    rope = 2 * seq * facts.head_dim * e
+    rope = 2 * seq * (facts.rotary_dim or facts.head_dim) * e
     shared = rope + m * 24
     final_norm = m * d * norm
     acts: dict[str, int] = {}

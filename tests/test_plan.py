@@ -213,6 +213,33 @@ def test_saved_activations_equal_what_autograd_keeps_on_the_fused_path(dropout):
     assert predicted == counted
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_saved_activations_of_phi3_fused_linears_equal_what_autograd_keeps(tmp_path, dropout):
+    # Phi-3's qkv_proj and gate_up_proj: one adapter each; v reaches attention as a view of the fused
+    # q|k|v output, which therefore stays whole; RoPE on half of each head (Phi-4-mini's partial rotary).
+    # The planner reads only the config.json saved here. No sliding window shorter than the sequence
+    # (the shipped Phi shapes have none; a (B, 1, T, T) mask is not counted).
+    from test_families import _hf_config, build_base
+
+    config = _hf_config("phi3")
+    config.sliding_window = 4096
+    base = build_base("phi3", bits=4, dtype=torch.bfloat16, config=config)
+    base.config.save_pretrained(tmp_path)
+    cfg = load_config(None, ["model.path=" + str(tmp_path), "data.path=random-tokens", "train.max_steps=1",
+                             "lora.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]", "lora.rank=8",
+                             "model.compute_dtype=bf16", "model.fused_kernels=on",
+                             "model.gradient_checkpointing=false", f"lora.dropout={dropout}"])
+    model = LoRAModel(base, cfg.lora)
+    families.patch_model_for_speed(model)
+    model.train()
+    facts = plan.describe_model(cfg)
+    assert all(layer.llama_like and layer.fused_pairs for layer in facts.layers)
+    micro, seq = 2, 40
+    counted = saved_tensor_bytes(model, torch.randint(3, 200, (micro, seq)))
+    predicted = plan.plan_memory(cfg, micro_batch=micro, seq_len=seq, device="cpu", facts=facts).saved_for_backward
+    assert predicted == counted
+
+
 def test_a_checkpointed_layer_recomputes_before_its_down_projection_makes_the_input_gradient(monkeypatch):
     # The order the planner's checkpointed peak rests on (plan._backward_moments): the down group's
     # output half saves nothing, so its backward runs before the layer's recompute (which the next
