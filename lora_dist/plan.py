@@ -77,6 +77,8 @@ class _Layer:
     qk_norm: bool  # Qwen3/OLMo2-style per-head norms on q and k
     swiglu: bool  # SiLU-gated MLP (the fused kernel's case)
     fused_pairs: bool = False  # Phi-3: one qkv_proj (q|k|v) and one gate_up_proj (gate|up) linear
+    layout: str = "pre_norm"  # where the norms sit: "pre_norm", "sandwich" (Gemma 2/3), "post_norm" (OLMo 2)
+    qk_norm_kind: str = ""  # "head" (Qwen3, Gemma 3: over each head) or "projection" (OLMo 2)
     q_features: int = 0  # q's width (heads x head_dim); k and v: kv_features each
     kv_features: int = 0
 
@@ -100,6 +102,13 @@ class ModelFacts:
     chunked_loss: bool  # ... and its loss through the chunked linear + cross-entropy
     fused_norms: bool
     rotary_dim: int = 0  # dims of each head RoPE rotates (Phi-4-mini's partial_rotary_factor); 0: head_dim
+    rope_tables: int = 1  # cos/sin pairs per forward (Gemma 3: one for local, one for global layers)
+    rope_bytes: int = 0  # bytes per cos/sin value; 0: the compute dtype's (OLMo 2 hands them over in fp32)
+
+
+_ROPE_TABLES = {"gemma3": (2, 0), "gemma3_text": (2, 0), "olmo2": (1, 4)}
+"""(rope_tables, rope_bytes) where a family's rotary embedding differs from Llama's (traced on the CPU:
+tests/test_plan.py counts what autograd keeps for each listed family)."""
 
 
 def model_config(cfg: Config, num_layers: int | None = None) -> Any:
@@ -200,6 +209,7 @@ def describe_model(cfg: Config, num_layers: int | None = None) -> ModelFacts:
         base_terms=base_terms,
         adapter_param_bytes=sum(p.numel() * p.element_size() for p in trainable),
         adapter_tensors=len(trainable), fused=fused, chunked_loss=chunked, fused_norms=norms, rotary_dim=rotary_dim,
+        rope_tables=_ROPE_TABLES.get(str(hf.model_type), (1, 0))[0], rope_bytes=_ROPE_TABLES.get(str(hf.model_type), (1, 0))[1],
     )
 
 
@@ -234,9 +244,20 @@ def _describe_layer(layer: nn.Module, bits: int | None) -> _Layer:
     elif pairs:  # q first, then k and v of equal width (Phi-3's packing)
         q = attn.config.num_attention_heads * attn.head_dim
         kv = (short["qkv_proj"].out_features - q) // 2
-    return _Layer(linears, separate or pairs, qk_norm=attn is not None and hasattr(attn, "q_norm"),
-                  swiglu=act in ("SiLU", "SiLUActivation"), fused_pairs=pairs and not separate,
-                  q_features=q, kv_features=kv)
+    has = {name for name, _ in layer.named_children()}
+    if {"pre_feedforward_layernorm", "post_feedforward_layernorm"} <= has:
+        layout = "sandwich"
+    elif "post_feedforward_layernorm" in has and "input_layernorm" not in has:
+        layout = "post_norm"
+    else:
+        layout = "pre_norm"
+    qk_norm = attn is not None and hasattr(attn, "q_norm")
+    # q_norm's weight spans one head (per-head norm) or the whole projection
+    qk_kind = ("head" if attn.q_norm.weight.shape[-1] == getattr(attn, "head_dim", -1) else "projection") if qk_norm else ""
+    # the fused path's gated activations (kernels.swiglu, kernels.geglu_tanh): SiLU, or GELU with the tanh approximation
+    return _Layer(linears, separate or pairs, qk_norm=qk_norm,
+                  swiglu=act in ("SiLU", "SiLUActivation", "GELUTanh", "PytorchGELUTanh"),
+                  fused_pairs=pairs and not separate, q_features=q, kv_features=kv, layout=layout, qk_norm_kind=qk_kind)
 
 
 def _base_bytes(base: nn.Module, head: nn.Module | None, bits: int | None, double_quant: bool, e: int) -> dict[str, int]:
@@ -362,23 +383,39 @@ def _layer_saved(layer: _Layer, facts: ModelFacts, e: int, first: bool = False, 
 
     # The first layer's input is the frozen embedding's output, which needs no gradient: autograd
     # records nothing for that norm.
-    out["input norm"] = 0 if first else d * norm
+    post_norm = layer.layout == "post_norm"  # OLMo 2: no norm before the sublayers, one after each
+    if not post_norm:
+        out["input norm"] = 0 if first else d * norm
     pairs = layer.fused_pairs
-    group(("qkv_proj",) if pairs else ("q_proj", "k_proj", "v_proj"), d, "q/k/v", rebuilt=facts.fused_norms)
+    # after a pre-norm the group's input is the norm's output (rebuilt from it); with post norms it is
+    # the residual stream itself, which the group keeps
+    group(("qkv_proj",) if pairs else ("q_proj", "k_proj", "v_proj"), d, "q/k/v",
+          rebuilt=facts.fused_norms and not post_norm)
     q, kv = layer.q_features, layer.kv_features
-    if layer.qk_norm:
+    if layer.qk_norm and facts.fused_norms:  # fused: the input in the compute dtype, an fp32 rstd per row
+        rows = facts.heads + kv // facts.head_dim if layer.qk_norm_kind == "head" else 2
+        out["q/k norms"] = (q + kv) * e + 4 * rows
+    elif layer.qk_norm:
         out["q/k norms (HF)"] = (q + kv) * 4
     if pairs and fused:  # v is a view of the fused q|k|v output: attention keeps all of it (q, k rotate into new tensors)
         out["attention: q, k, the q|k|v output, output"] = (q + kv + (q + 2 * kv) + q) * e + facts.heads * 4
     else:
         out["attention: q, k, v, output"] = (2 * q + 2 * kv) * e + facts.heads * 4
     group(("o_proj",), q, "o", input_counted=True)  # o_proj reads SDPA's output as a view: saved once
-    out["post-attention norm"] = d * norm
-    group(("gate_up_proj",) if pairs else ("gate_proj", "up_proj"), d, "gate/up", rebuilt=facts.fused_norms)
+    if layer.layout == "pre_norm":
+        out["post-attention norm"] = d * norm  # Llama's name for the norm before the MLP
+    else:  # a norm over the attention's output, then (sandwich) one before the MLP
+        out["o: output norm"] = d * norm
+        if layer.layout == "sandwich":
+            out["pre-MLP norm"] = d * norm
+    group(("gate_up_proj",) if pairs else ("gate_proj", "up_proj"), d, "gate/up",
+          rebuilt=facts.fused_norms and not post_norm)
     inter = _intermediate(layer)
     out["MLP gate, up" + (" (fused SwiGLU)" if fused and layer.swiglu else ", act (HF)")] = (
         (2 if fused and layer.swiglu else 3) * inter * e)
     group(("down_proj",), inter, "down", rebuilt=fused and layer.swiglu)
+    if layer.layout != "pre_norm":
+        out["down: output norm"] = d * norm
     return out
 
 
@@ -624,7 +661,7 @@ def plan_memory(
 
     # Per forward, whatever the layers: cos/sin (1, T, head_dim) each (position ids are (1, T)), shared
     # by all layers; int64 input_ids and labels (16 B per token) and the loss's shifted labels (8 B).
-    rope = 2 * seq * (facts.rotary_dim or facts.head_dim) * e
+    rope = 2 * seq * (facts.rotary_dim or facts.head_dim) * (facts.rope_bytes or e) * facts.rope_tables
     shared = rope + m * 24
     final_norm = m * d * norm
     acts: dict[str, int] = {}
