@@ -181,8 +181,7 @@ class _LoRAProject(torch.autograd.Function):
         ctx.layers, ctx.handoff = layers, handoff
         ctx.a_params = a_params  # parameters, changed by the optimizer only after backward
         if not any(dropouts):
-            a_cat = torch.cat([a.to(x2.dtype) for a in a_params])  # (R, in)
-            return x2 @ a_cat.t()  # (M, R)
+            return x2 @ _a_cat(a_params, x2.dtype).t()  # (M, R)
         ctx.rng_state = _rng_state(x2.device)
         # one (M, in) dropped copy alive at a time; (M, r_i) each
         return torch.cat([_dropped(x2, p) @ a.to(x2.dtype).t() for a, p in zip(a_params, dropouts)], dim=1)
@@ -204,8 +203,8 @@ class _LoRAProject(torch.autograd.Function):
             del grad_a_cat
             grad_x = None
             if ctx.needs_input_grad[0]:
-                a_cat = torch.cat([a.to(g_xa.dtype) for a in ctx.a_params])  # (R, in)
-                grad_x = g_xa @ a_cat  # (M, in): the adapter part first, the big GEMMs accumulate onto it
+                # (M, in): the adapter part first, the big GEMMs accumulate onto it
+                grad_x = g_xa @ _a_cat(ctx.a_params, g_xa.dtype)
                 grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers)
             return (grad_x, None, None, None, None, *grads)
         (x2,) = ctx.saved_tensors
@@ -224,6 +223,11 @@ class _LoRAProject(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers)
         return (grad_x, None, None, None, None, *grads)
+
+
+def _a_cat(a_params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """cat(A_i) in `dtype`: (sum r_i, in)."""
+    return torch.cat([a.to(dtype) for a in a_params])
 
 
 class _Handoff:
@@ -293,7 +297,6 @@ class _LoRAOutput(torch.autograd.Function):
         # is; the adapters are parameters, which the optimizer changes only after backward.
         ctx.xa = xa.detach()
         ctx.layers, ctx.handoff = layers, handoff
-        ctx.a_params = [layer.lora_A.weight for layer in layers]
         ctx.b_params = b_params
         return tuple(outs)
 

@@ -75,12 +75,17 @@ class _Layer:
     linears: dict[str, _Linear]
     llama_like: bool  # q/k/v/o + gate/up/down (or Phi-3's fused pairs): what the per-tensor formulas follow
     qk_norm: bool  # Qwen3/OLMo2-style per-head norms on q and k
-    swiglu: bool  # SiLU-gated MLP (the fused kernel's case)
+    gated: bool  # an MLP gated by SiLU or tanh-GELU: what the fused kernels' gated activation runs
     fused_pairs: bool = False  # Phi-3: one qkv_proj (q|k|v) and one gate_up_proj (gate|up) linear
     layout: str = "pre_norm"  # where the norms sit: "pre_norm", "sandwich" (Gemma 2/3), "post_norm" (OLMo 2)
     qk_norm_kind: str = ""  # "head" (Qwen3, Gemma 3: over each head) or "projection" (OLMo 2)
     q_features: int = 0  # q's width (heads x head_dim); k and v: kv_features each
     kv_features: int = 0
+
+    @property
+    def by_name(self) -> dict[str, _Linear]:
+        """The linears by their own name ("q_proj"), without their path inside the layer."""
+        return {n.rsplit(".", 1)[-1]: l for n, l in self.linears.items()}
 
 
 @dataclass
@@ -202,6 +207,7 @@ def describe_model(cfg: Config, num_layers: int | None = None) -> ModelFacts:
     heads = int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
     rotary_dim = int(head_dim * (getattr(text, "partial_rotary_factor", None) or 1.0))
+    rope_tables, rope_bytes = _ROPE_TABLES.get(str(hf.model_type), (1, 0))
     return ModelFacts(
         name=cfg.model.path, model_type=str(hf.model_type), layers=layers, hidden=int(text.hidden_size),
         heads=heads, head_dim=head_dim, vocab=int(text.vocab_size),
@@ -209,7 +215,7 @@ def describe_model(cfg: Config, num_layers: int | None = None) -> ModelFacts:
         base_terms=base_terms,
         adapter_param_bytes=sum(p.numel() * p.element_size() for p in trainable),
         adapter_tensors=len(trainable), fused=fused, chunked_loss=chunked, fused_norms=norms, rotary_dim=rotary_dim,
-        rope_tables=_ROPE_TABLES.get(str(hf.model_type), (1, 0))[0], rope_bytes=_ROPE_TABLES.get(str(hf.model_type), (1, 0))[1],
+        rope_tables=rope_tables, rope_bytes=rope_bytes,
     )
 
 
@@ -256,7 +262,7 @@ def _describe_layer(layer: nn.Module, bits: int | None) -> _Layer:
     qk_kind = ("head" if attn.q_norm.weight.shape[-1] == getattr(attn, "head_dim", -1) else "projection") if qk_norm else ""
     # the fused path's gated activations (kernels.swiglu, kernels.geglu_tanh): SiLU, or GELU with the tanh approximation
     return _Layer(linears, separate or pairs, qk_norm=qk_norm,
-                  swiglu=act in ("SiLU", "SiLUActivation", "GELUTanh", "PytorchGELUTanh"),
+                  gated=act in ("SiLU", "SiLUActivation", "GELUTanh", "PytorchGELUTanh"),
                   fused_pairs=pairs and not separate, q_features=q, kv_features=kv, layout=layout, qk_norm_kind=qk_kind)
 
 
@@ -339,15 +345,19 @@ def _layer_saved(layer: _Layer, facts: ModelFacts, e: int, first: bool = False, 
       The first layer's q/k/v input (the embedding's output, normed) needs no gradient: its dropout
       records nothing.
     - attention: SDPA (flash / cuDNN, GQA without repeating k/v) saves the rotated q and k, v, its
-      output (which o_proj reads as a view) and an fp32 log-sum-exp per head; Qwen3's q/k norms add
-      HF norms on q and k.
-    - MLP: the fused SwiGLU saves gate and up (2 I e); HF's act_fn * up saves gate, act(gate) and up
-      (3 I e); down_proj's input h as a linear input (above).
+      output (which o_proj reads as a view) and an fp32 log-sum-exp per head; with Phi-3's fused
+      qkv_proj, v is a view of the q|k|v output, which stays whole. q/k norms (Qwen3, Gemma 3 per
+      head; OLMo 2 per projection) save their input and an fp32 rstd per row when fused, fp32 copies
+      in HF's.
+    - norms around the sublayers: Llama's two pre-norms; Gemma 2/3 add one after each sublayer; OLMo 2
+      has only those after, so its LoRA groups read (and keep) the residual stream itself.
+    - MLP: the fused gated activation (SiLU or tanh-GELU) saves gate and up (2 I e); HF's act_fn * up
+      saves gate, act(gate) and up (3 I e); down_proj's input h as a linear input (above).
     - Rebuilt inputs (kernels.Rebuild): a fused group without dropout reading a fused norm's output
       (q/k/v, gate/up) or the fused activation's (down) keeps its producer's tensors instead of its
       input: nothing new, except in layer 0, whose input norm keeps nothing itself.
     """
-    lin = {n.rsplit(".", 1)[-1]: l for n, l in layer.linears.items()}
+    lin = layer.by_name
     fused = facts.fused
     norm = (e + 4 / facts.hidden) if facts.fused_norms else (4 + 4 / facts.hidden)  # per feature
     d = facts.hidden
@@ -411,9 +421,9 @@ def _layer_saved(layer: _Layer, facts: ModelFacts, e: int, first: bool = False, 
     group(("gate_up_proj",) if pairs else ("gate_proj", "up_proj"), d, "gate/up",
           rebuilt=facts.fused_norms and not post_norm)
     inter = _intermediate(layer)
-    out["MLP gate, up" + (" (fused SwiGLU)" if fused and layer.swiglu else ", act (HF)")] = (
-        (2 if fused and layer.swiglu else 3) * inter * e)
-    group(("down_proj",), inter, "down", rebuilt=fused and layer.swiglu)
+    out["MLP gate, up" + (" (fused gated activation)" if fused and layer.gated else ", act (HF)")] = (
+        (2 if fused and layer.gated else 3) * inter * e)
+    group(("down_proj",), inter, "down", rebuilt=fused and layer.gated)
     if layer.layout != "pre_norm":
         out["down: output norm"] = d * norm
     return out
@@ -456,7 +466,7 @@ def _backward_moments(layer: _Layer, e: int, fused_act: bool, rebuilt_h: bool, h
     (kernels._Handoff: the output half of the group hands its gradients to the input half).
     """
 
-    lin = {n.rsplit(".", 1)[-1]: l for n, l in layer.linears.items()}
+    lin = layer.by_name
     inter = _intermediate(layer)
     down = lin["down_proj"]
     h_saved = (down.rank > 0 or down.bits == 8) and not rebuilt_h
@@ -486,15 +496,15 @@ def _block_recompute(layer: _Layer, saved: dict[str, float], e: int, x_in: int, 
 
 def _intermediate(layer: _Layer) -> int:
     """The MLP's width I (gate_proj's output, or half of Phi-3's gate_up_proj's)."""
-    lin = {n.rsplit(".", 1)[-1]: l for n, l in layer.linears.items()}
+    lin = layer.by_name
     return lin["gate_up_proj"].out_features // 2 if layer.fused_pairs else lin["gate_proj"].out_features
 
 
 def _h_rebuilt(layer: _Layer, facts: ModelFacts) -> bool:
     """down_proj's input is rebuilt from gate and up (the fused group without dropout), not saved."""
-    if not (facts.fused and layer.llama_like and layer.swiglu):
+    if not (facts.fused and layer.llama_like and layer.gated):
         return False
-    down = next(l for n, l in layer.linears.items() if n.rsplit(".", 1)[-1] == "down_proj")
+    down = layer.by_name["down_proj"]
     return down.rank > 0 and down.bits != 8 and not down.dropout
 
 
@@ -654,7 +664,7 @@ def plan_memory(
     if not all(l.llama_like for l in facts.layers):
         notes.append(f"{facts.model_type}: layers outside the Llama structure; activations estimated, not traced")
     per_layer = [sum(s.values()) for s in saved]
-    extra = [_layer_backward_extra(l, e, facts.fused and l.swiglu, _h_rebuilt(l, facts), d if ckpt else 0)
+    extra = [_layer_backward_extra(l, e, facts.fused and l.gated, _h_rebuilt(l, facts), d if ckpt else 0)
              for l in facts.layers]
     x_in = d * e  # the residual stream entering a layer: what a checkpointed layer keeps
     norm = (e + 4 / d) if facts.fused_norms else (4 + 4 / d)
@@ -671,7 +681,7 @@ def plan_memory(
         kept = 2 if offload_activations else len(facts.layers)
         acts["checkpointed layer inputs"] = int(kept * m * x_in)
         if blocks:  # families' block checkpointing: the attention and the MLP recompute apart
-            recompute = max(m * _block_recompute(l, sv, e, x_in, facts.fused and l.swiglu, _h_rebuilt(l, facts)) + t
+            recompute = max(m * _block_recompute(l, sv, e, x_in, facts.fused and l.gated, _h_rebuilt(l, facts)) + t
                             for l, sv, (_, t) in zip(facts.layers, saved, extra))
         else:
             recompute = max(m * (s - x_in) + m * g + t for s, (g, t) in zip(per_layer, extra))
