@@ -293,10 +293,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> tup
 SHM_DIR = Path("/dev/shm")
 
 
-def shm_buffer_name(rank: int | str) -> str:
-    """The /dev/shm name of DeepSpeed's CPU comm buffer for `rank` of the group this process joins
-    (deepspeed ops/csrc/cpu/comm/shm.cpp: prefix, uid, MASTER_ADDR, MASTER_PORT, rank)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+def shm_buffer_name(rank: int | str, addr: str | None = None, port: int | str | None = None) -> str:
+    """The /dev/shm name of DeepSpeed's CPU comm buffer for `rank` of a group (deepspeed
+    ops/csrc/cpu/comm/shm.cpp: prefix, uid, MASTER_ADDR, MASTER_PORT, rank); address and port default
+    to this process's MASTER_ADDR and MASTER_PORT."""
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
     return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 

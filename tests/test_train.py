@@ -113,16 +113,23 @@ print(json.dumps({"skipped": stats["skipped"], "grad_norm": stats["grad_norm"], 
 """
 
 
-def _inf_gradient_under_deepspeed(tiny_dir, out, stage):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MASTER_", "WORLD_", "RANK"))}
+def _deepspeed_process(script: str, tiny_dir, out, *overrides: str, **env: str) -> dict:
+    """Run `script` (it sets up the job: a DeepSpeed process group of one) on the tiny config in a fresh
+    process on DeepSpeed's CPU accelerator; returns the JSON its last line prints."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MASTER_", "WORLD_", "RANK"))}
     proc = subprocess.run(
-        [sys.executable, "-c", INF_GRADIENT_UNDER_DEEPSPEED, str(TINY), f"model.path={tiny_dir}",
-         f"train.output_dir={out}", "wandb.mode=disabled", "distributed.engine=deepspeed",
-         f"distributed.zero_stage={stage}", "train.max_steps=3", "train.warmup_steps=0", "train.schedule=linear"],
-        env={**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", script, str(TINY), f"model.path={tiny_dir}", f"train.output_dir={out}",
+         "wandb.mode=disabled", "distributed.engine=deepspeed", *overrides],
+        env={**clean, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _inf_gradient_under_deepspeed(tiny_dir, out, stage):
+    return _deepspeed_process(INF_GRADIENT_UNDER_DEEPSPEED, tiny_dir, out, f"distributed.zero_stage={stage}",
+                              "train.max_steps=3", "train.warmup_steps=0", "train.schedule=linear")
 
 
 @pytest.mark.distributed
@@ -151,16 +158,9 @@ print(json.dumps({"shm_op": comm.comm.cdb.shm_comm_op is not None,
 def test_deepspeed_cpu_comm_buffer_does_not_outlive_the_job(tiny_dir, tmp_path):
     # DeepSpeed's CPU accelerator creates a 66 MiB /dev/shm file per rank and never removes it: each CPU
     # run left one behind (RAM until reboot). The job unlinks it once every rank has mapped it.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MASTER_", "WORLD_", "RANK"))}
-    proc = subprocess.run(
-        [sys.executable, "-c", SHM_AFTER_SETUP, str(TINY), f"model.path={tiny_dir}", f"train.output_dir={tmp_path}",
-         "wandb.mode=disabled", "distributed.engine=deepspeed"],
-        # LOCAL_SIZE: set by the deepspeed launcher; DeepSpeed creates the buffers when it equals the world size
-        env={**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LOCAL_SIZE": "1"},
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"shm_op": True, "left": False}
+    # LOCAL_SIZE: set by the deepspeed launcher; DeepSpeed creates the buffers when it equals the world size.
+    result = _deepspeed_process(SHM_AFTER_SETUP, tiny_dir, tmp_path, LOCAL_SIZE="1")
+    assert result == {"shm_op": True, "left": False}
 
 
 @pytest.mark.distributed

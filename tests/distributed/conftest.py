@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_dist.distributed import SHM_DIR
+from lora_dist.distributed import SHM_DIR, shm_buffer_name
 from lora_dist.launch import free_port
 
 WORKER = Path(__file__).parent / "ds_worker.py"
@@ -55,7 +55,7 @@ def launch(phase: str, out: Path, world: int = WORLD, worker: Path = WORKER, log
         tail = (out / f"{log_name}-rank0.log").read_text()[-4000:]
         raise RuntimeError(f"{worker.name} {phase} exited with {codes}; rank 0 log tail:\n{tail}")
     # DeepSpeed's CPU comm buffers of this group, were any left in /dev/shm (distributed._unlink_shm_buffer)
-    left = sorted(path.name for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
+    left = sorted(path.name for path in SHM_DIR.glob(shm_buffer_name("*", "127.0.0.1", port)))
     (out / f"{log_name}-shm-left.json").write_text(json.dumps(left))
     return _read(out, log_name, world)
 
