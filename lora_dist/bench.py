@@ -296,8 +296,11 @@ def make_batch(setup: Setup, vocab: int) -> torch.Tensor:
 
 def train_step(side: Side, batch: torch.Tensor) -> float:
     """One optimizer step on `batch` (labels = inputs); returns the loss."""
-    loss = side.model(input_ids=batch, labels=batch).loss
-    loss.backward()
+    from lora_dist import kernels
+
+    with kernels.adapter_copies():  # as the training job runs each micro batch
+        loss = side.model(input_ids=batch, labels=batch).loss
+        loss.backward()
     side.optimizer.step()
     side.optimizer.zero_grad(set_to_none=True)
     return loss.detach()

@@ -144,6 +144,65 @@ def _rebuild_of(x: torch.Tensor) -> Rebuild | None:
     return rebuild
 
 
+# ------------------------------------------------------------------------------------ adapter copies
+
+
+class _Copies:
+    """Compute-dtype copies of adapter weights, shared by a forward, its recompute and its backward."""
+
+    __slots__ = ("table",)
+
+    def __init__(self) -> None:
+        self.table: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
+
+
+_COPIES: _Copies | None = None  # a global, not thread-local: autograd runs backward in its own threads
+
+
+@contextlib.contextmanager
+def adapter_copies():
+    """Within, each adapter weight is cast to the compute dtype (and B scaled) once, not at each use.
+
+    A LoRA group casts its A weights (concatenated) and each scaled B in forward, again in a
+    checkpointed layer's recompute and again in backward: 3 to 6 small kernels per linear per use,
+    which on a GPU cost host time, not GPU time (the step of a small model is bound by the host).
+    Wrap one forward and its backward (the training job and the bench wrap each micro batch): the
+    copies made inside live until the scope ends, one per adapter weight (bf16: half the adapters'
+    fp32 bytes). The adapter weights must not change inside: the optimizer steps outside it.
+    """
+    global _COPIES
+    outer = _COPIES
+    _COPIES = outer if outer is not None else _Copies()  # nested: the outer scope's copies
+    try:
+        yield
+    finally:
+        _COPIES = outer
+
+
+def _copy_of(key: tuple, sources: tuple[torch.Tensor, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    copies = _COPIES
+    if copies is None:
+        return make()
+    hit = copies.table.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], sources, strict=True)):
+        return hit[1]
+    out = make()
+    copies.table[key] = (sources, out)
+    return out
+
+
+def _a_cat(a_params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """cat(A_i) in `dtype`: (sum r_i, in)."""
+    sources = tuple(a_params)
+    return _copy_of(("A", dtype, *map(id, sources)), sources,
+                    lambda: torch.cat([a.to(dtype) for a in sources]) if len(sources) > 1 else sources[0].to(dtype))
+
+
+def _scaled_b(b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """s * B in `dtype`: (out, r)."""
+    return _copy_of(("B", dtype, scaling, id(b)), (b,), lambda: b.to(dtype) * scaling)
+
+
 # ------------------------------------------------------------------------------------ LoRA linear
 
 
@@ -184,7 +243,7 @@ class _LoRAProject(torch.autograd.Function):
             return x2 @ _a_cat(a_params, x2.dtype).t()  # (M, R)
         ctx.rng_state = _rng_state(x2.device)
         # one (M, in) dropped copy alive at a time; (M, r_i) each
-        return torch.cat([_dropped(x2, p) @ a.to(x2.dtype).t() for a, p in zip(a_params, dropouts)], dim=1)
+        return torch.cat([_dropped(x2, p) @ _a_cat((a,), x2.dtype).t() for a, p in zip(a_params, dropouts)], dim=1)
 
     @staticmethod
     def backward(ctx, g_xa):
@@ -217,7 +276,7 @@ class _LoRAProject(torch.autograd.Function):
                 x_drop = _dropped(x_in, p)  # the forward's mask, drawn again in the same order
                 grads.append(_mm_f32(g.t(), x_drop.detach()).to(dtype) if needs else None)  # (r, in)
                 if ctx.needs_input_grad[0]:
-                    g_drop = g @ a.to(g.dtype)  # (M, in)
+                    g_drop = g @ _a_cat((a,), g.dtype)  # (M, in)
                     g_in = torch.autograd.grad(x_drop, x_in, g_drop)[0] if p > 0 else g_drop
                     grad_x = g_in if grad_x is None else grad_x.add_(g_in)
         if ctx.needs_input_grad[0]:
@@ -284,7 +343,7 @@ class _LoRAOutput(torch.autograd.Function):
             # The rank-r product first, then the base GEMM accumulates onto it (beta = 1): the
             # compute-bound GEMM reads the update in its epilogue almost for free, where adding
             # it afterwards would be a memory-bound pass over y.
-            y = xa[:, start : start + r] @ (b.to(dtype) * layer.scaling).t()  # (M, out)
+            y = xa[:, start : start + r] @ _scaled_b(b, layer.scaling, dtype).t()  # (M, out)
             bias = layer.base_layer.bias
             if bias is not None:
                 y += bias.to(dtype)
@@ -309,7 +368,7 @@ class _LoRAOutput(torch.autograd.Function):
         # d xa = [g_i @ (s_i B_i)]: (M, R), one slice per layer
         g_xa = torch.cat(
             [
-                g @ (b.to(dtype) * layer.scaling) if g is not None else xa.new_zeros(m, b.shape[1])
+                g @ _scaled_b(b, layer.scaling, dtype) if g is not None else xa.new_zeros(m, b.shape[1])
                 for g, b, layer in zip(gs, b_params, layers)
             ],
             dim=1,

@@ -508,6 +508,18 @@ def _h_rebuilt(layer: _Layer, facts: ModelFacts) -> bool:
     return down.rank > 0 and down.bits != 8 and not down.dropout
 
 
+def _adapter_copy_bytes(facts: ModelFacts, e: int) -> int:
+    """The compute-dtype copies of A and s * B that `kernels.adapter_copies` keeps for a micro batch.
+
+    Every adapter on a fused path (the families' or a 4-bit LoRALayer's own): r (in + out) values
+    each, from the first forward that uses them to the end of that micro batch's backward (not at
+    the optimizer step). In fp32 a lone A is not copied; counted anyway (a few MB at most).
+    """
+    return sum(_rounded(lin.rank * lin.in_features * e) + _rounded(lin.rank * lin.out_features * e)
+               for layer in facts.layers for lin in layer.linears.values()
+               if lin.rank and (facts.fused or lin.fast))
+
+
 def _dequant_temp(layer: _Layer, e: int) -> int:
     sizes = [l.in_features * l.out_features for l in layer.linears.values() if l.bits in (4, 8)]
     if not sizes:
@@ -691,6 +703,9 @@ def plan_memory(
         acts["backward of the last layer"] = int(m * extra[-1][0] + extra[-1][1])
     acts["cos/sin, token ids, labels"] = int(shared)
     acts["gradient of the residual stream"] = int(m * d * e)
+    copies = _adapter_copy_bytes(facts, e)
+    if copies:
+        acts["adapter copies in the compute dtype"] = copies
 
     # Loss. Chunked (kernels.chunked_causal_lm_loss): chunks of C tokens with C * V ~ LOSS_CHUNK_LOGITS;
     # a chunk's logits and their gradient (2 C V e) exist at once, the hidden states (M d e) and their
@@ -715,11 +730,11 @@ def plan_memory(
     fixed = sum(facts.base_terms.values()) + sum(adapters.values()) + CUBLAS_WORKSPACE
     body = acts.get("checkpointed layer inputs", acts.get("saved by every layer"))
     if ckpt:
-        at_loss = body + final_norm + shared + loss_fwd
-        at_backward = body + shared + m * d * e + acts["one layer recomputed + its backward"]
+        at_loss = body + final_norm + shared + copies + loss_fwd
+        at_backward = body + shared + copies + m * d * e + acts["one layer recomputed + its backward"]
     else:
-        at_loss = body + final_norm + shared + loss_fwd
-        at_backward = body + shared + m * d * e + acts["backward of the last layer"] + (
+        at_loss = body + final_norm + shared + copies + loss_fwd
+        at_backward = body + shared + copies + m * d * e + acts["backward of the last layer"] + (
             loss_bwd if not facts.chunked_loss else 0)
     # The optimizer step: no activations; torch's foreach AdamW holds one temporary per moment size.
     at_step = shared + (0 if stage is not None else facts.adapter_param_bytes)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lora_dist import kernels
 from lora_dist.config import Config, load_config
 from lora_dist.errors import ConfigError
 from lora_dist.plan import GiB, ModelFacts, auto_micro_batch, describe_model, device_budget_bytes, plan_memory
@@ -143,7 +144,8 @@ def _measure_auto_fit(side: Any, facts: ModelFacts, gib: float, seq: int, global
         for _ in range(2):  # two optimizer steps of `accum` micro batches each, as the job runs them
             for _ in range(accum):
                 batch = torch.randint(0, facts.vocab, (micro, seq), generator=gen).cuda()
-                (side.model(input_ids=batch, labels=batch).loss / accum).backward()
+                with kernels.adapter_copies():
+                    (side.model(input_ids=batch, labels=batch).loss / accum).backward()
             side.optimizer.step()
             side.optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()

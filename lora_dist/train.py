@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lora_dist import adapters, building, checkpoint, data, distributed, loading
+from lora_dist import adapters, building, checkpoint, data, distributed, kernels, loading
 from lora_dist.config import BUILTIN_MODEL, Config
 from lora_dist.data import IGNORE_INDEX
 from lora_dist.diagnostics import Profiler, write_diagnostics
@@ -341,7 +341,9 @@ def train_step(run: Run, window: list[dict[str, torch.Tensor]]) -> dict[str, Any
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     for i, batch in enumerate(window):
-        with distributed.adapters_whole(run.engine, run.model, fused=run.fused, training=True):
+        # adapter_copies: the fused path casts each adapter weight once per micro batch, not per use
+        with distributed.adapters_whole(run.engine, run.model, fused=run.fused, training=True), \
+                kernels.adapter_copies():
             # loss = this micro batch's summed token loss / the global batch's token count
             loss = _batch_loss(run, batch, num_items)
             loss_sum += loss.detach().double()
