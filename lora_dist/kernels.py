@@ -69,8 +69,17 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) weight a base linear computes with, in `dtype` (a temporary for 4-bit)."""
+    """The (out, in) weight a base linear computes with, in `dtype` (a temporary for 4-bit).
+
+    A 4-bit weight on CUDA dequantizes in one Triton kernel (`triton_ops.dequantize_4bit`, bit for bit
+    bitsandbytes' three launches for a double-quantized weight); elsewhere through bitsandbytes.
+    """
     if quant.bits_of(base) == 4:
+        if base.weight.is_cuda:
+            data, state = quant.packed_4bit(base)
+            ops = _triton_ops() if data.dtype == torch.uint8 and state.quant_type in ("nf4", "fp4") else None
+            if ops is not None:
+                return ops.dequantize_4bit(data, state, dtype)
         return quant.dequantize_weight(base, dtype)
     return base.weight.detach().to(dtype)
 

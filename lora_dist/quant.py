@@ -92,10 +92,15 @@ def keep_portable_layout(layer: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
+def packed_4bit(layer: Linear4bit) -> tuple[torch.Tensor, "bnbF.QuantState"]:
+    """A 4-bit linear's (packed data, quant state) in bitsandbytes' portable layout, `layer` untouched."""
+    return _unpacked_4bit(layer.weight)
+
+
 def dequantize_weight(layer: torch.nn.Linear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense (out_features, in_features) weight a linear computes with, as a new tensor."""
     if isinstance(layer, Linear4bit):
-        data, state = _unpacked_4bit(layer.weight)
+        data, state = packed_4bit(layer)
         return bnbF.dequantize_4bit(data, state).to(dtype)
     if isinstance(layer, Linear8bitLt):
         cb = layer.weight.data

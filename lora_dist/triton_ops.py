@@ -57,3 +57,49 @@ def gated_backward_(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu:
     grid = (g2.shape[0], triton.cdiv(n, _BLOCK))
     _gated_backward_kernel[grid](g2, gate2, up2, n, g2.stride(0), gate2.stride(0), up2.stride(0),
                                  GELU=gelu, GELU_C=_GELU_C, BLOCK=_BLOCK)
+
+
+@triton.jit
+def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
+                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = idx < n
+    byte = tl.load(packed_ptr + idx // 2, mask=keep, other=0).to(tl.int32)
+    nibble = tl.where(idx % 2 == 0, byte >> 4, byte & 15)  # the even element sits in the high half
+    value = tl.load(code_ptr + nibble, mask=keep, other=0.0)
+    block = idx // BLOCKSIZE
+    if NESTED:  # bitsandbytes' double quant: absmax = code2[q] * absmax2[block of 256] + offset, in fp32
+        q = tl.load(absmax_ptr + block, mask=keep, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q, mask=keep, other=0.0) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=keep,
+                                                                         other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=keep, other=0.0)
+    tl.store(out_ptr + idx, (value * scale).to(out_ptr.dtype.element_ty), mask=keep)  # rtne (default)
+
+
+def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight (NF4 or FP4, with or without double quant) in `dtype`, in one kernel.
+
+    bitsandbytes runs three for a double-quantized weight (the absmax's own dequantize, + offset,
+    the 4-bit dequantize): on a step bound by the host, launches count. The arithmetic is theirs,
+    op for op in fp32 (code2[q] * absmax2, then + offset, then code[nibble] * absmax; no fused
+    multiply-add), so the result is bit for bit bitsandbytes' (`tests/test_kernels.py` checks).
+
+    Args:
+        packed: the packed uint8 data (two values per byte, the first in the high 4 bits).
+        state: its bitsandbytes QuantState (absmax, code, blocksize, shape; state2 and offset if nested).
+        dtype: the output dtype.
+    """
+    out = torch.empty(state.shape, dtype=dtype, device=packed.device)
+    n = out.numel()
+    nested = bool(state.nested)
+    absmax2 = state.state2.absmax if nested else state.absmax  # (unused pointers where not nested)
+    code2 = state.state2.code if nested else state.code
+    offset = state.offset if nested else state.absmax
+    grid = (triton.cdiv(n, _BLOCK),)
+    _dequantize_4bit_kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n,
+                                  BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
+                                  NESTED=nested, BLOCK=_BLOCK, enable_fp_fusion=False)
+    return out

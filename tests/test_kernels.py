@@ -394,6 +394,32 @@ def test_triton_in_place_gated_backward_matches_the_torch_backward_in_bf16(act):
     assert ((grads[True] - grads[False]).abs() <= 2**-7 * grads[False].abs() + 1e-6).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_dequantize_is_bitsandbytes_bit_for_bit(quant_type, nested, dtype):
+    # One kernel (triton_ops.dequantize_4bit) for bitsandbytes' one to three: the same fp32 operations
+    # in the same order (no fused multiply-add), rounded once to the output dtype: equal, not close.
+    import bitsandbytes.functional as bnbF
+
+    from lora_dist import triton_ops
+
+    torch.manual_seed(0)
+    w = torch.randn(1536, 4160, device="cuda") * 0.02  # 6.4M values: many absmax blocks of 256
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+    state.dtype = dtype
+    assert torch.equal(triton_ops.dequantize_4bit(packed, state, dtype), bnbF.dequantize_4bit(packed, state))
+
+
+@pytest.mark.gpu
+def test_fused_path_dequantizes_a_4bit_linear_as_bitsandbytes_does():
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(768, 512, bias=False)).cuda()
+    quant.quantize_model(holder, bits=4, compute_dtype=torch.bfloat16, skip_modules=())  # NF4, double quant
+    assert torch.equal(kernels._base_weight(holder[0], torch.bfloat16), quant.dequantize_weight(holder[0], torch.bfloat16))
+
+
 def test_partial_rope_matches_phi3_rotating_only_the_first_dims():
     from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 
