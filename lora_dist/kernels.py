@@ -77,9 +77,12 @@ def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if quant.bits_of(base) == 4:
         if base.weight.is_cuda:
             data, state = quant.packed_4bit(base)
-            ops = _triton_ops() if data.dtype == torch.uint8 and state.quant_type in ("nf4", "fp4") else None
-            if ops is not None:
-                return ops.dequantize_4bit(data, state, dtype)
+            ops = _triton_ops()
+            if ops is not None and ops.dequantizes(data, state):
+                # bitsandbytes rounds to the state's dtype, then casts: the same here (one rounding from fp32)
+                direct = state.dtype in (dtype, torch.float32)
+                w = ops.dequantize_4bit(data, state, dtype if direct else state.dtype)
+                return w if direct else w.to(dtype)
         return quant.dequantize_weight(base, dtype)
     return base.weight.detach().to(dtype)
 
@@ -162,7 +165,8 @@ class _Copies:
     __slots__ = ("table",)
 
     def __init__(self) -> None:
-        self.table: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        # key -> (source weights, their versions when copied, the copy)
+        self.table: dict[tuple, tuple[tuple[torch.Tensor, ...], tuple[int, ...], torch.Tensor]] = {}
 
 
 _COPIES: _Copies | None = None  # a global, not thread-local: autograd runs backward in its own threads
@@ -177,7 +181,8 @@ def adapter_copies():
     which on a GPU cost host time, not GPU time (the step of a small model is bound by the host).
     Wrap one forward and its backward (the training job and the bench wrap each micro batch): the
     copies made inside live until the scope ends, one per adapter weight (bf16: half the adapters'
-    fp32 bytes). The adapter weights must not change inside: the optimizer steps outside it.
+    fp32 bytes). The optimizer steps outside it: a weight changed in place inside (its version moves)
+    is copied again, but one rewritten through `.data` (as DeepSpeed does) is not seen.
     """
     global _COPIES
     outer = _COPIES
@@ -192,11 +197,13 @@ def _copy_of(key: tuple, sources: tuple[torch.Tensor, ...], make: Callable[[], t
     copies = _COPIES
     if copies is None:
         return make()
+    versions = tuple(t._version for t in sources)
     hit = copies.table.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], sources, strict=True)):
-        return hit[1]
+    # the same weights, not changed in place since (an optimizer step inside a scope makes a new copy)
+    if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], sources, strict=True)):
+        return hit[2]
     out = make()
-    copies.table[key] = (sources, out)
+    copies.table[key] = (sources, versions, out)
     return out
 
 

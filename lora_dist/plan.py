@@ -517,7 +517,7 @@ def _adapter_copy_bytes(facts: ModelFacts, e: int) -> int:
     """
     return sum(_rounded(lin.rank * lin.in_features * e) + _rounded(lin.rank * lin.out_features * e)
                for layer in facts.layers for lin in layer.linears.values()
-               if lin.rank and (facts.fused or lin.fast))
+               if lin.rank and lin.bits != 8 and (facts.fused or lin.fast))  # 8-bit: never on a fused path
 
 
 def _dequant_temp(layer: _Layer, e: int) -> int:

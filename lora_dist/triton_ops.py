@@ -79,13 +79,26 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2
     tl.store(out_ptr + idx, (value * scale).to(out_ptr.dtype.element_ty), mask=keep)  # rtne (default)
 
 
+def dequantizes(packed: torch.Tensor, state) -> bool:
+    """Whether `dequantize_4bit` takes this weight: uint8-packed NF4/FP4 with every part of its state,
+    an fp32 code table included, on the weight's own device (bitsandbytes itself reads built-in tables)."""
+    if packed.dtype != torch.uint8 or state.quant_type not in ("nf4", "fp4"):
+        return False
+    parts = [state.absmax, state.code]
+    if state.nested:
+        parts += [state.offset, state.state2.absmax, state.state2.code]
+    return (all(isinstance(t, torch.Tensor) and t.device == packed.device for t in parts)
+            and state.code.dtype == torch.float32 and (not state.nested or state.state2.code.dtype == torch.float32))
+
+
 def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
     """A bitsandbytes 4-bit weight (NF4 or FP4, with or without double quant) in `dtype`, in one kernel.
 
     bitsandbytes runs three for a double-quantized weight (the absmax's own dequantize, + offset,
     the 4-bit dequantize): on a step bound by the host, launches count. The arithmetic is theirs,
     op for op in fp32 (code2[q] * absmax2, then + offset, then code[nibble] * absmax; no fused
-    multiply-add), so the result is bit for bit bitsandbytes' (`tests/test_kernels.py` checks).
+    multiply-add), so in the state's dtype (or in any dtype from an fp32 state) the result is
+    bitsandbytes' bit for bit (`tests/test_kernels.py` checks). CUDA tensors only (`dequantizes`).
 
     Args:
         packed: the packed uint8 data (two values per byte, the first in the high 4 bits).
@@ -99,7 +112,8 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Te
     code2 = state.state2.code if nested else state.code
     offset = state.offset if nested else state.absmax
     grid = (triton.cdiv(n, _BLOCK),)
-    _dequantize_4bit_kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n,
-                                  BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
-                                  NESTED=nested, BLOCK=_BLOCK, enable_fp_fusion=False)
+    with torch.cuda.device(packed.device):  # Triton launches on the current device, not the tensors'
+        _dequantize_4bit_kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n,
+                                      BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
+                                      NESTED=nested, BLOCK=_BLOCK, enable_fp_fusion=False)
     return out

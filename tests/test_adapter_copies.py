@@ -81,7 +81,7 @@ def test_each_copy_is_made_once_and_reused_by_recompute_and_backward(monkeypatch
     # forward, the checkpointed recompute and backward each read them, but the recompute stops before
     # the down projection's output half (torch's early stop: it saves nothing), which reads its B
     assert len(uses) == 3 * len(makes) - layers
-    assert all(t.dtype == torch.bfloat16 for _, t in copies.values())
+    assert all(t.dtype == torch.bfloat16 for *_, t in copies.values())
 
 
 def test_nested_scopes_share_the_outer_copies():
@@ -98,10 +98,25 @@ def test_planner_counts_the_copies_a_step_makes():
     with kernels.adapter_copies():
         table = kernels._COPIES.table
         model(input_ids=batch(), labels=batch()).loss.backward()
-        made = sum(plan._rounded(t.numel() * t.element_size()) for _, t in table.values())
+        made = sum(plan._rounded(t.numel() * t.element_size()) for *_, t in table.values())
     facts = types.SimpleNamespace(layers=[plan._describe_layer(l, 4) for l in decoder_layers(model)], fused=True)
     predicted = plan._adapter_copy_bytes(facts, 2)
     # the planner rounds each A to the allocator's 512 B apart; a group's A is one tensor (at most 512 B
     # less per grouped linear: 3 + 2 per layer here)
     assert 0 <= predicted - made <= 512 * 5 * len(facts.layers)
     assert made > 0
+
+
+def test_a_weight_changed_in_place_inside_a_scope_is_copied_again_and_dtypes_get_their_own_copies():
+    a = torch.randn(4, 8)
+    with kernels.adapter_copies():
+        first = kernels._a_cat((a,), torch.bfloat16)
+        assert kernels._a_cat((a,), torch.bfloat16) is first  # reused
+        assert kernels._a_cat((a,), torch.float16).dtype == torch.float16  # the dtype is part of the key
+        with torch.no_grad():
+            a.add_(1.0)  # as an optimizer step would, inside the scope
+        again = kernels._a_cat((a,), torch.bfloat16)
+        assert again is not first and torch.equal(again, a.to(torch.bfloat16))
+        b = torch.randn(8, 4)
+        assert torch.equal(kernels._scaled_b(b, 2.0, torch.bfloat16), (b * 2.0).to(torch.bfloat16))
+        assert torch.equal(kernels._scaled_b(b, 0.5, torch.bfloat16), (b * 0.5).to(torch.bfloat16))  # scaling: key

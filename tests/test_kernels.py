@@ -397,27 +397,41 @@ def test_triton_in_place_gated_backward_matches_the_torch_backward_in_bf16(act):
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [True, False])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_triton_dequantize_is_bitsandbytes_bit_for_bit(quant_type, nested, dtype):
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("shape", "blocksize"), [((1536, 4160), 64), ((33, 31), 64), ((512, 1024), 128)])
+def test_triton_dequantize_is_bitsandbytes_bit_for_bit(quant_type, nested, state_dtype, shape, blocksize):
     # One kernel (triton_ops.dequantize_4bit) for bitsandbytes' one to three: the same fp32 operations
-    # in the same order (no fused multiply-add), rounded once to the output dtype: equal, not close.
+    # in the same order (no fused multiply-add), rounded once: equal, not close. 6.4M values span many
+    # blocks of 256 absmax; 33 x 31 is odd (a last half byte and a partial block).
     import bitsandbytes.functional as bnbF
 
     from lora_dist import triton_ops
 
     torch.manual_seed(0)
-    w = torch.randn(1536, 4160, device="cuda") * 0.02  # 6.4M values: many absmax blocks of 256
-    packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
-    state.dtype = dtype
-    assert torch.equal(triton_ops.dequantize_4bit(packed, state, dtype), bnbF.dequantize_4bit(packed, state))
+    w = (torch.randn(*shape, device="cuda") * 0.02).to(state_dtype)
+    packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+    assert state.dtype == state_dtype and triton_ops.dequantizes(packed, state)
+    ref = bnbF.dequantize_4bit(packed, state)
+    assert torch.equal(triton_ops.dequantize_4bit(packed, state, state_dtype), ref)
+    if state_dtype == torch.float32:  # one rounding from fp32 to any dtype: bitsandbytes' result cast
+        for dtype in (torch.bfloat16, torch.float16):
+            assert torch.equal(triton_ops.dequantize_4bit(packed, state, dtype), ref.to(dtype))
 
 
 @pytest.mark.gpu
-def test_fused_path_dequantizes_a_4bit_linear_as_bitsandbytes_does():
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float16])
+def test_fused_path_dequantizes_a_4bit_linear_through_the_kernel_as_bitsandbytes_does(compute_dtype, monkeypatch):
+    from lora_dist import triton_ops
+
     torch.manual_seed(0)
     holder = nn.Sequential(nn.Linear(768, 512, bias=False)).cuda()
-    quant.quantize_model(holder, bits=4, compute_dtype=torch.bfloat16, skip_modules=())  # NF4, double quant
-    assert torch.equal(kernels._base_weight(holder[0], torch.bfloat16), quant.dequantize_weight(holder[0], torch.bfloat16))
+    quant.quantize_model(holder, bits=4, compute_dtype=compute_dtype, skip_modules=())  # NF4, double quant
+    calls = []
+    kernel = triton_ops.dequantize_4bit
+    monkeypatch.setattr(triton_ops, "dequantize_4bit", lambda *a: calls.append(a[2]) or kernel(*a))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):  # other dtypes than the state's: cast after
+        assert torch.equal(kernels._base_weight(holder[0], dtype), quant.dequantize_weight(holder[0], dtype))
+    assert len(calls) == 3  # the kernel ran each time (not bitsandbytes on both sides)
 
 
 def test_partial_rope_matches_phi3_rotating_only_the_first_dims():
