@@ -300,11 +300,6 @@ class _LoRAProject(torch.autograd.Function):
         return (grad_x, None, None, None, None, *grads)
 
 
-def _a_cat(a_params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """cat(A_i) in `dtype`: (sum r_i, in)."""
-    return torch.cat([a.to(dtype) for a in a_params])
-
-
 class _Handoff:
     """The output gradients of a group, from `_LoRAOutput.backward` to `_LoRAProject.backward`.
 
