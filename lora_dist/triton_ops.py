@@ -12,6 +12,7 @@ with the CPU build CI runs); the CPU runs the same math through plain torch func
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -20,6 +21,7 @@ import triton.language as tl
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 _BLOCK = 1024
+_ROWS = 32  # quantization blocks per program of the 4-bit dequantize (2,048 values at blocksize 64)
 
 
 @triton.jit
@@ -62,28 +64,30 @@ def gated_backward_(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu:
 @triton.jit
 def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
                             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                            BLOCK: tl.constexpr):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = idx < n
-    byte = tl.load(packed_ptr + idx // 2, mask=keep, other=0).to(tl.int32)
-    nibble = tl.where(idx % 2 == 0, byte >> 4, byte & 15)  # the even element sits in the high half
-    value = tl.load(code_ptr + nibble, mask=keep, other=0.0)
-    block = idx // BLOCKSIZE
+                            ROWS: tl.constexpr):
+    # ROWS quantization blocks per program, one row each: a block's scale is loaded once, each byte
+    # once, and its two values written side by side (the even element from the high 4 bits).
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    first = rows[:, None] * BLOCKSIZE + 2 * tl.arange(0, BLOCKSIZE // 2)[None, :]  # each byte's even element
+    byte = tl.load(packed_ptr + first // 2, mask=first < n, other=0).to(tl.int32)
+    values = tl.join(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15)))  # (ROWS, BLOCKSIZE/2, 2)
+    in_rows = rows * BLOCKSIZE < n
     if NESTED:  # bitsandbytes' double quant: absmax = code2[q] * absmax2[block of 256] + offset, in fp32
-        q = tl.load(absmax_ptr + block, mask=keep, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q, mask=keep, other=0.0) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=keep,
-                                                                         other=0.0)
+        q = tl.load(absmax_ptr + rows, mask=in_rows, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + rows // BLOCKSIZE2, mask=in_rows, other=0.0)
         scale = scale + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=keep, other=0.0)
-    tl.store(out_ptr + idx, (value * scale).to(out_ptr.dtype.element_ty), mask=keep)  # rtne (default)
+        scale = tl.load(absmax_ptr + rows, mask=in_rows, other=0.0)
+    idx = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    out = tl.reshape(values, (ROWS, BLOCKSIZE)) * scale[:, None]
+    tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=idx < n)  # rtne (default)
 
 
 def dequantizes(packed: torch.Tensor, state) -> bool:
     """Whether `dequantize_4bit` takes this weight: uint8-packed NF4/FP4 with every part of its state,
     an fp32 code table included, on the weight's own device (bitsandbytes itself reads built-in tables)."""
-    if packed.dtype != torch.uint8 or state.quant_type not in ("nf4", "fp4"):
-        return False
+    if packed.dtype != torch.uint8 or state.quant_type not in ("nf4", "fp4") or math.prod(state.shape) >= 2**31:
+        return False  # (the kernel indexes in int32)
     parts = [state.absmax, state.code]
     if state.nested:
         parts += [state.offset, state.state2.absmax, state.state2.code]
@@ -111,9 +115,10 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Te
     absmax2 = state.state2.absmax if nested else state.absmax  # (unused pointers where not nested)
     code2 = state.state2.code if nested else state.code
     offset = state.offset if nested else state.absmax
-    grid = (triton.cdiv(n, _BLOCK),)
-    with torch.cuda.device(packed.device):  # Triton launches on the current device, not the tensors'
+    grid = (triton.cdiv(triton.cdiv(n, state.blocksize), _ROWS),)
+    other = packed.is_cuda and packed.device.index != torch.cuda.current_device()
+    with torch.cuda.device(packed.device) if other else contextlib.nullcontext():  # Triton launches on the current one
         _dequantize_4bit_kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n,
                                       BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
-                                      NESTED=nested, BLOCK=_BLOCK, enable_fp_fusion=False)
+                                      NESTED=nested, ROWS=_ROWS, enable_fp_fusion=False)
     return out
