@@ -235,9 +235,14 @@ class _LoRAProject(torch.autograd.Function):
     checkpointing that (M, in) tensor is made after the layer's recompute, never beside it.
 
     With dropout (p_i > 0 for layer i) each layer reads its own dropped copy of x,
-    xa_i = dropout_i(x) @ A_i.T, its mask drawn in layer order, as the layers' plain forwards
-    draw theirs. No mask is stored: backward replays the generator state saved in forward and
-    draws the same masks again, and the adapter part of x's gradient goes back through them.
+    xa_i = dropout_i(x) @ A_i.T. No mask is stored. On CUDA (one p for the group, equal ranks,
+    multiples of 16) Triton kernels draw each element's mask from one seed per call (Philox,
+    `triton_ops.dropout_project`) inside the product, forward and backward: x is read once per
+    layer and no dropped copy is written. Elsewhere the masks come from torch's generator in layer
+    order, as the layers' plain forwards draw theirs, through dropped copies, and backward replays
+    the generator state saved in forward. Either way the adapter part of x's gradient goes back
+    through the forward's masks (a checkpointed recompute draws them again: the seed too comes
+    from the device's generator, which checkpointing restores).
     """
 
     @staticmethod
@@ -255,8 +260,13 @@ class _LoRAProject(torch.autograd.Function):
         ctx.dropouts = dropouts
         ctx.layers, ctx.handoff = layers, handoff
         ctx.a_params = a_params  # parameters, changed by the optimizer only after backward
+        ctx.seed = None
         if not any(dropouts):
             return x2 @ _a_cat(a_params, x2.dtype).t()  # (M, R)
+        ops = _dropout_ops(x2, dropouts, ctx.ranks)
+        if ops is not None:  # CUDA: masks drawn inside the kernels from one seed, never written
+            ctx.seed = ops.dropout_seed(x2.device)
+            return ops.dropout_project(x2, _a_cat(a_params, x2.dtype), len(a_params), dropouts[0], ctx.seed)
         ctx.rng_state = _rng_state(x2.device)
         # one (M, in) dropped copy alive at a time; (M, r_i) each
         return torch.cat([_dropped(x2, p) @ _a_cat((a,), x2.dtype).t() for a, p in zip(a_params, dropouts)], dim=1)
@@ -283,6 +293,8 @@ class _LoRAProject(torch.autograd.Function):
                 grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers)
             return (grad_x, None, None, None, None, *grads)
         (x2,) = ctx.saved_tensors
+        if ctx.seed is not None:
+            return _dropout_kernels_backward(ctx, x2, g_xa, needs_a, outputs_grads)
         grad_x, grads, start = None, [], 0
         with _replayed_rng(x2.device, ctx.rng_state), torch.enable_grad():
             for a, p, r, dtype, needs in zip(ctx.a_params, ctx.dropouts, ctx.ranks, ctx.dtypes, needs_a, strict=True):
@@ -298,6 +310,35 @@ class _LoRAProject(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers)
         return (grad_x, None, None, None, None, *grads)
+
+
+def _dropout_ops(x2: torch.Tensor, dropouts: Sequence[float], ranks: Sequence[int]):
+    """triton_ops where its dropout kernels take this group (CUDA, one p for every layer, equal ranks
+    that are multiples of 16), else None (the torch path: dropped copies, masks from torch's generator)."""
+    if not x2.is_cuda or len(set(dropouts)) != 1:
+        return None
+    ops = _triton_ops()
+    return ops if ops is not None and ops.projects_with_dropout(x2, list(ranks)) else None
+
+
+def _dropout_kernels_backward(ctx, x2, g_xa, needs_a, outputs_grads):
+    """`_LoRAProject.backward` when its forward drew the masks in the Triton kernels (from ctx.seed)."""
+    ops, groups, p = _triton_ops(), len(ctx.ranks), ctx.dropouts[0]
+    g_xa = g_xa.contiguous()
+    grads = [None] * groups
+    if any(needs_a):
+        grad_a_cat = ops.dropout_a_grad(x2, g_xa, groups, p, ctx.seed)  # (R, in) fp32
+        start = 0
+        for i, (r, dtype) in enumerate(zip(ctx.ranks, ctx.dtypes)):
+            grads[i] = grad_a_cat[start : start + r].to(dtype) if needs_a[i] else None
+            start += r
+        del grad_a_cat
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        a_cat = _a_cat(ctx.a_params, g_xa.dtype)
+        grad_x = ops.dropout_input_grad(g_xa, a_cat, x2.shape[1], groups, p, ctx.seed)  # (M, in)
+        grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers)
+    return (grad_x, None, None, None, None, *grads)
 
 
 class _Handoff:

@@ -122,3 +122,167 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Te
                                       BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
                                       NESTED=nested, ROWS=_ROWS, enable_fp_fusion=False)
     return out
+
+
+# ------------------------------------------------------------------ LoRA dropout inside the A projection
+#
+# Layer g of a group reads dropout_g(x) = x * keep_g / (1 - p), keep_g = uniforms > p drawn by Philox from
+# (seed + g, element position) (`_keep_mask`): the same mask is drawn again wherever it is needed, so no
+# dropped copy of x and no mask is ever written. x @ A_g.T, A_g's gradient and x's adapter
+# gradient each read x once per layer. A dropped element is rounded to x's dtype before the product, as
+# torch's dropout output is.
+
+
+@triton.jit
+def _keep_mask(seed_ptr, g, rows, col0, n_cols, p, BK: tl.constexpr):
+    """Layer g's keep mask on rows x [col0, col0 + BK) (col0 a multiple of 4): one Philox call draws four
+    uniforms for four neighbouring elements (element 4q + j of a row takes lane j of counter q)."""
+    quads = rows[:, None] * tl.cdiv(n_cols, 4) + col0 // 4 + tl.arange(0, BK // 4)[None, :]
+    u0, u1, u2, u3 = tl.rand4x(tl.load(seed_ptr) + g, quads)
+    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # (BM, BK/4, 2, 2): [.., q, i, j] is lane 2 i + j of q
+    return tl.reshape(u, (rows.shape[0], BK)) > p  # [.., 4 q + 2 i + j]
+
+
+@triton.jit
+def _dropout_project_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, m, k, x_stride, a_stride, out_stride, p, scale,
+                            R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    g = tl.program_id(1)
+    ranks = g * R + tl.arange(0, R)
+    acc = tl.zeros((BM, R), dtype=tl.float32)
+    for k0 in range(0, k, BK):
+        cols = k0 + tl.arange(0, BK)
+        inside = (rows[:, None] < m) & (cols[None, :] < k)
+        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=inside, other=0.0)
+        keep = _keep_mask(seed_ptr, g, rows, k0, k, p, BK)
+        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        a = tl.load(a_ptr + ranks[:, None] * a_stride + cols[None, :], mask=cols[None, :] < k, other=0.0)
+        acc += tl.dot(dropped, tl.trans(a), input_precision=PRECISION)
+    tl.store(out_ptr + rows[:, None] * out_stride + ranks[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=rows[:, None] < m)
+
+
+@triton.jit
+def _dropout_a_grad_kernel(x_ptr, g_ptr, out_ptr, seed_ptr, m, k, x_stride, g_stride, rows_per_split, p, scale,
+                           R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    # program (column block, layer g, split s): rows [s * rows_per_split, (s + 1) * rows_per_split) into
+    # its own partial sum, out[s] (summed after: deterministic, no atomics)
+    col0 = tl.program_id(0) * BK
+    cols = col0 + tl.arange(0, BK)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    ranks = g * R + tl.arange(0, R)
+    acc = tl.zeros((R, BK), dtype=tl.float32)
+    first = split * rows_per_split
+    for m0 in range(first, tl.minimum(first + rows_per_split, m), BM):
+        rows = m0 + tl.arange(0, BM)
+        inside = (rows[:, None] < m) & (cols[None, :] < k)
+        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=inside, other=0.0)
+        keep = _keep_mask(seed_ptr, g, rows, col0, k, p, BK)
+        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        grad = tl.load(g_ptr + rows[:, None] * g_stride + ranks[None, :], mask=rows[:, None] < m, other=0.0)
+        acc += tl.dot(tl.trans(grad), dropped, input_precision=PRECISION)
+    out = out_ptr + split * tl.num_programs(1) * R * k
+    tl.store(out + ranks[:, None] * k + cols[None, :], acc, mask=cols[None, :] < k)
+
+
+@triton.jit
+def _dropout_input_grad_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, m, k, groups, g_stride, a_stride, p, scale,
+                               R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for g in range(groups):
+        ranks = g * R + tl.arange(0, R)
+        grad = tl.load(g_ptr + rows[:, None] * g_stride + ranks[None, :], mask=rows[:, None] < m, other=0.0)
+        a = tl.load(a_ptr + ranks[:, None] * a_stride + cols[None, :], mask=cols[None, :] < k, other=0.0)
+        keep = _keep_mask(seed_ptr, g, rows, tl.program_id(1) * BK, k, p, BK)
+        acc += tl.where(keep, tl.dot(grad, a, input_precision=PRECISION) * scale, 0.0)
+    tl.store(out_ptr + rows[:, None] * k + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < m) & (cols[None, :] < k))
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, seed_ptr, g, m, k, p, BM: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    keep = _keep_mask(seed_ptr, g, rows, tl.program_id(1) * BK, k, p, BK)
+    tl.store(out_ptr + rows[:, None] * k + cols[None, :], keep.to(tl.int8), mask=(rows[:, None] < m) & (cols[None, :] < k))
+
+
+_DROP_BM, _DROP_BK = 64, 64
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: IEEE for fp32 (as torch's fp32 matmul, no TF32), the default otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def projects_with_dropout(x2: torch.Tensor, ranks: list[int]) -> bool:
+    """Whether the dropout kernels take this group: equal ranks, each a multiple of 16 (the smallest
+    tensor-core product), and x's flat index within int32."""
+    return (len(set(ranks)) == 1 and ranks[0] % 16 == 0 and x2.numel() < 2**31 and x2.stride(-1) == 1
+            and x2.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def dropout_seed(device: torch.device) -> torch.Tensor:
+    """A seed for the masks of one group call, drawn from `device`'s generator (no host sync)."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def dropout_project(x2: torch.Tensor, a_cat: torch.Tensor, groups: int, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """[dropout_g(x) @ A_g.T for each layer g]: (M, groups * r) in x's dtype.
+
+    Args:
+        x2: (M, K) the group's input, rows contiguous.
+        a_cat: (groups * r, K) the layers' A weights in x's dtype, stacked in layer order.
+        groups: how many layers (each r = a_cat.shape[0] / groups rows of a_cat).
+        p: the dropout probability (0 < p < 1), the same for every layer.
+        seed: the (1,) int64 seed of this call's masks (`dropout_seed`).
+    """
+    m, k = x2.shape
+    r = a_cat.shape[0] // groups
+    out = torch.empty(m, a_cat.shape[0], dtype=x2.dtype, device=x2.device)
+    grid = (triton.cdiv(m, _DROP_BM), groups)
+    _dropout_project_kernel[grid](x2, a_cat, out, seed, m, k, x2.stride(0), a_cat.stride(0), out.stride(0), p,
+                                  1.0 / (1.0 - p), R=r, BM=_DROP_BM, BK=_DROP_BK, PRECISION=_precision(x2.dtype))
+    return out
+
+
+def dropout_a_grad(x2: torch.Tensor, g_xa: torch.Tensor, groups: int, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """[g_g.T @ dropout_g(x)]: the A weights' gradients, (groups * r, K) in fp32 (masks from `seed`).
+
+    The sum over M rows runs in up to 8 row splits (enough programs to fill the GPU for a narrow
+    group), each into its own partial, then summed."""
+    m, k = x2.shape
+    r = g_xa.shape[1] // groups
+    col_blocks = triton.cdiv(k, 2 * _DROP_BK)
+    splits = max(1, min(8, triton.cdiv(m, _DROP_BM), triton.cdiv(1024, col_blocks * groups)))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), _DROP_BM) * _DROP_BM
+    splits = triton.cdiv(m, rows_per_split)
+    partial = torch.empty(splits, g_xa.shape[1], k, dtype=torch.float32, device=x2.device)
+    _dropout_a_grad_kernel[(col_blocks, groups, splits)](x2, g_xa, partial, seed, m, k, x2.stride(0), g_xa.stride(0),
+                                                         rows_per_split, p, 1.0 / (1.0 - p), R=r, BM=_DROP_BM,
+                                                         BK=2 * _DROP_BK, PRECISION=_precision(x2.dtype))
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+def dropout_input_grad(g_xa: torch.Tensor, a_cat: torch.Tensor, k: int, groups: int, p: float,
+                       seed: torch.Tensor) -> torch.Tensor:
+    """sum_g dropout_g'(g_g @ A_g): x's gradient through the adapters, (M, K) in g's dtype (fp32 sums)."""
+    m = g_xa.shape[0]
+    r = a_cat.shape[0] // groups
+    out = torch.empty(m, k, dtype=g_xa.dtype, device=g_xa.device)
+    grid = (triton.cdiv(m, _DROP_BM), triton.cdiv(k, _DROP_BK))
+    _dropout_input_grad_kernel[grid](g_xa, a_cat, out, seed, m, k, groups, g_xa.stride(0), a_cat.stride(0), p,
+                                     1.0 / (1.0 - p), R=r, BM=_DROP_BM, BK=_DROP_BK,
+                                     PRECISION=_precision(g_xa.dtype))
+    return out
+
+
+def dropout_mask(m: int, k: int, g: int, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """Layer g's keep mask (M, K) as int8 (1 kept): what the kernels above draw, for tests."""
+    out = torch.empty(m, k, dtype=torch.int8, device=seed.device)
+    grid = (triton.cdiv(m, _DROP_BM), triton.cdiv(k, _DROP_BK))
+    _dropout_mask_kernel[grid](out, seed, g, m, k, p, BM=_DROP_BM, BK=_DROP_BK)
+    return out

@@ -179,3 +179,77 @@ def test_cuda_bf16_fused_dropout_statistics_and_backward_mask():
     assert abs(kept.float().mean().item() - (1 - P)) < 5 * ((P * (1 - P) / kept.numel()) ** 0.5)
     y.float().sum().backward()
     assert torch.equal(x.grad != 0, kept)  # backward drew the forward's mask again on the GPU
+
+
+# ---------------------------------------------------------------- CUDA: masks drawn inside Triton kernels
+# The kernels' masks come from a Philox seed, not torch's generator: the reference rebuilds each
+# layer's mask with triton_ops.dropout_mask (the same draw) and computes with plain torch ops.
+
+
+def _masked_reference(x, a_cat, g_xa, masks, p):
+    """(xa, A's gradient, x's adapter gradient) in fp32 from explicit masks."""
+    r = a_cat.shape[0] // len(masks)
+    drops = [torch.where(m.bool(), x.float() / (1 - p), 0.0).to(x.dtype).float() for m in masks]
+    a = a_cat.float()
+    g = g_xa.float()
+    xa = torch.cat([d @ a[i * r : (i + 1) * r].t() for i, d in enumerate(drops)], 1)
+    grad_a = torch.cat([g[:, i * r : (i + 1) * r].t() @ d for i, d in enumerate(drops)], 0)
+    grad_x = sum(torch.where(m.bool(), (g[:, i * r : (i + 1) * r] @ a[i * r : (i + 1) * r]) / (1 - p), 0.0)
+                 for i, m in enumerate(masks))
+    return xa, grad_a, grad_x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(("m", "k", "groups"), [(4096, 1024, 3), (1000, 200, 2), (64, 64, 1)])
+def test_cuda_dropout_kernels_equal_plain_products_on_their_own_masks(dtype, rtol, m, k, groups):
+    # fp32: IEEE products (no TF32) in another summation order, sums of <= 4096 terms: ~1e-6, bound
+    # 1e-5. bf16: inputs rounded alike on both sides (the dropped value to bf16, as torch's dropout
+    # output is); the kernels round their fp32 results to bf16 once: 2^-8 = 3.9e-3 relative per
+    # element at most, bound 1e-2. A wrong mask or scale on 1 element in 1000 moves these by > 3e-2.
+    from lora_dist import triton_ops
+
+    torch.manual_seed(0)
+    r = 16
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    a_cat = (torch.randn(groups * r, k, device="cuda") * 0.1).to(dtype)
+    g_xa = torch.randn(m, groups * r, device="cuda").to(dtype)
+    seed = triton_ops.dropout_seed(x.device)
+    masks = [triton_ops.dropout_mask(m, k, i, P, seed) for i in range(groups)]
+    kept = torch.stack(masks).float().mean().item()
+    assert abs(kept - (1 - P)) < 5 * (P * (1 - P) / (groups * m * k)) ** 0.5
+    if groups > 1:
+        assert (masks[0] != masks[1]).float().mean().item() > 0.3  # independent: 2 p (1 - p) = 0.42 differ
+    ref_xa, ref_a, ref_x = _masked_reference(x, a_cat, g_xa, masks, P)
+    assert rel_err(triton_ops.dropout_project(x, a_cat, groups, P, seed), ref_xa) < rtol
+    assert rel_err(triton_ops.dropout_a_grad(x, g_xa, groups, P, seed), ref_a) < rtol
+    assert rel_err(triton_ops.dropout_input_grad(g_xa, a_cat, k, groups, P, seed), ref_x) < rtol
+
+
+@pytest.mark.gpu
+def test_cuda_fused_group_with_dropout_equals_the_plain_layers_on_the_kernels_masks(monkeypatch):
+    # The whole group through the kernels (fp32, r = 16 each: the kernel path), against each layer's
+    # own function y = W x + s B A (mask * x / (1 - p)) with the masks the kernels drew.
+    from lora_dist import triton_ops
+
+    layers = [layer.cuda() for layer in _group(outs=(128, 64, 64), ranks=(16, 16, 16))]
+    seed = torch.tensor([1234], dtype=torch.int64, device="cuda")
+    monkeypatch.setattr(triton_ops, "dropout_seed", lambda device: seed)
+    x = torch.randn(2, 300, 64, device="cuda", requires_grad=True)
+    ys = kernels.lora_group(x, layers)
+    gs = [torch.randn_like(y) for y in ys]
+    params = [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    got = torch.autograd.grad(sum((y * g).sum() for y, g in zip(ys, gs)), [x, *params])
+    x2 = x.detach().reshape(-1, 64).requires_grad_(True)
+    refs = []
+    for i, layer in enumerate(layers):
+        mask = triton_ops.dropout_mask(x2.shape[0], 64, i, P, seed).bool()
+        dropped = torch.where(mask, x2 / (1 - P), 0.0)
+        update = (dropped @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t()
+        refs.append(x2 @ layer.base_layer.weight.t() + layer.scaling * update)
+    ref_grads = torch.autograd.grad(sum((y * g.reshape(y.shape)).sum() for y, g in zip(refs, gs)), [x2, *params])
+    for y, ref in zip(ys, refs):
+        assert rel_err(y.reshape(ref.shape), ref) < FP32_RTOL
+    assert rel_err(got[0].reshape(-1, 64), ref_grads[0]) < FP32_RTOL
+    for g, ref in zip(got[1:], ref_grads[1:]):
+        assert rel_err(g, ref) < FP32_RTOL
