@@ -241,8 +241,8 @@ class _LoRAProject(torch.autograd.Function):
     layer and no dropped copy is written. Elsewhere the masks come from torch's generator in layer
     order, as the layers' plain forwards draw theirs, through dropped copies, and backward replays
     the generator state saved in forward. Either way the adapter part of x's gradient goes back
-    through the forward's masks (a checkpointed recompute draws them again: the seed too comes
-    from the device's generator, which checkpointing restores).
+    through the forward's masks (the kernels' seed is kept on ctx; a checkpointed recompute draws
+    the same seed and masks again, as checkpointing restores the device's generator first).
     """
 
     @staticmethod

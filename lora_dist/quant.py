@@ -97,6 +97,7 @@ def packed_4bit(layer: Linear4bit) -> tuple[torch.Tensor, "bnbF.QuantState"]:
     return _unpacked_4bit(layer.weight)
 
 
+@torch.no_grad()
 def dequantize_weight(layer: torch.nn.Linear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense (out_features, in_features) weight a linear computes with, as a new tensor."""
     if isinstance(layer, Linear4bit):

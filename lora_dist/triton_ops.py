@@ -13,6 +13,7 @@ with the CPU build CI runs); the CPU runs the same math through plain torch func
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -64,13 +65,17 @@ def gated_backward_(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu:
 @triton.jit
 def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
                             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                            ROWS: tl.constexpr):
+                            FP4: tl.constexpr, ROWS: tl.constexpr):
     # ROWS quantization blocks per program, one row each: a block's scale is loaded once, each byte
     # once, and its two values written side by side (the even element from the high 4 bits).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     first = rows[:, None] * BLOCKSIZE + 2 * tl.arange(0, BLOCKSIZE // 2)[None, :]  # each byte's even element
     byte = tl.load(packed_ptr + first // 2, mask=first < n, other=0).to(tl.int32)
-    values = tl.join(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15)))  # (ROWS, BLOCKSIZE/2, 2)
+    high, low = tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15))
+    if FP4:  # bitsandbytes computes FP4's sign apart: its code 8 is -0.0 (the table holds +0.0)
+        high = tl.where((byte >> 4) == 8, -0.0, high)
+        low = tl.where((byte & 15) == 8, -0.0, low)
+    values = tl.join(high, low)  # (ROWS, BLOCKSIZE/2, 2)
     in_rows = rows * BLOCKSIZE < n
     if NESTED:  # bitsandbytes' double quant: absmax = code2[q] * absmax2[block of 256] + offset, in fp32
         q = tl.load(absmax_ptr + rows, mask=in_rows, other=0).to(tl.int32)
@@ -86,8 +91,10 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2
 def dequantizes(packed: torch.Tensor, state) -> bool:
     """Whether `dequantize_4bit` takes this weight: uint8-packed NF4/FP4 with every part of its state,
     an fp32 code table included, on the weight's own device (bitsandbytes itself reads built-in tables)."""
-    if packed.dtype != torch.uint8 or state.quant_type not in ("nf4", "fp4") or math.prod(state.shape) >= 2**31:
-        return False  # (the kernel indexes in int32)
+    if packed.dtype != torch.uint8 or state.quant_type not in ("nf4", "fp4"):
+        return False
+    if math.prod(state.shape) + _ROWS * state.blocksize > 2**31:
+        return False  # the kernel indexes in int32, the last program's padding rows included
     parts = [state.absmax, state.code]
     if state.nested:
         parts += [state.offset, state.state2.absmax, state.state2.code]
@@ -120,7 +127,8 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Te
     with torch.cuda.device(packed.device) if other else contextlib.nullcontext():  # Triton launches on the current one
         _dequantize_4bit_kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n,
                                       BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
-                                      NESTED=nested, ROWS=_ROWS, enable_fp_fusion=False)
+                                      NESTED=nested, FP4=state.quant_type == "fp4", ROWS=_ROWS,
+                                      enable_fp_fusion=False)
     return out
 
 
@@ -219,10 +227,34 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def projects_with_dropout(x2: torch.Tensor, ranks: list[int]) -> bool:
-    """Whether the dropout kernels take this group: equal ranks, each a multiple of 16 (the smallest
-    tensor-core product), and x's flat index within int32."""
-    return (len(set(ranks)) == 1 and ranks[0] % 16 == 0 and x2.numel() < 2**31 and x2.stride(-1) == 1
-            and x2.dtype in (torch.bfloat16, torch.float16, torch.float32))
+    """Whether the dropout kernels take this group: rows of x with contiguous elements, their index
+    within int32; equal ranks, each a multiple of 16 (the smallest tensor-core product) up to 128 (the
+    A gradient's accumulator stays in registers); and all three kernels fit this GPU's shared memory
+    for this dtype and rank (`_dropout_kernels_fit`: fp32 at r = 16 does not on a 100 KiB card)."""
+    m, k = x2.shape
+    r = ranks[0]
+    return (len(set(ranks)) == 1 and r % 16 == 0 and r <= 128 and m > 0 and x2.stride(-1) == 1
+            and (m - 1) * x2.stride(0) + k < 2**31 and x2.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and _dropout_kernels_fit(x2.device, x2.dtype, r))
+
+
+@functools.cache
+def _dropout_kernels_fit(device: torch.device, dtype: torch.dtype, r: int) -> bool:
+    """Launch each dropout kernel once on a tiny input: False where one runs out of resources (shared
+    memory), decided before a forward draws masks that only these kernels can draw again."""
+    from triton.runtime.errors import OutOfResources
+
+    x = torch.zeros(_DROP_BM, 2 * _DROP_BK, dtype=dtype, device=device)
+    a = torch.zeros(r, 2 * _DROP_BK, dtype=dtype, device=device)
+    g = torch.zeros(_DROP_BM, r, dtype=dtype, device=device)
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    try:
+        dropout_project(x, a, 1, 0.5, seed)
+        dropout_a_grad(x, g, 1, 0.5, seed)
+        dropout_input_grad(g, a, x.shape[1], 1, 0.5, seed)
+    except OutOfResources:
+        return False
+    return True
 
 
 def dropout_seed(device: torch.device) -> torch.Tensor:

@@ -170,9 +170,11 @@ def test_shipped_8b_recipe_with_dropout_runs_every_adapter_on_the_fused_path():
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_fused_dropout_statistics_and_backward_mask():
-    x = torch.ones(4096, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layers = [layer.cuda() for layer in _identity_group(1)]
+@pytest.mark.parametrize("width", [64, 8])  # rank 64: the Triton kernels; rank 8: torch's dropout on CUDA
+def test_cuda_bf16_fused_dropout_statistics_and_backward_mask(width):
+    x = torch.ones(4096, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layers = [layer.cuda() for layer in _identity_group(1, width)]
+    assert (kernels._dropout_ops(x, (P,), [width]) is None) == (width % 16 != 0)
     torch.manual_seed(11)
     (y,) = kernels.lora_group(x, layers)
     kept = y != 0
@@ -253,3 +255,15 @@ def test_cuda_fused_group_with_dropout_equals_the_plain_layers_on_the_kernels_ma
     assert rel_err(got[0].reshape(-1, 64), ref_grads[0]) < FP32_RTOL
     for g, ref in zip(got[1:], ref_grads[1:]):
         assert rel_err(g, ref) < FP32_RTOL
+
+
+@pytest.mark.gpu
+def test_cuda_groups_the_dropout_kernels_take_and_refuse():
+    x = torch.zeros(256, 128, device="cuda", dtype=torch.bfloat16)
+    assert kernels._dropout_ops(x, (P, P), [16, 16]) is not None
+    assert kernels._dropout_ops(x, (P, 0.1), [16, 16]) is None  # one p per group
+    assert kernels._dropout_ops(x, (P, P), [16, 32]) is None  # equal ranks
+    assert kernels._dropout_ops(x, (P,), [8]) is None  # a multiple of 16
+    assert kernels._dropout_ops(x, (P,), [256]) is None  # up to 128
+    assert kernels._dropout_ops(x[:0], (P,), [16]) is None  # no rows
+    assert kernels._dropout_ops(x.cpu(), (P,), [16]) is None  # CUDA only

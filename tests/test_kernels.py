@@ -398,24 +398,31 @@ def test_triton_in_place_gated_backward_matches_the_torch_backward_in_bf16(act):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize(("shape", "blocksize"), [((1536, 4160), 64), ((33, 31), 64), ((512, 1024), 128)])
+@pytest.mark.parametrize(("shape", "blocksize"), [((1536, 4160), 64), ((33, 31), 64), ((512, 1024), 128),
+                                               ((256, 1024), 256)])
 def test_triton_dequantize_is_bitsandbytes_bit_for_bit(quant_type, nested, state_dtype, shape, blocksize):
     # One kernel (triton_ops.dequantize_4bit) for bitsandbytes' one to three: the same fp32 operations
-    # in the same order (no fused multiply-add), rounded once: equal, not close. 6.4M values span many
-    # blocks of 256 absmax; 33 x 31 is odd (a last half byte and a partial block).
+    # in the same order (no fused multiply-add), rounded once: equal bit patterns, not close (torch.equal
+    # would take -0.0 for +0.0: FP4's code 8, which tiny negative weights get, is -0.0 in bitsandbytes).
+    # 6.4M values span many blocks of 256 absmax; 33 x 31 is odd (a last half byte and a partial block).
     import bitsandbytes.functional as bnbF
 
     from lora_dist import triton_ops
 
+    def bits(t):
+        return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
     torch.manual_seed(0)
-    w = (torch.randn(*shape, device="cuda") * 0.02).to(state_dtype)
+    w = torch.randn(*shape, device="cuda") * 0.02
+    w[0, : min(16, shape[1])] = -1e-9  # tiny negatives: FP4's code 8
+    w = w.to(state_dtype)
     packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
     assert state.dtype == state_dtype and triton_ops.dequantizes(packed, state)
     ref = bnbF.dequantize_4bit(packed, state)
-    assert torch.equal(triton_ops.dequantize_4bit(packed, state, state_dtype), ref)
+    assert torch.equal(bits(triton_ops.dequantize_4bit(packed, state, state_dtype)), bits(ref))
     if state_dtype == torch.float32:  # one rounding from fp32 to any dtype: bitsandbytes' result cast
         for dtype in (torch.bfloat16, torch.float16):
-            assert torch.equal(triton_ops.dequantize_4bit(packed, state, dtype), ref.to(dtype))
+            assert torch.equal(bits(triton_ops.dequantize_4bit(packed, state, dtype)), bits(ref.to(dtype)))
 
 
 @pytest.mark.gpu

@@ -18,12 +18,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 LAYERS = 3
 
 
-def _model(mode: str, dropout: float = 0.0, device: str = "cpu", dtype=torch.float32, bits=None, fused=True):
+def _model(mode: str, dropout: float = 0.0, device: str = "cpu", dtype=torch.float32, bits=None, fused=True,
+           rank: int = 4):
     """Tiny Llama + LoRA with non-zero B (so every adapter gets a gradient); `mode` picks checkpointing."""
     base = shapes.build_random_model("tiny", bits=bits, compute_dtype=dtype, device=device, seed=0,
                                      num_layers=LAYERS)
     torch.manual_seed(0)  # lora_A's init
-    model = LoRAModel(base, LoRAConfig(rank=4, alpha=8, dropout=dropout, target_modules=TARGETS))
+    model = LoRAModel(base, LoRAConfig(rank=rank, alpha=2 * rank, dropout=dropout, target_modules=TARGETS))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in model.lora_layers.values():
@@ -218,3 +219,15 @@ def test_offload_finds_the_language_model_layers_of_a_multimodal_model():
         model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision))
     layers = offload._decoder_layers(model)
     assert layers is model.model.language_model.layers and len(layers) == 2
+
+
+@pytest.mark.gpu
+def test_cuda_recompute_draws_the_dropout_kernels_masks_again():
+    # Rank 16 in bf16 on CUDA: every group's dropout runs in the Triton kernels, whose masks come from
+    # a seed drawn from the CUDA generator; a recompute (model checkpointing or offload) must get the
+    # forward's masks again, bit for bit, or the gradients differ from the uncheckpointed run's.
+    batch = _batch("cuda")
+    runs = [_loss_and_grads(_model(mode, dropout=0.2, device="cuda", dtype=torch.bfloat16, bits=4, rank=16)[0], batch)
+            for mode in ("none", "hf", "offload")]
+    _assert_bitwise(runs[0], runs[1])
+    _assert_bitwise(runs[0], runs[2])
