@@ -281,10 +281,7 @@ class _LoRAProject(torch.autograd.Function):
             else:
                 (x2,) = ctx.saved_tensors
                 grad_a_cat = _mm_f32(g_xa.t(), x2)  # (R, in)
-            grads, start = [], 0
-            for needs, r, dtype in zip(needs_a, ctx.ranks, ctx.dtypes):
-                grads.append(grad_a_cat[start : start + r].to(dtype) if needs else None)
-                start += r
+            grads = _split_a_grads(grad_a_cat, needs_a, ctx.ranks, ctx.dtypes)
             del grad_a_cat
             grad_x = None
             if ctx.needs_input_grad[0]:
@@ -312,6 +309,16 @@ class _LoRAProject(torch.autograd.Function):
         return (grad_x, None, None, None, None, *grads)
 
 
+def _split_a_grads(grad_a_cat: torch.Tensor, needs_a, ranks, dtypes) -> list[torch.Tensor | None]:
+    """The group's (R, in) A gradient as one (r_i, in) gradient per layer in its parameter's dtype
+    (None where that A needs none)."""
+    grads, start = [], 0
+    for needs, r, dtype in zip(needs_a, ranks, dtypes, strict=True):
+        grads.append(grad_a_cat[start : start + r].to(dtype) if needs else None)
+        start += r
+    return grads
+
+
 def _dropout_ops(x2: torch.Tensor, dropouts: Sequence[float], ranks: Sequence[int]):
     """triton_ops where its dropout kernels take this group (CUDA, one p for every layer, equal ranks
     that are multiples of 16), else None (the torch path: dropped copies, masks from torch's generator)."""
@@ -328,10 +335,7 @@ def _dropout_kernels_backward(ctx, x2, g_xa, needs_a, outputs_grads):
     grads = [None] * groups
     if any(needs_a):
         grad_a_cat = ops.dropout_a_grad(x2, g_xa, groups, p, ctx.seed)  # (R, in) fp32
-        start = 0
-        for i, (r, dtype) in enumerate(zip(ctx.ranks, ctx.dtypes)):
-            grads[i] = grad_a_cat[start : start + r].to(dtype) if needs_a[i] else None
-            start += r
+        grads = _split_a_grads(grad_a_cat, needs_a, ctx.ranks, ctx.dtypes)
         del grad_a_cat
     grad_x = None
     if ctx.needs_input_grad[0]:

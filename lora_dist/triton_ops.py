@@ -152,6 +152,16 @@ def _keep_mask(seed_ptr, g, rows, col0, n_cols, p, BK: tl.constexpr):
 
 
 @triton.jit
+def _dropped_tile(x_ptr, x_stride, rows, cols, m, k, seed_ptr, g, col0, p, scale, BK: tl.constexpr):
+    """Layer g's dropout of x on rows x cols ([col0, col0 + BK)), rounded to x's dtype as torch's
+    dropout output is; 0 outside x."""
+    inside = (rows[:, None] < m) & (cols[None, :] < k)
+    x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=inside, other=0.0)
+    keep = _keep_mask(seed_ptr, g, rows, col0, k, p, BK)
+    return tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+
+
+@triton.jit
 def _dropout_project_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, m, k, x_stride, a_stride, out_stride, p, scale,
                             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -160,10 +170,7 @@ def _dropout_project_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, m, k, x_stride, a_s
     acc = tl.zeros((BM, R), dtype=tl.float32)
     for k0 in range(0, k, BK):
         cols = k0 + tl.arange(0, BK)
-        inside = (rows[:, None] < m) & (cols[None, :] < k)
-        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=inside, other=0.0)
-        keep = _keep_mask(seed_ptr, g, rows, k0, k, p, BK)
-        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        dropped = _dropped_tile(x_ptr, x_stride, rows, cols, m, k, seed_ptr, g, k0, p, scale, BK)
         a = tl.load(a_ptr + ranks[:, None] * a_stride + cols[None, :], mask=cols[None, :] < k, other=0.0)
         acc += tl.dot(dropped, tl.trans(a), input_precision=PRECISION)
     tl.store(out_ptr + rows[:, None] * out_stride + ranks[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -184,10 +191,7 @@ def _dropout_a_grad_kernel(x_ptr, g_ptr, out_ptr, seed_ptr, m, k, x_stride, g_st
     first = split * rows_per_split
     for m0 in range(first, tl.minimum(first + rows_per_split, m), BM):
         rows = m0 + tl.arange(0, BM)
-        inside = (rows[:, None] < m) & (cols[None, :] < k)
-        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=inside, other=0.0)
-        keep = _keep_mask(seed_ptr, g, rows, col0, k, p, BK)
-        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        dropped = _dropped_tile(x_ptr, x_stride, rows, cols, m, k, seed_ptr, g, col0, p, scale, BK)
         grad = tl.load(g_ptr + rows[:, None] * g_stride + ranks[None, :], mask=rows[:, None] < m, other=0.0)
         acc += tl.dot(tl.trans(grad), dropped, input_precision=PRECISION)
     out = out_ptr + split * tl.num_programs(1) * R * k
