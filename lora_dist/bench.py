@@ -100,6 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--block-checkpointing", action="store_true",
                    help="our side checkpoints attention and MLP blocks separately (more memory, less recompute)")
     p.add_argument("--no-compile", action="store_true", help="fused ops without torch.compile")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="our side's decoder layers replay CUDA graphs (rows without offload; graphs.enable_layer_graphs)")
     p.add_argument("--profile", action="store_true", help="profile one step of our side and print where time goes")
     p.add_argument("--fit-memory", type=float, default=None, metavar="GIB",
                    help="emulate a card of GIB (memory fraction) and search the largest micro batch per seq length")
@@ -208,11 +210,13 @@ class Side:
 
 
 def build_ours(setup: Setup, checkpointing: bool, fast: bool = True, block: bool = False,
-               offload: bool = False) -> Side:
+               offload: bool = False, graphs: bool = False) -> Side:
     """Our side: LoRAModel over the quantized base, with `families.patch_model_for_speed` when `fast`.
 
     Checkpointing is per decoder layer (the model's own switch), per block with `block`, or per
     layer with each layer input in pinned host memory with `offload` (`offload.enable_activation_offload`).
+    With `graphs` (fused path, per-layer or no checkpointing) each decoder layer replays CUDA graphs
+    (`graphs.enable_layer_graphs`).
     """
     from lora_dist import families
     from lora_dist.model import LoRAConfig, LoRAModel
@@ -230,6 +234,11 @@ def build_ours(setup: Setup, checkpointing: bool, fast: bool = True, block: bool
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if fast:
         families.patch_model_for_speed(model, block_checkpointing=block)
+    if graphs and fast and not block and not offload:
+        from lora_dist.graphs import enable_layer_graphs
+        from lora_dist.loading import decoder_layers
+
+        enable_layer_graphs(decoder_layers(model), checkpointing)
     model.train()
     params = model.get_trainable_parameters()
     fused = setup.device.startswith("cuda")
@@ -267,9 +276,9 @@ def build_peft(setup: Setup, checkpointing: bool, liger: bool = False) -> Side:
 
 
 def build_side(name: str, setup: Setup, checkpointing: bool, fast: bool = True, block: bool = False,
-               offload: bool = False) -> Side:
+               offload: bool = False, graphs: bool = False) -> Side:
     if name == "ours":
-        return build_ours(setup, checkpointing, fast, block, offload)
+        return build_ours(setup, checkpointing, fast, block, offload, graphs)
     if name in ("peft", "peft+liger"):
         return build_peft(setup, checkpointing, liger=name == "peft+liger")
     raise ValueError(f"{name} is not built in this process")
@@ -313,6 +322,8 @@ def time_steps(side: Side, batch: torch.Tensor, setup: Setup, warmup: int, steps
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
+        if cuda and i == warmup and warmup:
+            torch.cuda.reset_peak_memory_stats()  # the timed steps' peak (CUDA graphs capture in warm-up)
         _sync(setup.device)
         t0 = time.perf_counter()
         loss = train_step(side, batch)
@@ -328,15 +339,25 @@ def time_steps(side: Side, batch: torch.Tensor, setup: Setup, warmup: int, steps
         "losses": losses,
     }
     if cuda:
-        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        # CUDA graphs allocate their scratch once, in their own pool, at capture: a replay allocates
+        # nothing, so the peak counts that pool's free memory too (the scratch replays write into)
+        scratch = _graph_scratch_bytes() / 2**30
+        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30 + scratch
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        out["graph_scratch_gib"] = scratch
     return out
+
+
+def _graph_scratch_bytes() -> int:
+    """Free bytes in CUDA graphs' private memory pools (segments outside the default pool)."""
+    return sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory_snapshot()
+               if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
 def run_side(name: str, setup: Setup, checkpointing: bool, args: argparse.Namespace,
              offload: bool = False) -> dict[str, Any]:
     side = build_side(name, setup, checkpointing, fast=not args.plain, block=args.block_checkpointing,
-                      offload=offload)
+                      offload=offload, graphs=args.cuda_graphs)
     batch = make_batch(setup, side.model.config.vocab_size)
     res = time_steps(side, batch, setup, args.warmup, args.steps)
     result = result_row(side, setup, checkpointing, res, args.peak_tflops, offload=offload)
@@ -363,6 +384,7 @@ def result_row(side: Side, setup: Setup, checkpointing: bool, res: dict[str, Any
         "host_issue_s": res["host_issue_s"],
         "peak_allocated_gib": res.get("peak_allocated_gib"),
         "peak_reserved_gib": res.get("peak_reserved_gib"),
+        "graph_scratch_gib": res.get("graph_scratch_gib"),
         "mfu": tok_s * 6 * n / (peak_tflops * 1e12),
         "hfu": tok_s * hw_per_token / (peak_tflops * 1e12),
         "n_matmul_weights": n,
@@ -803,6 +825,9 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if args.activation_offload != "off" and (args.block_checkpointing or args.plain):
         problems.append("--activation-offload checkpoints whole layers of our fused model: drop "
                         "--block-checkpointing and --plain")
+    if args.cuda_graphs and (args.plain or args.block_checkpointing or not cuda):
+        problems.append("--cuda-graphs replays our fused layers on CUDA: drop --plain and --block-checkpointing, "
+                        "run it on a CUDA device")
     if (args.fit_memory is not None or args.extrapolate_layers) and not cuda:
         problems.append("--fit-memory and --extrapolate-layers measure GPU memory: run them on a CUDA device")
     if args.extrapolate_layers:

@@ -173,7 +173,7 @@ _COPIES: _Copies | None = None  # a global, not thread-local: autograd runs back
 
 
 @contextlib.contextmanager
-def adapter_copies():
+def adapter_copies(fresh: bool = False):
     """Within, each adapter weight is cast to the compute dtype (and B scaled) once, not at each use.
 
     A LoRA group casts its A weights (concatenated) and each scaled B in forward, again in a
@@ -183,10 +183,13 @@ def adapter_copies():
     copies made inside live until the scope ends, one per adapter weight (bf16: half the adapters'
     fp32 bytes). The optimizer steps outside it: a weight changed in place inside (its version moves)
     is copied again, but one rewritten through `.data` (as DeepSpeed does) is not seen.
+
+    With `fresh`, a scope of its own even inside another (a CUDA graph's capture: the copies it
+    makes live in the graph's memory and are made again at each replay).
     """
     global _COPIES
     outer = _COPIES
-    _COPIES = outer if outer is not None else _Copies()  # nested: the outer scope's copies
+    _COPIES = outer if outer is not None and not fresh else _Copies()  # nested: the outer scope's copies
     try:
         yield
     finally:

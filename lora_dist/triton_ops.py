@@ -72,10 +72,10 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2
     first = rows[:, None] * BLOCKSIZE + 2 * tl.arange(0, BLOCKSIZE // 2)[None, :]  # each byte's even element
     byte = tl.load(packed_ptr + first // 2, mask=first < n, other=0).to(tl.int32)
     high, low = tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15))
-    if FP4:  # bitsandbytes computes FP4's sign apart: its code 8 is -0.0 (the table holds +0.0). Negate
-        # the loaded +0.0: a literal -0.0 compiles to +0.0 on the GPU (the interpreter kept its sign)
-        high = tl.where((byte >> 4) == 8, -high, high)
-        low = tl.where((byte & 15) == 8, -low, low)
+    if FP4:  # bitsandbytes computes FP4's sign apart (a nibble's top bit): its code 8 is -0.0, the table
+        # holds +0.0. The sign bit is set bitwise: on the GPU a literal -0.0 and -x (0 - x) give +0.0
+        high = (high.to(tl.int32, bitcast=True) | (((byte >> 7) & 1) << 31)).to(tl.float32, bitcast=True)
+        low = (low.to(tl.int32, bitcast=True) | (((byte >> 3) & 1) << 31)).to(tl.float32, bitcast=True)
     values = tl.join(high, low)  # (ROWS, BLOCKSIZE/2, 2)
     in_rows = rows * BLOCKSIZE < n
     if NESTED:  # bitsandbytes' double quant: absmax = code2[q] * absmax2[block of 256] + offset, in fp32

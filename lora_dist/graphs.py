@@ -1,0 +1,350 @@
+"""CUDA graphs of decoder layers: a layer's forward, and its backward with the recompute, one launch each.
+
+On one GPU the fused QLoRA step of an 8B model is bound by the host: each decoder layer queues a
+few hundred small ops in forward, recompute and backward (the H200 profile of the checkpointed
+Llama-3-8B step: 600 ms of device work, the host queuing for 690 ms). A CUDA graph records a
+layer's kernels once and replays them with one call.
+
+`enable_layer_graphs` gives each decoder layer two graphs per input signature (the input's shape
+and dtype, its keyword arguments' tensor shapes and other values):
+
+- F_i runs the layer (under torch's non-reentrant checkpoint when checkpointing is on, early stop
+  included) from a static input into its output y_i;
+- B_i runs `torch.autograd.grad` of y_i: the recompute and the backward, into x's gradient and
+  the adapters' gradients.
+
+Static memory. Layer i's input and checkpoint is slot i, which F_{i-1} writes (layer 0's: the
+embedding output copied in), as under the model's own checkpointing, which keeps each layer's
+input; the slots live outside the graphs' memory pool. All graphs of a model share that pool and
+are captured in the order they replay (F_0 .. F_{L-1} in the first forward, B_{L-1} .. B_0 in its
+backward), so a graph's scratch never overlaps what a later replay still reads (without
+checkpointing, the activations F_i saves stay allocated until B_i's capture). x's gradient
+ping-pongs between two buffers (B_i reads one, writes the other, which B_{i-1} reads) and the
+adapters' gradients land in one buffer per parameter layout, copied out once per layer for
+autograd to accumulate (so gradient accumulation, `zero_grad(set_to_none=True)` and DeepSpeed's
+gradient hooks see ordinary gradients). A replay allocates nothing: the pool's memory is reserved
+at capture (`torch.cuda.max_memory_allocated` does not see it; the bench adds it).
+
+Taken only where replaying is the same computation: CUDA, training with gradients on, no dropout
+anywhere in the layer (a graph would replay one mask), no KV cache, positional input only, the
+layer's tensors (weights, adapters, quantization state) where they were at capture (else captured
+again). Everything else runs the layer as before. A model whose input signature keeps changing
+(unpadded batches of varying length) is captured again each time; after `MAX_SIGNATURES` the
+graphs are turned off for it with one warning.
+
+Outputs alias the static buffers: a layer output is valid until the same layer runs again (the
+next micro batch), as with any CUDA graph.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lora_dist import kernels
+
+MAX_SIGNATURES = 4
+"""Input signatures a model may be captured for before its graphs are turned off."""
+
+_CACHE_KWARGS = ("use_cache", "cache", "past_key_values", "layer_past")
+
+
+class _Shared:
+    """What the graphs of one model's layers share for one signature: pool, stream, static kwargs, gradients."""
+
+    def __init__(self, device: torch.device, signature: tuple) -> None:
+        self.signature = signature
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
+        self.kwargs: dict[Any, torch.Tensor] = {}  # kwarg path -> static buffer
+        self.sources: dict[Any, tuple[weakref.ref, int]] = {}  # kwarg path -> (tensor last copied, its version)
+        self.grad_x: list[torch.Tensor] | None = None  # the two ping-pong buffers of x's gradient
+        self.grad_params: dict[tuple, torch.Tensor] = {}  # parameter layout -> flat gradient buffer
+        self.slots: dict[int, torch.Tensor] = {}  # i -> layer i's input (layer i-1's output)
+
+    def static_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """kwargs with every tensor (also inside tuples) replaced by its static buffer, refreshed from it."""
+        return {k: self._static(k, v) for k, v in kwargs.items()}
+
+    def _static(self, path: Any, value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._static((path, i), v) for i, v in enumerate(value))
+        if not isinstance(value, torch.Tensor):
+            return value
+        buf = self.kwargs.get(path)
+        if buf is None:
+            buf = self.kwargs[path] = torch.empty_like(value, memory_format=torch.contiguous_format)
+        seen = self.sources.get(path)
+        # cos/sin and masks are one object for all layers of a forward: copied once per forward
+        if seen is None or seen[0]() is not value or seen[1] != value._version:
+            buf.copy_(value)
+            self.sources[path] = (weakref.ref(value), value._version)
+        return buf
+
+
+def _signature_of(x: torch.Tensor, kwargs: dict[str, Any]) -> tuple:
+    def sig(v):
+        if isinstance(v, torch.Tensor):
+            return ("T", tuple(v.shape), v.dtype, v.device)
+        if isinstance(v, (tuple, list)):
+            return tuple(sig(u) for u in v)
+        return v  # ints, floats, bools, None: hashable and compared by value
+
+    return (tuple(x.shape), x.dtype, x.device, tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
+
+
+class _ModelGraphs:
+    """The layers of one model, in order, and the graphs of their current signature."""
+
+    def __init__(self, layers: list[nn.Module], checkpointing: bool) -> None:
+        self.layers = [weakref.ref(layer) for layer in layers]
+        self.runners: list[_LayerGraphs] = []
+        self.checkpointing = checkpointing
+        self.shared: _Shared | None = None
+        self.signatures = 0
+        self.off_reason: str | None = None
+
+    def reset(self, device: torch.device, signature: tuple) -> None:
+        # new runners (below): a pending backward keeps the old ones, and their pool, alive until it has run
+        self.runners = []
+        self.shared = None
+        self.signatures += 1
+        if self.signatures > MAX_SIGNATURES:
+            self.off_reason = (f"the decoder layers' input changed shape {MAX_SIGNATURES} times (pad batches "
+                               f"to one length to keep CUDA graphs): running them without")
+            warnings.warn(f"lora_dist.graphs: {self.off_reason}", stacklevel=3)
+            return
+        self.shared = _Shared(device, signature)
+        self.runners = [_LayerGraphs(self, index, ref()) for index, ref in enumerate(self.layers)]
+
+    def current(self) -> bool:
+        """Whether every captured layer's tensors are where its graphs read them."""
+        return all(r.fwd is None or r.tensors == r._tensors_of(r.layer_ref()) for r in self.runners)
+
+
+class _LayerGraphs:
+    """Layer `index`'s graphs: static input, output, F and B."""
+
+    def __init__(self, owner: _ModelGraphs, index: int, layer: nn.Module) -> None:
+        self.owner, self.index = owner, index
+        self.layer_ref = weakref.ref(layer)
+        self.shared = owner.shared
+        self.fwd: torch.cuda.CUDAGraph | None = None
+        self.bwd: torch.cuda.CUDAGraph | None = None
+        self.x_buf: torch.Tensor | None = None  # static input (no grad)
+        self.x_leaf: torch.Tensor | None = None  # the same storage, the leaf F was captured from
+        self.y: torch.Tensor | None = None  # F's output in its capture (autograd's root for B's capture)
+        self.out: torch.Tensor | None = None  # the static output: slot index + 1
+        self.params: list[nn.Parameter] = []
+        self.tensors: list[int] = []  # data_ptr of every tensor the graphs read, at capture
+        self.grads_missing: list[bool] = []
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, fn: Callable, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        layer = self.layer_ref()
+        static_kwargs = self.shared.static_kwargs(kwargs)
+        if self.fwd is None:
+            self._capture_forward(fn, x, static_kwargs, layer)
+        if x.data_ptr() != self.x_buf.data_ptr():
+            self.x_buf.copy_(x)
+        return _Replay.apply(self, x, *self.params)
+
+    def _capture_forward(self, fn, x, static_kwargs, layer) -> None:
+        shared, owner = self.shared, self.owner
+        # slot i: layer i's input and checkpoint, which layer i-1's graph writes; outside the graphs' pool,
+        # so that pool holds scratch only and is all free between replays (no fragments of kept tensors)
+        self.x_buf = shared.slots.get(self.index)
+        if self.x_buf is None:
+            self.x_buf = shared.slots[self.index] = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if x.data_ptr() != self.x_buf.data_ptr():
+            self.x_buf.copy_(x)
+        self.out = shared.slots[self.index + 1] = torch.empty_like(self.x_buf)
+        self.params = [p for p in layer.parameters() if p.requires_grad]
+        self.tensors = self._tensors_of(layer)
+
+        def body():
+            leaf = _alias(self.x_buf).requires_grad_(True)
+            with torch.enable_grad(), kernels.adapter_copies(fresh=True):
+                if owner.checkpointing:
+                    y = checkpoint(fn, leaf, use_reentrant=False, preserve_rng_state=False, **static_kwargs)
+                else:
+                    y = fn(leaf, **static_kwargs)
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"a decoder layer returned {type(y).__name__}, not a tensor")
+            return leaf, y
+
+        shared.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(shared.stream):  # warm up: compile, autotune, cuBLAS handles for this stream
+            leaf, y = body()
+            if y.shape != x.shape or y.dtype != x.dtype:
+                raise TypeError(f"a decoder layer returned {tuple(y.shape)} {y.dtype} for {tuple(x.shape)} {x.dtype}")
+            torch.autograd.grad(y, [leaf, *self.params], torch.ones_like(y), allow_unused=True)
+            del leaf, y
+        torch.cuda.current_stream().wait_stream(shared.stream)
+        self.fwd = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.fwd, pool=shared.pool, stream=shared.stream, capture_error_mode="thread_local"):
+            self.x_leaf, self.y = body()
+            self.out.copy_(self.y)
+            if self.y._base is None and self.y.untyped_storage().nbytes() == self.y.numel() * self.y.element_size():
+                # backward needs y's autograd graph, not its values (the last op, a residual add, saves
+                # none of its output): its pool memory is free from here on, for the captures to come
+                self.y.untyped_storage().resize_(0)
+
+    @staticmethod
+    def _tensors_of(layer: nn.Module) -> list[int]:
+        out = [t.data_ptr() for t in layer.parameters()]
+        out += [t.data_ptr() for t in layer.buffers()]
+        for module in layer.modules():
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            if state is not None:  # bitsandbytes 4-bit: absmax (and its own state) are read by the dequantize
+                out.append(state.absmax.data_ptr())
+                if getattr(state, "state2", None) is not None:
+                    out.append(state.state2.absmax.data_ptr())
+        return out
+
+    # ---------------------------------------------------------------- backward
+
+    def backward(self, g: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        shared = self.shared
+        if shared.grad_x is None:
+            shared.grad_x = [torch.empty_like(self.out) for _ in range(2)]
+        g_in, g_out = shared.grad_x[(self.index + 1) % 2], shared.grad_x[self.index % 2]
+        if g.data_ptr() != g_in.data_ptr():
+            g_in.copy_(g)
+        flat = self._param_grads()
+        if self.bwd is None:
+            self._capture_backward(g_in, g_out, flat)
+        self.bwd.replay()
+        out = flat.clone()
+        grads, start = [], 0
+        for p, missing in zip(self.params, self.grads_missing, strict=True):
+            n = p.numel()
+            grads.append(None if missing else out[start : start + n].view(p.shape).to(p.dtype))
+            start += n
+        return g_out.detach(), grads
+
+    def _param_grads(self) -> torch.Tensor:
+        shared = self.shared
+        layout = tuple((tuple(p.shape), p.dtype) for p in self.params)
+        flat = shared.grad_params.get(layout)
+        if flat is None:
+            flat = shared.grad_params[layout] = torch.empty(sum(p.numel() for p in self.params),
+                                                            dtype=torch.float32, device=self.out.device)
+        return flat
+
+    def _capture_backward(self, g_in, g_out, flat) -> None:
+        shared = self.shared
+        self.bwd = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.bwd, pool=shared.pool, stream=shared.stream, capture_error_mode="thread_local"):
+            with kernels.adapter_copies(fresh=True):
+                grads = torch.autograd.grad(self.y, [self.x_leaf, *self.params], g_in, allow_unused=True)
+            g_out.copy_(grads[0])
+            start = 0
+            self.grads_missing = []
+            for p, grad in zip(self.params, grads[1:], strict=True):
+                n = p.numel()
+                self.grads_missing.append(grad is None)
+                if grad is not None:
+                    flat[start : start + n].copy_(grad.reshape(-1))
+                start += n
+            del grads
+        self.y = self.x_leaf = None  # the autograd graph F's capture built was consumed by this one
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor on t's memory with a version counter of its own (a view or detach() shares t's): the
+    copies into a static input are not in-place changes of the tensor a graph's autograd saved."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(),
+                                                                t.shape, t.stride())
+
+
+class _Replay(torch.autograd.Function):
+    """One graphed layer for autograd: forward replays F, backward replays B."""
+
+    @staticmethod
+    def forward(ctx, runner: _LayerGraphs, x, *params):
+        runner.fwd.replay()
+        ctx.runner = runner
+        return runner.out.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_x, grads = ctx.runner.backward(g)
+        return (None, grad_x, *grads)
+
+
+def _refusal(layer: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """Why this training call of `layer` cannot replay a graph, or None."""
+    if args:
+        return "positional arguments beyond the input"
+    if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in layer.modules()):
+        return "dropout"
+    for value in kwargs.values():
+        parts = value if isinstance(value, (tuple, list)) else (value,)
+        if not all(v is None or isinstance(v, (torch.Tensor, bool, int, float, str)) for v in parts):
+            return f"a keyword argument of type {type(value).__name__}"
+    return None
+
+
+def owner_forward(owner: _ModelGraphs, index: int, fn: Callable, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Layer `index` of `owner` on `x`: through its graphs, captured first where needed."""
+    signature = _signature_of(x, kwargs)
+    if index == 0 and owner.shared is not None and owner.shared.signature == signature and not owner.current():
+        owner.shared = None  # a layer's weights moved or were replaced since its capture: capture all again
+    if owner.shared is None or owner.shared.signature != signature:
+        if index != 0 or owner.off_reason is not None:
+            return _eager(owner, fn, x, kwargs)  # graphs are captured from layer 0 on, in order
+        owner.reset(x.device, signature)
+        if owner.shared is None:
+            return _eager(owner, fn, x, kwargs)
+    return owner.runners[index].forward(fn, x, kwargs)
+
+
+def _eager(owner: _ModelGraphs, fn: Callable, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    if owner.checkpointing:
+        return checkpoint(fn, x, use_reentrant=False, **kwargs)
+    return fn(x, **kwargs)
+
+
+def _graphed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+    owner, index, fn = self._lora_dist_graphs
+    if not (self.training and torch.is_grad_enabled()):
+        return fn(hidden_states, *args, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}  # as transformers' checkpointing
+    if args:
+        return checkpoint(fn, hidden_states, *args, use_reentrant=False, **kwargs) if owner.checkpointing \
+            else fn(hidden_states, *args, **kwargs)
+    if not hidden_states.is_cuda or _refusal(self, args, kwargs) is not None:
+        return _eager(owner, fn, hidden_states, kwargs)
+    return owner_forward(owner, index, fn, hidden_states, kwargs)
+
+
+def enable_layer_graphs(layers: nn.ModuleList, checkpointing: bool) -> None:
+    """Run each decoder layer of `layers` through CUDA graphs where it can (see the module docstring).
+
+    Replaces the model's own per-layer checkpointing when `checkpointing` (the layers'
+    `gradient_checkpointing` flags are turned off: the graphs checkpoint). Call after
+    `families.patch_model_for_speed`; layers checkpointed in blocks or offloaded are refused.
+
+    Raises:
+        ValueError: a layer is checkpointed in blocks, offloaded, or already graphed.
+    """
+    for layer in layers:
+        if getattr(layer, "_lora_dist_blocks", False) or hasattr(layer, "_lora_dist_offloader"):
+            raise ValueError("CUDA graphs replay per-layer checkpointing: turn block checkpointing and "
+                             "activation offload off, or the graphs")
+        if hasattr(layer, "_lora_dist_graphs"):
+            raise ValueError("CUDA graphs are already enabled on these layers")
+    owner = _ModelGraphs(list(layers), checkpointing)
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = False  # the graphs checkpoint (transformers would wrap them)
+        layer._lora_dist_graphs = (owner, index, layer.forward)
+        layer.forward = types.MethodType(_graphed_layer_forward, layer)

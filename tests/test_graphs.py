@@ -1,0 +1,151 @@
+"""CUDA graphs of decoder layers (lora_dist/graphs.py): the same step as the eager layers, or the eager layers.
+
+A replay runs the kernels the capture recorded, on the same inputs, so graphed and eager steps
+agree bit for bit (GPU tests). On the CPU, and for every call a graph cannot replay (dropout, a KV
+cache, eval), the layers run as the model's own checkpointing runs them: bit for bit too.
+"""
+
+import pytest
+import torch
+
+from lora_dist import families, graphs, offload, shapes
+from lora_dist.loading import decoder_layers
+from lora_dist.model import LoRAConfig, LoRAModel
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LAYERS = 3
+
+
+def _model(graphed: bool, checkpointing: bool = True, device: str = "cpu", dtype=torch.float32, bits=None,
+           dropout: float = 0.0):
+    """Tiny Llama + LoRA with non-zero B (every adapter gets a gradient), fused path, graphs or not."""
+    base = shapes.build_random_model("tiny", bits=bits, compute_dtype=dtype, device=device, seed=0,
+                                     num_layers=LAYERS)
+    torch.manual_seed(0)
+    model = LoRAModel(base, LoRAConfig(rank=16, alpha=32, dropout=dropout, target_modules=TARGETS))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.lora_layers.values():
+            b = layer.lora_B.weight
+            b.copy_(torch.randn(b.shape, generator=gen).to(b.device) * 0.05)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    families.patch_model_for_speed(model)
+    if graphed:
+        graphs.enable_layer_graphs(decoder_layers(model), checkpointing)
+    model.train()
+    return model
+
+
+def _batch(device="cpu", seq=32):
+    return torch.randint(0, 512, (2, seq), generator=torch.Generator().manual_seed(2)).to(device)
+
+
+def _train(model, batches, steps=3, micro_batches=2):
+    """Losses of every micro batch, and the adapters after `steps` AdamW steps (and their last gradients)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for step in range(steps):
+        for i in range(micro_batches):
+            loss = model(input_ids=batches[(step + i) % len(batches)], labels=batches[(step + i) % len(batches)]).loss
+            loss.backward()
+            losses.append(loss.detach())
+        grads = [p.grad.clone() for p in params]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return torch.stack(losses), grads, [p.detach().clone() for p in params]
+
+
+def _assert_bitwise(a, b):
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), (x - y).abs().max()
+        else:
+            assert len(x) == len(y) == LAYERS * 7 * 2
+            for u, v in zip(x, y, strict=True):
+                assert torch.equal(u, v), (u - v).abs().max()
+
+
+def test_off_cuda_the_layers_run_as_the_models_own_checkpointing_bitwise():
+    batches = [_batch()]
+    _assert_bitwise(_train(_model(True), batches), _train(_model(False), batches))
+
+
+def test_what_a_graph_cannot_replay_is_refused_with_its_reason():
+    layer = decoder_layers(_model(True, dropout=0.1))[0]
+    assert graphs._refusal(layer, (), {}) == "dropout"
+    for module in layer.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    assert graphs._refusal(layer, (), {}) is None
+    x = torch.zeros(1, 4, 64)
+    assert graphs._refusal(layer, (x,), {}) == "positional arguments beyond the input"
+    assert graphs._refusal(layer, (), {"extra": {"a": 1}}) == "a keyword argument of type dict"
+    assert graphs._refusal(layer, (), {"position_embeddings": (x, x), "attention_mask": None, "n": 3}) is None
+
+
+def test_enabling_over_block_checkpointing_offload_or_twice_is_refused():
+    base = shapes.build_random_model("tiny", bits=None, seed=0, num_layers=LAYERS)
+    model = LoRAModel(base, LoRAConfig(rank=4, alpha=8, target_modules=TARGETS))
+    families.patch_model_for_speed(model, block_checkpointing=True)
+    with pytest.raises(ValueError, match="block checkpointing and activation offload"):
+        graphs.enable_layer_graphs(decoder_layers(model), True)
+    base = shapes.build_random_model("tiny", bits=None, seed=0, num_layers=LAYERS)
+    model = LoRAModel(base, LoRAConfig(rank=4, alpha=8, target_modules=TARGETS))
+    offload.enable_activation_offload(model)
+    with pytest.raises(ValueError, match="block checkpointing and activation offload"):
+        graphs.enable_layer_graphs(decoder_layers(model), True)
+    model = _model(True)
+    with pytest.raises(ValueError, match="already enabled"):
+        graphs.enable_layer_graphs(decoder_layers(model), True)
+
+
+def test_eval_and_no_grad_forwards_run_the_layers_own_forward():
+    graphed, plain = _model(True).eval(), _model(False).eval()
+    batch = _batch()
+    with torch.no_grad():
+        assert torch.equal(graphed(input_ids=batch).logits, plain(input_ids=batch).logits)
+
+
+def _captured(model) -> int:
+    owner = decoder_layers(model)[0]._lora_dist_graphs[0]
+    return sum(r.fwd is not None and r.bwd is not None for r in owner.runners)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointed", "no-checkpointing"])
+def test_graphed_layers_train_as_the_eager_layers_bitwise(checkpointing):
+    # Three AdamW steps of two micro batches each over an NF4 base in bf16: every loss, the last
+    # gradients and the trained adapters equal the eager layers' bit for bit (a replay is the
+    # capture's kernels on the same inputs; the static buffers carry each micro batch's values).
+    batches = [_batch("cuda"), _batch("cuda").flip(1)]
+    graphed = _model(True, checkpointing, device="cuda", dtype=torch.bfloat16, bits=4)
+    result = _train(graphed, batches)
+    assert _captured(graphed) == LAYERS
+    _assert_bitwise(result, _train(_model(False, checkpointing, device="cuda", dtype=torch.bfloat16, bits=4),
+                                   batches))
+
+
+@pytest.mark.gpu
+def test_a_new_shape_or_moved_weights_capture_again_and_dropout_runs_eager():
+    model = _model(True, device="cuda", dtype=torch.bfloat16, bits=4)
+    eager = _model(False, device="cuda", dtype=torch.bfloat16, bits=4)
+    owner = decoder_layers(model)[0]._lora_dist_graphs[0]
+    for seq in (32, 48, 32):
+        batch = _batch("cuda", seq)
+        _assert_bitwise(_train(model, [batch], steps=1), _train(eager, [batch], steps=1))
+    assert owner.signatures == 3 and _captured(model) == LAYERS
+    for m in (model, eager):  # an adapter replaced (not changed in place): its layer's graphs read it no more
+        layer = next(iter(m.lora_layers.values()))
+        layer.lora_A.weight = torch.nn.Parameter(layer.lora_A.weight.detach().clone() * 2)
+    _assert_bitwise(_train(model, [batch], steps=1), _train(eager, [batch], steps=1))
+    assert owner.signatures == 4
+    for m in (model, eager):
+        for module in m.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.1
+    torch.manual_seed(5)
+    a = _train(model, [batch], steps=1)
+    torch.manual_seed(5)
+    _assert_bitwise(a, _train(eager, [batch], steps=1))
