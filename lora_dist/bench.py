@@ -102,6 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true", help="fused ops without torch.compile")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="our side's decoder layers replay CUDA graphs (rows without offload; graphs.enable_layer_graphs)")
+    p.add_argument("--fp8-base", action="store_true",
+                   help="our side's frozen base GEMMs in FP8 e4m3, row-wise scales (kernels.set_fp8_base_gemms)")
     p.add_argument("--profile", action="store_true", help="profile one step of our side and print where time goes")
     p.add_argument("--fit-memory", type=float, default=None, metavar="GIB",
                    help="emulate a card of GIB (memory fraction) and search the largest micro batch per seq length")
@@ -715,6 +717,8 @@ def _fmt(v: Any, nd: int = 2) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"lora-dist bench: {json.dumps(report['setup'])}"]
+    if report.get("fp8_base"):
+        lines.append("ours: frozen base GEMMs in FP8 e4m3 (row-wise scales); MFU counts them at the bf16 peak")
     if report["results"]:
         lines.append(f"{'side':<12}{'ckpt':<9}{'tokens/s':>11}{'step s':>9}{'peak GiB':>10}{'resv GiB':>10}"
                      f"{'MFU':>7}{'HFU':>7}{'loss0':>9}{'lossN':>9}")
@@ -828,6 +832,10 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if args.cuda_graphs and (args.plain or args.block_checkpointing or not cuda):
         problems.append("--cuda-graphs replays our fused layers on CUDA: drop --plain and --block-checkpointing, "
                         "run it on a CUDA device")
+    if args.fp8_base and args.plain:
+        problems.append("--fp8-base runs in our fused kernels: drop --plain")
+    if args.fp8_base and cuda and torch.cuda.get_device_capability() < (8, 9):
+        problems.append("--fp8-base needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper): drop it")
     if (args.fit_memory is not None or args.extrapolate_layers) and not cuda:
         problems.append("--fit-memory and --extrapolate-layers measure GPU memory: run them on a CUDA device")
     if args.extrapolate_layers:
@@ -876,10 +884,12 @@ def main(args: argparse.Namespace) -> int:
     from lora_dist import kernels
 
     kernels.set_compile(not args.no_compile)
+    kernels.set_fp8_base_gemms(args.fp8_base)  # only our fused path reads it: the peers are untouched
     setup = _setup_from_args(args)
     plan = _settings(args)
     names = list(plan)
-    report: dict[str, Any] = {"setup": setup.summary(), "torch": torch.__version__, "results": []}
+    report: dict[str, Any] = {"setup": setup.summary(), "torch": torch.__version__, "fp8_base": args.fp8_base,
+                              "results": []}
     if setup.device.startswith("cuda"):
         report["device"] = torch.cuda.get_device_name()
     started = time.monotonic()

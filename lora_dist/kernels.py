@@ -368,9 +368,51 @@ def _add_base_grads(grad_x: torch.Tensor | None, outputs_grads, layers) -> torch
         if g is None:
             continue
         w = _base_weight(layer.base_layer, g.dtype)  # (out, in)
-        grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
+        if _FP8_BASE:
+            part = _fp8_mm(g, w.t())  # (M, in): w's rows become the reduced dimension
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        else:
+            grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
         del w
     return grad_x
+
+
+# ------------------------------------------------------------------------------------ FP8 base GEMMs
+
+_FP8_BASE = False
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def set_fp8_base_gemms(on: bool) -> None:
+    """Run the frozen base GEMMs of the fused path (forward x @ W.T and backward g @ W) in FP8 e4m3.
+
+    Opt-in, for GPUs with FP8 tensor cores (Ada, Hopper and later): each operand is scaled per row of
+    the product (x and g per token; W per output feature forward, per input feature backward), cast to
+    e4m3 (3 mantissa bits: 2^-4 relative rounding per element, against bf16's 2^-9) and multiplied in
+    `torch._scaled_mm` with fp32 accumulation. The adapters, their gradients and every other product
+    stay in the compute dtype.
+    """
+    global _FP8_BASE
+    _FP8_BASE = bool(on)
+
+
+def _fp8_rows_fn(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-30) / E4M3_MAX  # (M, 1)
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): t (M, K) as e4m3 with one fp32 scale per row, t ~ q * scale (each row's largest
+    magnitude lands on 448)."""
+    return _fused(_fp8_rows_fn, t)
+
+
+def _fp8_mm(a: torch.Tensor | tuple[torch.Tensor, torch.Tensor], b_t: torch.Tensor) -> torch.Tensor:
+    """a @ b_t.T in FP8: a (M, K) in the compute dtype or already `fp8_rows(a)` (a group's input,
+    quantized once for all its layers), b_t (N, K) in the compute dtype; (M, N) in b_t's dtype."""
+    aq, a_scale = fp8_rows(a) if isinstance(a, torch.Tensor) else a
+    bq, b_scale = fp8_rows(b_t.contiguous())
+    return torch._scaled_mm(aq, bq.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=b_t.dtype)
 
 
 def _rebuilt_input_grad(rebuild: Rebuild, saved: Sequence[torch.Tensor], g_xa: torch.Tensor) -> torch.Tensor:
@@ -397,18 +439,26 @@ class _LoRAOutput(torch.autograd.Function):
     def forward(ctx, x2, xa, layers, handoff, *b_params):
         dtype = x2.dtype
         outs, start = [], 0
+        x_fp8 = fp8_rows(x2) if _FP8_BASE else None  # once for every layer of the group
         for layer, b in zip(layers, b_params):
             r = b.shape[1]
             # The rank-r product first, then the base GEMM accumulates onto it (beta = 1): the
             # compute-bound GEMM reads the update in its epilogue almost for free, where adding
             # it afterwards would be a memory-bound pass over y.
-            y = xa[:, start : start + r] @ _scaled_b(b, layer.scaling, dtype).t()  # (M, out)
             bias = layer.base_layer.bias
-            if bias is not None:
-                y += bias.to(dtype)
-            w = _base_weight(layer.base_layer, dtype)  # (out, in), freed after the GEMM
-            y.addmm_(x2, w.t())
-            del w
+            if _FP8_BASE:  # _scaled_mm does not accumulate: the rank-r product goes onto its output
+                w = _base_weight(layer.base_layer, dtype)
+                y = _fp8_mm(x_fp8, w).addmm_(xa[:, start : start + r], _scaled_b(b, layer.scaling, dtype).t())
+                del w
+                if bias is not None:
+                    y += bias.to(dtype)
+            else:
+                y = xa[:, start : start + r] @ _scaled_b(b, layer.scaling, dtype).t()  # (M, out)
+                if bias is not None:
+                    y += bias.to(dtype)
+                w = _base_weight(layer.base_layer, dtype)  # (out, in), freed after the GEMM
+                y.addmm_(x2, w.t())
+                del w
             outs.append(y)
             start += r
         # Nothing goes through save_for_backward (see _LoRAProject): xa is tiny (M, R) and kept as

@@ -116,6 +116,12 @@ def test_activation_offload_without_checkpointing_is_refused(capsys):
     assert "--activation-offload offloads checkpointed layer inputs" in capsys.readouterr().err
 
 
+def test_fp8_base_on_the_plain_path_is_refused(capsys):
+    rc = bench.main(_args("--shape", "tiny", "--fp8-base", "--plain"))
+    assert rc == 2
+    assert "--fp8-base runs in our fused kernels: drop --plain" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------ Unsloth side
 
 PEER = '''
