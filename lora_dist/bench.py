@@ -834,7 +834,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
                         "run it on a CUDA device")
     if args.fp8_base and args.plain:
         problems.append("--fp8-base runs in our fused kernels: drop --plain")
-    if args.fp8_base and cuda and torch.cuda.get_device_capability() < (8, 9):
+    if args.fp8_base and cuda and torch.cuda.get_device_capability(args.device or None) < (8, 9):
         problems.append("--fp8-base needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper): drop it")
     if (args.fit_memory is not None or args.extrapolate_layers) and not cuda:
         problems.append("--fit-memory and --extrapolate-layers measure GPU memory: run them on a CUDA device")
@@ -885,6 +885,13 @@ def main(args: argparse.Namespace) -> int:
 
     kernels.set_compile(not args.no_compile)
     kernels.set_fp8_base_gemms(args.fp8_base)  # only our fused path reads it: the peers are untouched
+    try:
+        return _run(args)
+    finally:
+        kernels.set_fp8_base_gemms(False)
+
+
+def _run(args: argparse.Namespace) -> int:
     setup = _setup_from_args(args)
     plan = _settings(args)
     names = list(plan)

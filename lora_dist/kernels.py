@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import threading
 import warnings
@@ -289,8 +290,13 @@ class _LoRAProject(torch.autograd.Function):
             grad_x = None
             if ctx.needs_input_grad[0]:
                 # (M, in): the adapter part first, the big GEMMs accumulate onto it
-                grad_x = g_xa @ _a_cat(ctx.a_params, g_xa.dtype)
-                grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers)
+                if ctx.handoff.fp8:  # the base parts first: _scaled_mm's output takes the adapter part
+                    grad_x = _add_base_grads(None, outputs_grads, ctx.layers, fp8=True)
+                    a_cat = _a_cat(ctx.a_params, g_xa.dtype)
+                    grad_x = g_xa @ a_cat if grad_x is None else grad_x.addmm_(g_xa, a_cat)
+                else:
+                    grad_x = g_xa @ _a_cat(ctx.a_params, g_xa.dtype)
+                    grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers)
             return (grad_x, None, None, None, None, *grads)
         (x2,) = ctx.saved_tensors
         if ctx.seed is not None:
@@ -308,7 +314,7 @@ class _LoRAProject(torch.autograd.Function):
                     g_in = torch.autograd.grad(x_drop, x_in, g_drop)[0] if p > 0 else g_drop
                     grad_x = g_in if grad_x is None else grad_x.add_(g_in)
         if ctx.needs_input_grad[0]:
-            grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers)
+            grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers, ctx.handoff.fp8)
         return (grad_x, None, None, None, None, *grads)
 
 
@@ -344,7 +350,7 @@ def _dropout_kernels_backward(ctx, x2, g_xa, needs_a, outputs_grads):
     if ctx.needs_input_grad[0]:
         a_cat = _a_cat(ctx.a_params, g_xa.dtype)
         grad_x = ops.dropout_input_grad(g_xa, a_cat, x2.shape[1], groups, p, ctx.seed)  # (M, in)
-        grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers)
+        grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers, ctx.handoff.fp8)
     return (grad_x, None, None, None, None, *grads)
 
 
@@ -356,20 +362,22 @@ class _Handoff:
     (tokens, I) gradient made there would sit beside the whole recomputed layer (the step's peak).
     """
 
-    __slots__ = ("grads",)
+    __slots__ = ("fp8", "grads")
 
     def __init__(self) -> None:
         self.grads: list[torch.Tensor | None] | None = None
+        self.fp8 = False  # the forward's base GEMMs ran in FP8 (`_fp8_takes`): so does x's gradient
 
 
-def _add_base_grads(grad_x: torch.Tensor | None, outputs_grads, layers) -> torch.Tensor | None:
-    """grad_x + sum_i g_i @ W_i, each 4-bit W_i dequantized again and freed at once."""
+def _add_base_grads(grad_x: torch.Tensor | None, outputs_grads, layers, fp8: bool = False) -> torch.Tensor | None:
+    """grad_x + sum_i g_i @ W_i, each 4-bit W_i dequantized again and freed at once (in FP8 with `fp8`:
+    `_scaled_mm` makes a new (M, in) tensor, so pass grad_x=None first and add the rest onto its result)."""
     for g, layer in zip(outputs_grads or (), layers):
         if g is None:
             continue
         w = _base_weight(layer.base_layer, g.dtype)  # (out, in)
-        if _FP8_BASE:
-            part = _fp8_mm(g, w.t())  # (M, in): w's rows become the reduced dimension
+        if fp8:
+            part = _fp8_mm(g, _fp8_cols(w), g.dtype)  # (M, in)
             grad_x = part if grad_x is None else grad_x.add_(part)
         else:
             grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
@@ -386,33 +394,62 @@ E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 def set_fp8_base_gemms(on: bool) -> None:
     """Run the frozen base GEMMs of the fused path (forward x @ W.T and backward g @ W) in FP8 e4m3.
 
-    Opt-in, for GPUs with FP8 tensor cores (Ada, Hopper and later): each operand is scaled per row of
-    the product (x and g per token; W per output feature forward, per input feature backward), cast to
-    e4m3 (3 mantissa bits: 2^-4 relative rounding per element, against bf16's 2^-9) and multiplied in
-    `torch._scaled_mm` with fp32 accumulation. The adapters, their gradients and every other product
-    stay in the compute dtype.
+    Opt-in. Each operand is scaled per row of the product (x and g per token; W per output feature
+    forward, per input feature backward), cast to e4m3 (3 mantissa bits: 2^-4 relative rounding per
+    element, against bf16's 2^-9) and multiplied in `torch._scaled_mm` with fp32 accumulation. The
+    adapters, their gradients and every other product stay in the compute dtype. A group takes it only
+    where it can run (`_fp8_takes`: on CUDA bf16 compute, FP8 tensor cores, widths multiples of 16;
+    the CPU runs it as a reference); elsewhere the bf16 products, unchanged. A row holding inf or NaN
+    gives a NaN output row (bf16 would give inf there): non-finite either way.
     """
     global _FP8_BASE
     _FP8_BASE = bool(on)
 
 
+@functools.cache
+def _fp8_tensor_cores(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _fp8_takes(x2: torch.Tensor, layers) -> bool:
+    """Whether this group's base GEMMs run in FP8 (decided once in forward, kept for backward)."""
+    if not _FP8_BASE:
+        return False
+    if any(d % 16 for d in [x2.shape[1], *(layer.base_layer.out_features for layer in layers)]):
+        return False
+    if x2.is_cuda:  # row-wise scales need bf16 output there
+        return x2.dtype == torch.bfloat16 and _fp8_tensor_cores(x2.device)
+    return True
+
+
 def _fp8_rows_fn(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-30) / E4M3_MAX  # (M, 1)
-    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+    amax = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-30)  # (M, 1)
+    # a multiply by the reciprocal rounds alike eager and compiled (a division may not)
+    return (t.contiguous() * (E4M3_MAX / amax)).to(torch.float8_e4m3fn), amax / E4M3_MAX
+
+
+def _fp8_cols_fn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = w.abs().amax(dim=0, keepdim=True).float().clamp(min=1e-30)  # (1, in)
+    return (w * (E4M3_MAX / amax)).t().contiguous().to(torch.float8_e4m3fn), (amax / E4M3_MAX).t()
 
 
 def fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scale): t (M, K) as e4m3 with one fp32 scale per row, t ~ q * scale (each row's largest
-    magnitude lands on 448)."""
+    """(q, scale): t (M, K) as row-major e4m3 with one fp32 scale per row, t ~ q * scale (each row's
+    largest magnitude lands on 448)."""
     return _fused(_fp8_rows_fn, t)
 
 
-def _fp8_mm(a: torch.Tensor | tuple[torch.Tensor, torch.Tensor], b_t: torch.Tensor) -> torch.Tensor:
-    """a @ b_t.T in FP8: a (M, K) in the compute dtype or already `fp8_rows(a)` (a group's input,
-    quantized once for all its layers), b_t (N, K) in the compute dtype; (M, N) in b_t's dtype."""
+def _fp8_cols(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_rows(w.T) without a transposed copy of w in the compute dtype: ((in, out) e4m3, (in, 1))."""
+    return _fused(_fp8_cols_fn, w)
+
+
+def _fp8_mm(a, b_t, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b_t.T in FP8, as `dtype`: a (M, K) and b_t (N, K), each a tensor in the compute dtype or
+    already (q, scale) (a group's input, quantized once for all its layers; `_fp8_cols` of a weight)."""
     aq, a_scale = fp8_rows(a) if isinstance(a, torch.Tensor) else a
-    bq, b_scale = fp8_rows(b_t.contiguous())
-    return torch._scaled_mm(aq, bq.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=b_t.dtype)
+    bq, b_scale = fp8_rows(b_t) if isinstance(b_t, torch.Tensor) else b_t
+    return torch._scaled_mm(aq, bq.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=dtype)
 
 
 def _rebuilt_input_grad(rebuild: Rebuild, saved: Sequence[torch.Tensor], g_xa: torch.Tensor) -> torch.Tensor:
@@ -439,16 +476,17 @@ class _LoRAOutput(torch.autograd.Function):
     def forward(ctx, x2, xa, layers, handoff, *b_params):
         dtype = x2.dtype
         outs, start = [], 0
-        x_fp8 = fp8_rows(x2) if _FP8_BASE else None  # once for every layer of the group
+        handoff.fp8 = _fp8_takes(x2, layers)
+        x_fp8 = fp8_rows(x2) if handoff.fp8 else None  # once for every layer of the group
         for layer, b in zip(layers, b_params):
             r = b.shape[1]
             # The rank-r product first, then the base GEMM accumulates onto it (beta = 1): the
             # compute-bound GEMM reads the update in its epilogue almost for free, where adding
             # it afterwards would be a memory-bound pass over y.
             bias = layer.base_layer.bias
-            if _FP8_BASE:  # _scaled_mm does not accumulate: the rank-r product goes onto its output
+            if handoff.fp8:  # _scaled_mm does not accumulate: the rank-r product goes onto its output
                 w = _base_weight(layer.base_layer, dtype)
-                y = _fp8_mm(x_fp8, w).addmm_(xa[:, start : start + r], _scaled_b(b, layer.scaling, dtype).t())
+                y = _fp8_mm(x_fp8, w, dtype).addmm_(xa[:, start : start + r], _scaled_b(b, layer.scaling, dtype).t())
                 del w
                 if bias is not None:
                     y += bias.to(dtype)

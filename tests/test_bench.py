@@ -116,6 +116,15 @@ def test_activation_offload_without_checkpointing_is_refused(capsys):
     assert "--activation-offload offloads checkpointed layer inputs" in capsys.readouterr().err
 
 
+def test_fp8_base_is_recorded_and_switched_off_after_the_run(tmp_path):
+    from lora_dist import kernels
+
+    out = tmp_path / "r.json"
+    assert bench.main(_args("--shape", "tiny", "--steps", "1", "--warmup", "0", "--fp8-base", "--json", str(out))) == 0
+    assert json.loads(out.read_text())["fp8_base"] is True
+    assert not kernels._FP8_BASE
+
+
 def test_fp8_base_on_the_plain_path_is_refused(capsys):
     rc = bench.main(_args("--shape", "tiny", "--fp8-base", "--plain"))
     assert rc == 2

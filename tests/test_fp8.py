@@ -49,12 +49,14 @@ def _group(outs=(96, 64), rank=16, bias=False):
     return layers
 
 
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp8_group_equals_the_products_of_its_quantized_operands(fp8, bias):
+def test_fp8_group_equals_the_products_of_its_quantized_operands(fp8, bias, dtype, rtol):
     # forward: y_i = deq(q(x)) @ deq(q(W_i)).T + s B A x (+ b); backward: x's gradient through the base
-    # = deq(q(g_i)) @ deq(q(W_i.T)).T, both with fp32 accumulation over K = 128 / 96 terms: ~1e-7
-    layers = _group(bias=bias)
-    x = torch.randn(2, 40, 128, requires_grad=True)
+    # = deq(q(g_i)) @ deq(q(W_i.T)).T, both with fp32 accumulation over K = 128 / 96 terms: ~1e-7 in
+    # fp32; bf16 (what CUDA runs) adds its rounding of the output and of the adapter part, 2^-9 each
+    layers = [layer.to(dtype) for layer in _group(bias=bias)]
+    x = torch.randn(2, 40, 128, dtype=dtype, requires_grad=True)
     ys = kernels.lora_group(x, layers)
     gs = [torch.randn_like(y) for y in ys]
     grad_x = torch.autograd.grad(sum((y * g).sum() for y, g in zip(ys, gs)), x)[0].reshape(-1, 128)
@@ -71,11 +73,11 @@ def test_fp8_group_equals_the_products_of_its_quantized_operands(fp8, bias):
         ref = deq(x2) @ deq(w).t() + update
         if bias:
             ref = ref + layer.base_layer.bias.double()
-        assert rel_err(y.reshape(ref.shape), ref) < 1e-6
+        assert rel_err(y.reshape(ref.shape), ref) < rtol
         g2 = g.reshape(-1, w.shape[0])
         adapter = layer.scaling * (g2.double() @ layer.lora_B.weight.double()) @ layer.lora_A.weight.double()
         ref_grad += deq(g2) @ deq(w.t().contiguous()).t() + adapter
-    assert rel_err(grad_x, ref_grad) < 1e-6
+    assert rel_err(grad_x, ref_grad) < rtol
 
 
 def test_fp8_group_is_within_e4m3_rounding_of_the_exact_product_and_not_equal_to_it(fp8):
@@ -108,16 +110,18 @@ def _train(fp8_on: bool, steps: int = 40) -> list[float]:
 def test_tiny_model_trains_in_fp8_as_it_does_without():
     # NF4 base, checkpointing, 40 AdamW steps memorizing one batch: the loss falls by ~2 nats either
     # way. FP8 perturbs every base product by ~4e-2 relative (see above), a fixed function of the
-    # inputs: the curves agree to a few percent, far from the gap an FP8 path that broke the forward
-    # or the gradients would open (the first loss would differ by more, or the loss would not fall).
+    # inputs: the curves agree within 3% at every step. An end-to-end check: the operand test above is
+    # the one that pins each product.
     ref, got = _train(False), _train(True)
-    assert ref[0] - ref[-1] > 1.0
-    assert abs(got[0] - ref[0]) < 0.02 * ref[0]
-    assert abs(got[-1] - ref[-1]) < 0.05 * ref[0]
+    assert ref[0] - ref[-1] > 1.0 and got != ref  # it learns, and the FP8 products really ran
+    # measured: at most 1.8% apart along the curve (mid-way), 2e-4 at both ends
+    assert all(abs(a - b) < 0.03 * b for a, b in zip(got, ref))
 
 
 @pytest.mark.gpu
 def test_cuda_bf16_fp8_group_equals_the_products_of_its_quantized_operands(fp8):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
     # The H200's FP8 tensor cores (torch._scaled_mm, row-wise scales) against the same quantized operands
     # in float64: fp32 accumulation, then one rounding to bf16 (2^-9 relative per element): bound 1e-2.
     layers = [layer.cuda().to(torch.bfloat16) for layer in _group(outs=(128, 64))]
@@ -138,3 +142,19 @@ def test_cuda_bf16_fp8_group_equals_the_products_of_its_quantized_operands(fp8):
         assert rel_err(y, ref) < 1e-2
         ref_grad = ref_grad + deq(g) @ deq(w.t().contiguous()).t() + layer.scaling * (g.double() @ b.double()) @ a.double()
     assert rel_err(grad_x, ref_grad) < 1e-2
+
+
+def test_fp8_is_taken_only_where_it_can_run(fp8):
+    x = torch.zeros(32, 128)
+    assert kernels._fp8_takes(x, _group())
+    assert not kernels._fp8_takes(x, _group(outs=(96, 40)))  # every width a multiple of 16
+    assert not kernels._fp8_takes(torch.zeros(32, 120), [])
+    kernels.set_fp8_base_gemms(False)
+    assert not kernels._fp8_takes(x, _group())
+
+
+def test_fp8_rows_of_zero_and_inf_rows():
+    t = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, float("inf"), 2.0, 3.0]])
+    q, scale = kernels.fp8_rows(t)
+    assert torch.equal(q[0].float(), torch.zeros(4))  # no NaN from an all-zero row
+    assert torch.isinf(scale[1]).all()  # documented: an inf row gives a non-finite product
