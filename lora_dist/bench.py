@@ -343,17 +343,14 @@ def time_steps(side: Side, batch: torch.Tensor, setup: Setup, warmup: int, steps
     if cuda:
         # CUDA graphs allocate their scratch once, in their own pool, at capture: a replay allocates
         # nothing, so the peak counts that pool's free memory too (the scratch replays write into)
-        scratch = _graph_scratch_bytes() / 2**30
+        from lora_dist.graphs import scratch_bytes
+
+        scratch = scratch_bytes() / 2**30
         out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30 + scratch
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         out["graph_scratch_gib"] = scratch
     return out
 
-
-def _graph_scratch_bytes() -> int:
-    """Free bytes in CUDA graphs' private memory pools (segments outside the default pool)."""
-    return sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory_snapshot()
-               if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
 def run_side(name: str, setup: Setup, checkpointing: bool, args: argparse.Namespace,

@@ -26,7 +26,9 @@ gradient hooks see ordinary gradients). A replay allocates nothing: the pool's m
 at capture (`torch.cuda.max_memory_allocated` does not see it; the bench adds it).
 
 Taken only where replaying is the same computation: CUDA, training with gradients on, no dropout
-anywhere in the layer (a graph would replay one mask), no KV cache, positional input only, the
+in the layer but the LoRA adapters' own when the Triton dropout kernels draw it (their seeds come
+from a per-layer buffer, refreshed before each replay and read by the forward and its recompute
+alike: each replay draws new masks, the recompute the forward's), positional input only, the
 layer's tensors (weights, adapters, quantization state) where they were at capture (else captured
 again). Everything else runs the layer as before. A model whose input signature keeps changing
 (unpadded batches of varying length) is captured again each time; after `MAX_SIGNATURES` the
@@ -38,6 +40,7 @@ next micro batch), as with any CUDA graph.
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 import weakref
@@ -143,6 +146,8 @@ class _LayerGraphs:
         self.y: torch.Tensor | None = None  # F's output in its capture (autograd's root for B's capture)
         self.out: torch.Tensor | None = None  # the static output: slot index + 1
         self.params: list[nn.Parameter] = []
+        self.seeds: torch.Tensor | None = None  # the LoRA dropout kernels' seeds, new before each replay
+        self.eager_reason: str | None = None  # found at warm-up: this layer runs without graphs
         self.tensors: list[int] = []  # data_ptr of every tensor the graphs read, at capture
         self.grads_missing: list[bool] = []
 
@@ -150,9 +155,15 @@ class _LayerGraphs:
 
     def forward(self, fn: Callable, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         layer = self.layer_ref()
+        if self.eager_reason is not None:
+            return _eager(self.owner, fn, x, kwargs)
         static_kwargs = self.shared.static_kwargs(kwargs)
         if self.fwd is None:
             self._capture_forward(fn, x, static_kwargs, layer)
+            if self.eager_reason is not None:
+                return _eager(self.owner, fn, x, kwargs)
+        if self.seeds is not None:
+            self.seeds.random_(0, 2**62)
         if x.data_ptr() != self.x_buf.data_ptr():
             self.x_buf.copy_(x)
         return _Replay.apply(self, x, *self.params)
@@ -169,6 +180,9 @@ class _LayerGraphs:
         self.out = shared.slots[self.index + 1] = torch.empty_like(self.x_buf)
         self.params = [p for p in layer.parameters() if p.requires_grad]
         self.tensors = self._tensors_of(layer)
+        if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in layer.modules()):
+            self.seeds = torch.zeros(_MAX_GROUPS, dtype=torch.int64, device=x.device)
+            fn = functools.partial(_seeded, fn, self.seeds)  # forward and recompute draw the same masks
 
         def body():
             leaf = _alias(self.x_buf).requires_grad_(True)
@@ -182,6 +196,7 @@ class _LayerGraphs:
             return leaf, y
 
         shared.stream.wait_stream(torch.cuda.current_stream())
+        torch_dropouts = kernels.TORCH_DROPOUT_CALLS
         with torch.cuda.stream(shared.stream):  # warm up: compile, autotune, cuBLAS handles for this stream
             leaf, y = body()
             if y.shape != x.shape or y.dtype != x.dtype:
@@ -189,6 +204,9 @@ class _LayerGraphs:
             torch.autograd.grad(y, [leaf, *self.params], torch.ones_like(y), allow_unused=True)
             del leaf, y
         torch.cuda.current_stream().wait_stream(shared.stream)
+        if kernels.TORCH_DROPOUT_CALLS != torch_dropouts:
+            self.eager_reason = "LoRA dropout outside the Triton kernels (torch's masks: a recompute would differ)"
+            return
         self.fwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fwd, pool=shared.pool, stream=shared.stream, capture_error_mode="thread_local"):
             self.x_leaf, self.y = body()
@@ -266,6 +284,15 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
                                                                 t.shape, t.stride())
 
 
+_MAX_GROUPS = 16
+"""Seeds per layer: fused LoRA groups with dropout in one decoder layer (4 in a Llama layer)."""
+
+
+def _seeded(fn: Callable, seeds: torch.Tensor, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    with kernels.dropout_seeds(seeds):
+        return fn(x, **kwargs)
+
+
 class _Replay(torch.autograd.Function):
     """One graphed layer for autograd: forward replays F, backward replays B."""
 
@@ -285,8 +312,9 @@ def _refusal(layer: nn.Module, args: tuple, kwargs: dict) -> str | None:
     """Why this training call of `layer` cannot replay a graph, or None."""
     if args:
         return "positional arguments beyond the input"
-    if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in layer.modules()):
-        return "dropout"
+    adapters = {id(m.lora_dropout) for m in layer.modules() if hasattr(m, "lora_dropout")}
+    if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training and id(m) not in adapters for m in layer.modules()):
+        return "dropout outside the LoRA adapters (a graph would replay one mask)"
     for value in kwargs.values():
         parts = value if isinstance(value, (tuple, list)) else (value,)
         if not all(v is None or isinstance(v, (torch.Tensor, bool, int, float, str)) for v in parts):
@@ -348,3 +376,12 @@ def enable_layer_graphs(layers: nn.ModuleList, checkpointing: bool) -> None:
         layer.gradient_checkpointing = False  # the graphs checkpoint (transformers would wrap them)
         layer._lora_dist_graphs = (owner, index, layer.forward)
         layer.forward = types.MethodType(_graphed_layer_forward, layer)
+
+
+def scratch_bytes() -> int:
+    """Free bytes in CUDA graphs' private memory pools: the scratch replays write into, which
+    `torch.cuda.max_memory_allocated` does not count (a replay allocates nothing)."""
+    if not torch.cuda.is_available():
+        return 0
+    return sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory_snapshot()
+               if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))

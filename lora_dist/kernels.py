@@ -269,8 +269,10 @@ class _LoRAProject(torch.autograd.Function):
             return x2 @ _a_cat(a_params, x2.dtype).t()  # (M, R)
         ops = _dropout_ops(x2, dropouts, ctx.ranks)
         if ops is not None:  # CUDA: masks drawn inside the kernels from one seed, never written
-            ctx.seed = ops.dropout_seed(x2.device)
+            ctx.seed = _SEEDS.next() if _SEEDS is not None else ops.dropout_seed(x2.device)
             return ops.dropout_project(x2, _a_cat(a_params, x2.dtype), len(a_params), dropouts[0], ctx.seed)
+        global TORCH_DROPOUT_CALLS
+        TORCH_DROPOUT_CALLS += 1
         ctx.rng_state = _rng_state(x2.device)
         # one (M, in) dropped copy alive at a time; (M, r_i) each
         return torch.cat([_dropped(x2, p) @ _a_cat((a,), x2.dtype).t() for a, p in zip(a_params, dropouts)], dim=1)
@@ -316,6 +318,44 @@ class _LoRAProject(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers, ctx.handoff.fp8)
         return (grad_x, None, None, None, None, *grads)
+
+
+class _SeedSource:
+    """Dropout seeds read in call order from a (n,) int64 device tensor (see `dropout_seeds`)."""
+
+    __slots__ = ("next_index", "seeds")
+
+    def __init__(self, seeds: torch.Tensor) -> None:
+        self.seeds, self.next_index = seeds, 0
+
+    def next(self) -> torch.Tensor:
+        if self.next_index >= self.seeds.numel():
+            raise RuntimeError(f"more LoRA groups with dropout than the {self.seeds.numel()} seeds given")
+        self.next_index += 1
+        return self.seeds[self.next_index - 1 : self.next_index]
+
+
+_SEEDS: _SeedSource | None = None  # global, as _COPIES: a recompute runs in autograd's threads
+TORCH_DROPOUT_CALLS = 0
+"""Group calls that drew their masks from torch's generator (not the Triton kernels): a CUDA graph
+cannot replay those (its recompute would draw other masks)."""
+
+
+@contextlib.contextmanager
+def dropout_seeds(seeds: torch.Tensor):
+    """Within, the Triton dropout kernels' k-th group call takes seeds[k] instead of a fresh draw.
+
+    A CUDA-graphed layer (`lora_dist.graphs`) runs its forward and its recompute each inside one
+    such scope over the same seeds, refreshed before each replay: the recompute draws the forward's
+    masks, and each replay new ones.
+    """
+    global _SEEDS
+    outer = _SEEDS
+    _SEEDS = _SeedSource(seeds)
+    try:
+        yield
+    finally:
+        _SEEDS = outer
 
 
 def _split_a_grads(grad_a_cat: torch.Tensor, needs_a, ranks, dtypes) -> list[torch.Tensor | None]:

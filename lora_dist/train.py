@@ -33,6 +33,7 @@ from lora_dist.data import IGNORE_INDEX
 from lora_dist.diagnostics import Profiler, write_diagnostics
 from lora_dist.engine import build_engine, checkpoint_state
 from lora_dist.errors import ConfigError
+from lora_dist.graphs import scratch_bytes
 from lora_dist.loader import RANDOM_TOKENS, make_dataloader
 from lora_dist.model import LoRAModel
 from lora_dist.preemption import Preempted, StopSignals
@@ -163,7 +164,8 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
     )
     total_steps = building.total_steps(cfg, len(train_loader), accum)
 
-    model, fused = building.build_model(cfg, model_path, device, lambda m: _patch_for_speed(cfg, m, device))
+    model, fused = building.build_model(
+        cfg, model_path, device, lambda m: _patch_for_speed(cfg, m, device, use_deepspeed))
     run = Run(
         cfg=cfg, rank=rank, world_size=world_size, device=device, model=model, tokenizer=tokenizer,
         model_path=model_path, train_loader=train_loader, eval_dataset=eval_ds, pad_token_id=pad_id, accum=accum,
@@ -207,8 +209,9 @@ def _auto_micro_batch(cfg: Config, device: torch.device, rank: int, world_size: 
     return cfg
 
 
-def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device) -> bool:
-    """Apply `families.patch_model_for_speed` when `model.fused_kernels` asks; returns whether it did."""
+def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device, use_deepspeed: bool = False) -> bool:
+    """Apply `families.patch_model_for_speed` when `model.fused_kernels` asks, then the CUDA graphs where
+    `model.cuda_graphs` asks and they apply; returns whether the fused path took."""
     from lora_dist import families
 
     mode = cfg.model.fused_kernels
@@ -221,7 +224,18 @@ def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device) -> boo
             raise
         warnings.warn(f"model.fused_kernels=auto: {err.family}: {err.reason}; training on the model's own forward")
         return False
+    if graphs_apply(cfg, device, use_deepspeed):
+        from lora_dist.graphs import enable_layer_graphs
+
+        enable_layer_graphs(loading.decoder_layers(model), cfg.model.gradient_checkpointing)
     return True
+
+
+def graphs_apply(cfg: Config, device: torch.device, use_deepspeed: bool) -> bool:
+    """Whether the fused model's decoder layers replay CUDA graphs (`model.cuda_graphs`): on CUDA in one
+    process, without activation offload (its copies run beside the layers). Not under DeepSpeed: ZeRO-3
+    gathers the adapters anew each step, and ZeRO-1/2 with graphs has not been run on GPUs yet."""
+    return cfg.model.cuda_graphs and device.type == "cuda" and not cfg.model.activation_offload and not use_deepspeed
 
 
 def _eval_engine(run: Run) -> Any:
@@ -427,7 +441,14 @@ def _step_metrics(run: Run, stats: dict[str, Any]) -> dict[str, float]:
         "epoch": _epoch_progress(run.train_loader),
     }
     if run.device.type == "cuda":
-        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        # + the CUDA graphs' scratch: reserved at capture, written by replays (which allocate nothing). The
+        # step that captured them allocated that scratch, so its peak counts it already; then a fresh peak
+        scratch = scratch_bytes()
+        first = scratch and not run.diagnostics.get("graphs_captured")
+        metrics["peak_mem_gib"] = (torch.cuda.max_memory_allocated(run.device) + (0 if first else scratch)) / 2**30
+        if first:
+            run.diagnostics["graphs_captured"] = True
+            torch.cuda.reset_peak_memory_stats(run.device)
     return metrics
 
 
