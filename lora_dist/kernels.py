@@ -292,7 +292,7 @@ class _LoRAProject(torch.autograd.Function):
             grad_x = None
             if ctx.needs_input_grad[0]:
                 # (M, in): the adapter part first, the big GEMMs accumulate onto it
-                if ctx.handoff.fp8:  # the base parts first: _scaled_mm's output takes the adapter part
+                if ctx.handoff.fp8_grad:  # the base parts first: _scaled_mm's output takes the adapter part
                     grad_x = _add_base_grads(None, outputs_grads, ctx.layers, fp8=True)
                     a_cat = _a_cat(ctx.a_params, g_xa.dtype)
                     grad_x = g_xa @ a_cat if grad_x is None else grad_x.addmm_(g_xa, a_cat)
@@ -316,7 +316,7 @@ class _LoRAProject(torch.autograd.Function):
                     g_in = torch.autograd.grad(x_drop, x_in, g_drop)[0] if p > 0 else g_drop
                     grad_x = g_in if grad_x is None else grad_x.add_(g_in)
         if ctx.needs_input_grad[0]:
-            grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers, ctx.handoff.fp8)
+            grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers, ctx.handoff.fp8_grad)
         return (grad_x, None, None, None, None, *grads)
 
 
@@ -390,7 +390,7 @@ def _dropout_kernels_backward(ctx, x2, g_xa, needs_a, outputs_grads):
     if ctx.needs_input_grad[0]:
         a_cat = _a_cat(ctx.a_params, g_xa.dtype)
         grad_x = ops.dropout_input_grad(g_xa, a_cat, x2.shape[1], groups, p, ctx.seed)  # (M, in)
-        grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers, ctx.handoff.fp8)
+        grad_x = _add_base_grads(grad_x, outputs_grads, ctx.layers, ctx.handoff.fp8_grad)
     return (grad_x, None, None, None, None, *grads)
 
 
@@ -402,11 +402,12 @@ class _Handoff:
     (tokens, I) gradient made there would sit beside the whole recomputed layer (the step's peak).
     """
 
-    __slots__ = ("fp8", "grads")
+    __slots__ = ("fp8", "fp8_grad", "grads")
 
     def __init__(self) -> None:
         self.grads: list[torch.Tensor | None] | None = None
-        self.fp8 = False  # the forward's base GEMMs ran in FP8 (`_fp8_takes`): so does x's gradient
+        self.fp8 = False  # the forward's base GEMMs ran in FP8 (`_fp8_takes`)
+        self.fp8_grad = False  # and x's gradient through them does too (unless forward only)
 
 
 def _add_base_grads(grad_x: torch.Tensor | None, outputs_grads, layers, fp8: bool = False) -> torch.Tensor | None:
@@ -428,10 +429,11 @@ def _add_base_grads(grad_x: torch.Tensor | None, outputs_grads, layers, fp8: boo
 # ------------------------------------------------------------------------------------ FP8 base GEMMs
 
 _FP8_BASE = False
+_FP8_GRAD = True
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
-def set_fp8_base_gemms(on: bool) -> None:
+def set_fp8_base_gemms(on: bool, backward: bool = True) -> None:
     """Run the frozen base GEMMs of the fused path (forward x @ W.T and backward g @ W) in FP8 e4m3.
 
     Opt-in. Each operand is scaled per row of the product (x and g per token; W per output feature
@@ -440,10 +442,12 @@ def set_fp8_base_gemms(on: bool) -> None:
     adapters, their gradients and every other product stay in the compute dtype. A group takes it only
     where it can run (`_fp8_takes`: on CUDA bf16 compute, FP8 tensor cores, widths multiples of 16;
     the CPU runs it as a reference); elsewhere the bf16 products, unchanged. A row holding inf or NaN
-    gives a NaN output row (bf16 would give inf there): non-finite either way.
+    gives a NaN output row (bf16 would give inf there): non-finite either way. With `backward=False`
+    only the forward products (and a checkpointed recompute's) run in FP8; x's gradient through the
+    base weights stays in the compute dtype.
     """
-    global _FP8_BASE
-    _FP8_BASE = bool(on)
+    global _FP8_BASE, _FP8_GRAD
+    _FP8_BASE, _FP8_GRAD = bool(on), bool(backward)
 
 
 @functools.cache
@@ -517,6 +521,7 @@ class _LoRAOutput(torch.autograd.Function):
         dtype = x2.dtype
         outs, start = [], 0
         handoff.fp8 = _fp8_takes(x2, layers)
+        handoff.fp8_grad = handoff.fp8 and _FP8_GRAD
         x_fp8 = fp8_rows(x2) if handoff.fp8 else None  # once for every layer of the group
         for layer, b in zip(layers, b_params):
             r = b.shape[1]

@@ -125,6 +125,19 @@ def test_fp8_base_is_recorded_and_switched_off_after_the_run(tmp_path):
     assert not kernels._FP8_BASE
 
 
+def test_fp8_forward_only_is_recorded_and_needs_fp8_base(tmp_path, capsys):
+    from lora_dist import kernels
+
+    out = tmp_path / "r.json"
+    args = ("--shape", "tiny", "--steps", "1", "--warmup", "0", "--fp8-base", "--fp8-forward-only", "--json", str(out))
+    assert bench.main(_args(*args)) == 0
+    report = json.loads(out.read_text())
+    assert report["fp8_base"] is True and report["fp8_backward"] is False
+    assert not kernels._FP8_BASE and kernels._FP8_GRAD  # both switches as they were
+    assert bench.main(_args("--shape", "tiny", "--fp8-forward-only")) == 2
+    assert "--fp8-forward-only narrows --fp8-base: add --fp8-base" in capsys.readouterr().err
+
+
 def test_fp8_base_on_the_plain_path_is_refused(capsys):
     rc = bench.main(_args("--shape", "tiny", "--fp8-base", "--plain"))
     assert rc == 2

@@ -80,6 +80,29 @@ def test_fp8_group_equals_the_products_of_its_quantized_operands(fp8, bias, dtyp
     assert rel_err(grad_x, ref_grad) < rtol
 
 
+def test_fp8_forward_only_keeps_xs_gradient_through_the_base_in_the_compute_dtype():
+    # forward as with FP8 both ways (the same quantized products); x's gradient through W_i is the
+    # fp32 product g_i @ W_i exactly (fp32 accumulation over 96 terms: 1e-6)
+    layers = _group()
+    x = torch.randn(2, 40, 128, requires_grad=True)
+    kernels.set_fp8_base_gemms(True)
+    try:
+        both = kernels.lora_group(x, layers)
+        kernels.set_fp8_base_gemms(True, backward=False)
+        ys = kernels.lora_group(x, layers)
+    finally:
+        kernels.set_fp8_base_gemms(False)
+    assert all(torch.equal(a, b) for a, b in zip(ys, both))
+    gs = [torch.randn_like(y) for y in ys]
+    grad_x = torch.autograd.grad(sum((y * g).sum() for y, g in zip(ys, gs)), x)[0].reshape(-1, 128)
+    ref = torch.zeros(80, 128, dtype=torch.float64)
+    for g, layer in zip(gs, layers):
+        w = layer.base_layer.weight.detach().double()
+        g2 = g.reshape(80, -1).double()
+        ref += g2 @ w + layer.scaling * (g2 @ layer.lora_B.weight.double()) @ layer.lora_A.weight.double()
+    assert rel_err(grad_x, ref) < 1e-6
+
+
 def test_fp8_group_is_within_e4m3_rounding_of_the_exact_product_and_not_equal_to_it(fp8):
     # Per product the rounding of both operands (<= 2^-4 relative each) averages over K terms of
     # random sign: the relative error of y is about 2^-4 / sqrt(3) ~ 3.6e-2 per operand pair,
