@@ -412,6 +412,9 @@ def _cross_section_problems(s: dict[str, Any]) -> list[str]:
         out.append(f"model.path {model.path} has no tokenizer; train it on data.path={RANDOM_TOKENS}")
     if random_data and s["train"].max_steps is None:
         out.append(f"data.path {RANDOM_TOKENS} has no epochs; set train.max_steps")
+    if model.cuda_graphs and s["train"].micro_batch_size == "auto":
+        out.append("train.micro_batch_size=auto plans without CUDA graphs, which take ~2 GiB more on an 8B model: "
+                   "give a micro batch size, or set model.cuda_graphs=false")
     return out
 
 

@@ -1,9 +1,9 @@
 """CUDA graphs of decoder layers: a layer's forward, and its backward with the recompute, one launch each.
 
-On one GPU the fused QLoRA step of an 8B model is bound by the host: each decoder layer queues a
-few hundred small ops in forward, recompute and backward (the H200 profile of the checkpointed
-Llama-3-8B step: 600 ms of device work, the host queuing for 690 ms). A CUDA graph records a
-layer's kernels once and replays them with one call.
+Each decoder layer of the fused QLoRA step queues a few hundred small ops in forward, recompute
+and backward; on a slow host that bounds the step (one H200 start: 600 ms of device work, the host
+queuing for 690 ms; on a fast one the host took 0.58 s of a 0.68 s step and graphs bought nothing).
+A CUDA graph records a layer's kernels once and replays them with one call.
 
 `enable_layer_graphs` gives each decoder layer two graphs per input signature (the input's shape
 and dtype, its keyword arguments' tensor shapes and other values):
@@ -22,15 +22,20 @@ checkpointing, the activations F_i saves stay allocated until B_i's capture). x'
 ping-pongs between two buffers (B_i reads one, writes the other, which B_{i-1} reads) and the
 adapters' gradients land in one buffer per parameter layout, copied out once per layer for
 autograd to accumulate (so gradient accumulation, `zero_grad(set_to_none=True)` and DeepSpeed's
-gradient hooks see ordinary gradients). A replay allocates nothing: the pool's memory is reserved
-at capture (`torch.cuda.max_memory_allocated` does not see it; the bench adds it).
+gradient hooks see ordinary gradients). Keyword tensors (cos/sin, masks) are copied into static
+buffers, one per distinct tensor a forward passes (Gemma 3's local and global rotary tables get one
+each), so each backward recomputes from what its forward read. A replay allocates nothing: the
+pool's memory is reserved at capture (`torch.cuda.max_memory_allocated` does not see it; the bench
+and the job add `scratch_bytes`).
 
 Taken only where replaying is the same computation: CUDA, training with gradients on, no dropout
 in the layer but the LoRA adapters' own when the Triton dropout kernels draw it (their seeds come
 from a per-layer buffer, refreshed before each replay and read by the forward and its recompute
 alike: each replay draws new masks, the recompute the forward's), positional input only, the
-layer's tensors (weights, adapters, quantization state) where they were at capture (else captured
-again). Everything else runs the layer as before. A model whose input signature keeps changing
+layer as it was at capture (weights, adapters and 4-bit state where they were, scaling, dropout
+settings, the FP8 switches: else all are captured again), and no earlier forward still waiting for
+its backward (a second forward before one backward, as a DPO pair runs, goes eagerly: it would
+overwrite what the first's backward reads). Everything else runs the layer as before. A model whose input signature keeps changing
 (unpadded batches of varying length) is captured again each time; after `MAX_SIGNATURES` the
 graphs are turned off for it with one warning.
 
@@ -57,6 +62,38 @@ MAX_SIGNATURES = 4
 """Input signatures a model may be captured for before its graphs are turned off."""
 
 _CACHE_KWARGS = ("use_cache", "cache", "past_key_values", "layer_past")
+_CAPTURES = 0
+
+
+def captures() -> int:
+    """Graphs captured in this process so far (a capture allocates the scratch that replays reuse)."""
+    return _CAPTURES
+
+
+class _Static:
+    """A static buffer for a keyword tensor, and the tensor it was last copied from."""
+
+    __slots__ = ("buf", "forward", "source", "version")
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.buf = torch.empty_like(value, memory_format=torch.contiguous_format)
+        self.source: weakref.ref | None = None
+        self.version = -1
+        self.forward = -1  # the owner's forward count when it was last refreshed
+
+    def holds(self, value: torch.Tensor) -> bool:
+        return self.source is not None and self.source() is value and self.version == value._version
+
+    def refresh(self, value: torch.Tensor, forward: int) -> bool:
+        """Copy `value` in unless the buffer holds it already; False where a layer that reads this buffer
+        ran with another tensor earlier in the same forward (its backward still needs that one)."""
+        if self.holds(value):
+            return True
+        if self.forward == forward:
+            return False
+        self.buf.copy_(value)
+        self.source, self.version, self.forward = weakref.ref(value), value._version, forward
+        return True
 
 
 class _Shared:
@@ -64,32 +101,43 @@ class _Shared:
 
     def __init__(self, device: torch.device, signature: tuple) -> None:
         self.signature = signature
-        self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream(device)
-        self.kwargs: dict[Any, torch.Tensor] = {}  # kwarg path -> static buffer
-        self.sources: dict[Any, tuple[weakref.ref, int]] = {}  # kwarg path -> (tensor last copied, its version)
+        cuda = device.type == "cuda"  # (the CPU builds one only in tests of the bookkeeping)
+        self.pool = torch.cuda.graph_pool_handle() if cuda else None
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.statics: list[_Static] = []  # keyword tensors' buffers; layers given the same tensor share one
         self.grad_x: list[torch.Tensor] | None = None  # the two ping-pong buffers of x's gradient
         self.grad_params: dict[tuple, torch.Tensor] = {}  # parameter layout -> flat gradient buffer
         self.slots: dict[int, torch.Tensor] = {}  # i -> layer i's input (layer i-1's output)
 
-    def static_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """kwargs with every tensor (also inside tuples) replaced by its static buffer, refreshed from it."""
-        return {k: self._static(k, v) for k, v in kwargs.items()}
+    def static_kwargs(self, statics: dict[Any, _Static], kwargs: dict[str, Any], forward: int) -> dict | None:
+        """kwargs with every tensor (also inside tuples) replaced by its static buffer in `statics` (a
+        layer's own map, filled at its capture), each refreshed; None where one cannot be (see `_Static`).
 
-    def _static(self, path: Any, value: Any) -> Any:
-        if isinstance(value, (tuple, list)):
-            return type(value)(self._static((path, i), v) for i, v in enumerate(value))
-        if not isinstance(value, torch.Tensor):
-            return value
-        buf = self.kwargs.get(path)
-        if buf is None:
-            buf = self.kwargs[path] = torch.empty_like(value, memory_format=torch.contiguous_format)
-        seen = self.sources.get(path)
-        # cos/sin and masks are one object for all layers of a forward: copied once per forward
-        if seen is None or seen[0]() is not value or seen[1] != value._version:
-            buf.copy_(value)
-            self.sources[path] = (weakref.ref(value), value._version)
-        return buf
+        Layers given the same tensor (cos/sin, the mask: one object for all layers of a forward) share
+        a buffer, copied once per forward; layers given different ones (Gemma 3's local and global
+        rotary tables, Gemma 2's sliding and full masks) get one each, so a backward's recompute
+        reads what its own forward read.
+        """
+        ok = True
+
+        def static(path: Any, value: Any) -> Any:
+            nonlocal ok
+            if isinstance(value, (tuple, list)):
+                return type(value)(static((path, i), v) for i, v in enumerate(value))
+            if not isinstance(value, torch.Tensor):
+                return value
+            entry = statics.get(path)
+            if entry is None:  # capture: share a buffer that holds this very tensor, else a new one
+                entry = next((e for e in self.statics if e.holds(value)), None)
+                if entry is None:
+                    entry = _Static(value)
+                    self.statics.append(entry)
+                statics[path] = entry
+            ok = entry.refresh(value, forward) and ok
+            return entry.buf
+
+        out = {k: static(k, v) for k, v in kwargs.items()}
+        return out if ok else None
 
 
 def _signature_of(x: torch.Tensor, kwargs: dict[str, Any]) -> tuple:
@@ -103,6 +151,24 @@ def _signature_of(x: torch.Tensor, kwargs: dict[str, Any]) -> tuple:
     return (tuple(x.shape), x.dtype, x.device, tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
 
 
+def _state_of(layer: nn.Module) -> tuple:
+    """What a layer's graphs bake in at capture: where its tensors are (weights, adapters, the 4-bit
+    state the dequantize reads), the adapters' scaling, its dropouts' p and mode, the FP8 switches."""
+    ptrs = [t.data_ptr() for t in layer.parameters()] + [t.data_ptr() for t in layer.buffers()]
+    values = []
+    for module in layer.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            ptrs.append(state.absmax.data_ptr())
+            if getattr(state, "state2", None) is not None:
+                ptrs.append(state.state2.absmax.data_ptr())
+        if hasattr(module, "scaling"):
+            values.append(module.scaling)
+        if isinstance(module, nn.Dropout):
+            values.append((module.p, module.training))
+    return tuple(ptrs), tuple(values), kernels.fp8_switches()
+
+
 class _ModelGraphs:
     """The layers of one model, in order, and the graphs of their current signature."""
 
@@ -113,6 +179,9 @@ class _ModelGraphs:
         self.shared: _Shared | None = None
         self.signatures = 0
         self.off_reason: str | None = None
+        self.forwards = 0  # forwards begun (layer 0 calls), to tell a keyword tensor's forward apart
+        self.stale = False  # captured again at the next forward
+        self.bypass = False  # this forward runs eagerly: an earlier one waits for its backward
 
     def reset(self, device: torch.device, signature: tuple) -> None:
         # new runners (below): a pending backward keeps the old ones, and their pool, alive until it has run
@@ -120,16 +189,22 @@ class _ModelGraphs:
         self.shared = None
         self.signatures += 1
         if self.signatures > MAX_SIGNATURES:
-            self.off_reason = (f"the decoder layers' input changed shape {MAX_SIGNATURES} times (pad batches "
-                               f"to one length to keep CUDA graphs): running them without")
+            self.off_reason = (f"the decoder layers' inputs changed {MAX_SIGNATURES} times (shapes, masks present "
+                               f"or not, weights moved): running them without CUDA graphs from here (pad or "
+                               f"pack batches to one length to keep them)")
             warnings.warn(f"lora_dist.graphs: {self.off_reason}", stacklevel=3)
             return
         self.shared = _Shared(device, signature)
+        self.stale = False
         self.runners = [_LayerGraphs(self, index, ref()) for index, ref in enumerate(self.layers)]
 
     def current(self) -> bool:
-        """Whether every captured layer's tensors are where its graphs read them."""
-        return all(r.fwd is None or r.tensors == r._tensors_of(r.layer_ref()) for r in self.runners)
+        """Whether every captured layer is as its graphs baked it in (`_state_of`)."""
+        return not self.stale and all(r.fwd is None or r.state == _state_of(r.layer_ref()) for r in self.runners)
+
+    def pending(self) -> bool:
+        """Whether a replayed forward still waits for its backward (it reads the slots and buffers)."""
+        return any(r.pending is not None and r.pending() is not None for r in self.runners)
 
 
 class _LayerGraphs:
@@ -148,7 +223,9 @@ class _LayerGraphs:
         self.params: list[nn.Parameter] = []
         self.seeds: torch.Tensor | None = None  # the LoRA dropout kernels' seeds, new before each replay
         self.eager_reason: str | None = None  # found at warm-up: this layer runs without graphs
-        self.tensors: list[int] = []  # data_ptr of every tensor the graphs read, at capture
+        self.statics: dict[Any, _Static] = {}  # keyword path -> the static buffer this layer's graphs read
+        self.pending: weakref.ref | None = None  # the autograd node of a replayed forward, until its backward
+        self.state: tuple = ()  # what the graphs baked in at capture (`_state_of`)
         self.grads_missing: list[bool] = []
 
     # ---------------------------------------------------------------- forward
@@ -157,7 +234,10 @@ class _LayerGraphs:
         layer = self.layer_ref()
         if self.eager_reason is not None:
             return _eager(self.owner, fn, x, kwargs)
-        static_kwargs = self.shared.static_kwargs(kwargs)
+        static_kwargs = self.shared.static_kwargs(self.statics, kwargs, self.owner.forwards)
+        if static_kwargs is None:  # layers that shared a keyword tensor at capture get different ones now
+            self.owner.stale = True  # captured again from the next forward on
+            return _eager(self.owner, fn, x, kwargs)
         if self.fwd is None:
             self._capture_forward(fn, x, static_kwargs, layer)
             if self.eager_reason is not None:
@@ -179,7 +259,7 @@ class _LayerGraphs:
             self.x_buf.copy_(x)
         self.out = shared.slots[self.index + 1] = torch.empty_like(self.x_buf)
         self.params = [p for p in layer.parameters() if p.requires_grad]
-        self.tensors = self._tensors_of(layer)
+        self.state = _state_of(layer)
         if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in layer.modules()):
             self.seeds = torch.zeros(_MAX_GROUPS, dtype=torch.int64, device=x.device)
             fn = functools.partial(_seeded, fn, self.seeds)  # forward and recompute draw the same masks
@@ -207,6 +287,8 @@ class _LayerGraphs:
         if kernels.TORCH_DROPOUT_CALLS != torch_dropouts:
             self.eager_reason = "LoRA dropout outside the Triton kernels (torch's masks: a recompute would differ)"
             return
+        global _CAPTURES
+        _CAPTURES += 1
         self.fwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fwd, pool=shared.pool, stream=shared.stream, capture_error_mode="thread_local"):
             self.x_leaf, self.y = body()
@@ -215,18 +297,6 @@ class _LayerGraphs:
                 # backward needs y's autograd graph, not its values (the last op, a residual add, saves
                 # none of its output): its pool memory is free from here on, for the captures to come
                 self.y.untyped_storage().resize_(0)
-
-    @staticmethod
-    def _tensors_of(layer: nn.Module) -> list[int]:
-        out = [t.data_ptr() for t in layer.parameters()]
-        out += [t.data_ptr() for t in layer.buffers()]
-        for module in layer.modules():
-            state = getattr(getattr(module, "weight", None), "quant_state", None)
-            if state is not None:  # bitsandbytes 4-bit: absmax (and its own state) are read by the dequantize
-                out.append(state.absmax.data_ptr())
-                if getattr(state, "state2", None) is not None:
-                    out.append(state.state2.absmax.data_ptr())
-        return out
 
     # ---------------------------------------------------------------- backward
 
@@ -260,6 +330,8 @@ class _LayerGraphs:
 
     def _capture_backward(self, g_in, g_out, flat) -> None:
         shared = self.shared
+        global _CAPTURES
+        _CAPTURES += 1
         self.bwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.bwd, pool=shared.pool, stream=shared.stream, capture_error_mode="thread_local"):
             with kernels.adapter_copies(fresh=True):
@@ -300,10 +372,12 @@ class _Replay(torch.autograd.Function):
     def forward(ctx, runner: _LayerGraphs, x, *params):
         runner.fwd.replay()
         ctx.runner = runner
+        runner.pending = weakref.ref(ctx)
         return runner.out.detach()
 
     @staticmethod
     def backward(ctx, g):
+        ctx.runner.pending = None
         grad_x, grads = ctx.runner.backward(g)
         return (None, grad_x, *grads)
 
@@ -324,9 +398,16 @@ def _refusal(layer: nn.Module, args: tuple, kwargs: dict) -> str | None:
 
 def owner_forward(owner: _ModelGraphs, index: int, fn: Callable, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Layer `index` of `owner` on `x`: through its graphs, captured first where needed."""
+    if index == 0:
+        owner.forwards += 1
+        # two forwards before one backward (a DPO pair): the second must not overwrite what the first's
+        # backward reads, so it runs eagerly
+        owner.bypass = owner.pending()
+    if owner.bypass:
+        return _eager(owner, fn, x, kwargs)
     signature = _signature_of(x, kwargs)
     if index == 0 and owner.shared is not None and owner.shared.signature == signature and not owner.current():
-        owner.shared = None  # a layer's weights moved or were replaced since its capture: capture all again
+        owner.shared = None  # a layer changed since its capture (weights, scaling, dropout): capture all again
     if owner.shared is None or owner.shared.signature != signature:
         if index != 0 or owner.off_reason is not None:
             return _eager(owner, fn, x, kwargs)  # graphs are captured from layer 0 on, in order

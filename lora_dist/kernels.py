@@ -450,6 +450,11 @@ def set_fp8_base_gemms(on: bool, backward: bool = True) -> None:
     _FP8_BASE, _FP8_GRAD = bool(on), bool(backward)
 
 
+def fp8_switches() -> tuple[bool, bool]:
+    """(FP8 base GEMMs on, x's gradient in FP8 too): what a CUDA graph's capture bakes in."""
+    return _FP8_BASE, _FP8_GRAD
+
+
 @functools.cache
 def _fp8_tensor_cores(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)

@@ -27,13 +27,12 @@ from typing import Any, Iterator
 
 import torch
 
-from lora_dist import adapters, building, checkpoint, data, distributed, kernels, loading
+from lora_dist import adapters, building, checkpoint, data, distributed, graphs, kernels, loading
 from lora_dist.config import BUILTIN_MODEL, Config
 from lora_dist.data import IGNORE_INDEX
 from lora_dist.diagnostics import Profiler, write_diagnostics
 from lora_dist.engine import build_engine, checkpoint_state
 from lora_dist.errors import ConfigError
-from lora_dist.graphs import scratch_bytes
 from lora_dist.loader import RANDOM_TOKENS, make_dataloader
 from lora_dist.model import LoRAModel
 from lora_dist.preemption import Preempted, StopSignals
@@ -225,9 +224,7 @@ def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device, use_de
         warnings.warn(f"model.fused_kernels=auto: {err.family}: {err.reason}; training on the model's own forward")
         return False
     if graphs_apply(cfg, device, use_deepspeed):
-        from lora_dist.graphs import enable_layer_graphs
-
-        enable_layer_graphs(loading.decoder_layers(model), cfg.model.gradient_checkpointing)
+        graphs.enable_layer_graphs(loading.decoder_layers(model), cfg.model.gradient_checkpointing)
     return True
 
 
@@ -441,15 +438,21 @@ def _step_metrics(run: Run, stats: dict[str, Any]) -> dict[str, float]:
         "epoch": _epoch_progress(run.train_loader),
     }
     if run.device.type == "cuda":
-        # + the CUDA graphs' scratch: reserved at capture, written by replays (which allocate nothing). The
-        # step that captured them allocated that scratch, so its peak counts it already; then a fresh peak
-        scratch = scratch_bytes()
-        first = scratch and not run.diagnostics.get("graphs_captured")
-        metrics["peak_mem_gib"] = (torch.cuda.max_memory_allocated(run.device) + (0 if first else scratch)) / 2**30
-        if first:
-            run.diagnostics["graphs_captured"] = True
+        # A step that captured CUDA graphs allocated their scratch as it went: its peak counts it. Later
+        # steps replay into that scratch without allocating: their peak adds it (`_peak_gib`)
+        captured = graphs.captures() != run.diagnostics.get("graph_captures", 0)
+        metrics["peak_mem_gib"] = (torch.cuda.max_memory_allocated(run.device) / 2**30 if captured
+                                   else _peak_gib(run))
+        if captured:
+            run.diagnostics["graph_captures"] = graphs.captures()
             torch.cuda.reset_peak_memory_stats(run.device)
     return metrics
+
+
+def _peak_gib(run: Run) -> float:
+    """The allocator's peak plus the CUDA graphs' scratch (reserved at capture, written by replays, which
+    allocate nothing: the allocator never sees it again)."""
+    return (torch.cuda.max_memory_allocated(run.device) + graphs.scratch_bytes()) / 2**30
 
 
 def _epoch_progress(loader: Any) -> float:
@@ -598,7 +601,7 @@ def _summary(run: Run, wall_time: float | None) -> dict[str, Any]:
     if rates:
         summary["tokens_per_s_steady"] = round(statistics.median(rates), 1)
     if run.device.type == "cuda":
-        summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+        summary["peak_mem_gib"] = round(_peak_gib(run), 2)
     return summary
 
 
@@ -607,6 +610,6 @@ def _diagnostics_record(run: Run) -> dict[str, Any]:
                               "zero_stage": run.cfg.distributed.zero_stage if run.use_deepspeed else None,
                               **run.diagnostics}
     if run.device.type == "cuda":
-        record["peak_allocated_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        record["peak_allocated_gib"] = _peak_gib(run)
         record["peak_reserved_gib"] = torch.cuda.max_memory_reserved(run.device) / 2**30
     return record
