@@ -425,3 +425,14 @@ def test_a_multimodal_gemma3_checkpoint_is_planned_from_its_language_model_layer
                       [f"model.path={tmp_path / 'model'}", f"train.output_dir={tmp_path / 'run'}"])
     facts = plan.describe_model(cfg)
     assert len(facts.layers) == 6  # the SigLIP encoder has 27
+
+
+def test_a_plan_with_cuda_graphs_says_it_leaves_them_out():
+    # the planner predicts the eager step; graphs' memory is only measured (README, ModelConfig.cuda_graphs)
+    note = "model.cuda_graphs: not counted here"
+    assert not any(n.startswith(note) for n in plan.plan_memory(_cfg("train.micro_batch_size=2")).notes)
+    graphed = plan.plan_memory(_cfg("train.micro_batch_size=2", "model.cuda_graphs=true", "model.fused_kernels=on"))
+    assert any(n.startswith(note) for n in graphed.notes)
+    offloaded = _cfg("train.micro_batch_size=2", "model.cuda_graphs=true", "model.fused_kernels=on",
+                     "model.activation_offload=true")
+    assert not any(n.startswith(note) for n in plan.plan_memory(offloaded).notes)  # graphs do not run there
