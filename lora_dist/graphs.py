@@ -45,6 +45,7 @@ next micro batch), as with any CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import warnings
@@ -63,6 +64,7 @@ MAX_SIGNATURES = 4
 
 _CACHE_KWARGS = ("use_cache", "cache", "past_key_values", "layer_past")
 _CAPTURES = 0
+_RERUN_OFF_CUDA = False  # tests: take the graph path on the CPU too, each "graph" a `_Rerun`
 
 
 def captures() -> int:
@@ -109,6 +111,24 @@ class _Shared:
         self.grad_params: dict[tuple, torch.Tensor] = {}  # parameter layout -> flat gradient buffer
         self.slots: dict[int, torch.Tensor] = {}  # i -> layer i's input (layer i-1's output)
 
+    def side_stream(self) -> contextlib.AbstractContextManager:
+        """The capture stream, entered after the work queued so far (a no-op off CUDA)."""
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        return _joined(self.stream)
+
+    def capture(self, body: Callable[[], None]) -> Any:
+        """A graph of `body` in this pool: its kernels are recorded, not run (replay runs them). Off CUDA
+        (tests of this module's bookkeeping) a `_Rerun`: `body` itself, run at each replay."""
+        if self.stream is None:
+            return _Rerun(body)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            body()
+        return graph
+
+
     def static_kwargs(self, statics: dict[Any, _Static], kwargs: dict[str, Any], forward: int) -> dict | None:
         """kwargs with every tensor (also inside tuples) replaced by its static buffer in `statics` (a
         layer's own map, filled at its capture), each refreshed; None where one cannot be (see `_Static`).
@@ -139,6 +159,23 @@ class _Shared:
         out = {k: static(k, v) for k, v in kwargs.items()}
         return out if ok else None
 
+
+class _Rerun:
+    """A stand-in for a CUDA graph off CUDA: replay runs the captured Python again, on the same static
+    buffers, so the CPU tests exercise the slots, buffers and autograd wiring a real graph replays."""
+
+    def __init__(self, body: Callable[[], None]) -> None:
+        self.body = body
+
+    def replay(self) -> None:
+        self.body()
+
+
+@contextlib.contextmanager
+def _joined(stream: torch.cuda.Stream):
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
 
 def _signature_of(x: torch.Tensor, kwargs: dict[str, Any]) -> tuple:
     def sig(v):
@@ -214,8 +251,8 @@ class _LayerGraphs:
         self.owner, self.index = owner, index
         self.layer_ref = weakref.ref(layer)
         self.shared = owner.shared
-        self.fwd: torch.cuda.CUDAGraph | None = None
-        self.bwd: torch.cuda.CUDAGraph | None = None
+        self.fwd: Any = None  # torch.cuda.CUDAGraph (or _Rerun off CUDA)
+        self.bwd: Any = None
         self.x_buf: torch.Tensor | None = None  # static input (no grad)
         self.x_leaf: torch.Tensor | None = None  # the same storage, the leaf F was captured from
         self.y: torch.Tensor | None = None  # F's output in its capture (autograd's root for B's capture)
@@ -275,28 +312,28 @@ class _LayerGraphs:
                 raise TypeError(f"a decoder layer returned {type(y).__name__}, not a tensor")
             return leaf, y
 
-        shared.stream.wait_stream(torch.cuda.current_stream())
         torch_dropouts = kernels.TORCH_DROPOUT_CALLS
-        with torch.cuda.stream(shared.stream):  # warm up: compile, autotune, cuBLAS handles for this stream
+        with shared.side_stream():  # warm up: compile, autotune, cuBLAS handles for this stream
             leaf, y = body()
             if y.shape != x.shape or y.dtype != x.dtype:
                 raise TypeError(f"a decoder layer returned {tuple(y.shape)} {y.dtype} for {tuple(x.shape)} {x.dtype}")
             torch.autograd.grad(y, [leaf, *self.params], torch.ones_like(y), allow_unused=True)
             del leaf, y
-        torch.cuda.current_stream().wait_stream(shared.stream)
         if kernels.TORCH_DROPOUT_CALLS != torch_dropouts:
             self.eager_reason = "LoRA dropout outside the Triton kernels (torch's masks: a recompute would differ)"
             return
         global _CAPTURES
         _CAPTURES += 1
-        self.fwd = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.fwd, pool=shared.pool, stream=shared.stream, capture_error_mode="thread_local"):
+
+        def forward_graph():
             self.x_leaf, self.y = body()
             self.out.copy_(self.y)
             if self.y._base is None and self.y.untyped_storage().nbytes() == self.y.numel() * self.y.element_size():
                 # backward needs y's autograd graph, not its values (the last op, a residual add, saves
                 # none of its output): its pool memory is free from here on, for the captures to come
                 self.y.untyped_storage().resize_(0)
+
+        self.fwd = shared.capture(forward_graph)
 
     # ---------------------------------------------------------------- backward
 
@@ -332,8 +369,8 @@ class _LayerGraphs:
         shared = self.shared
         global _CAPTURES
         _CAPTURES += 1
-        self.bwd = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.bwd, pool=shared.pool, stream=shared.stream, capture_error_mode="thread_local"):
+
+        def backward_graph():
             with kernels.adapter_copies(fresh=True):
                 grads = torch.autograd.grad(self.y, [self.x_leaf, *self.params], g_in, allow_unused=True)
             g_out.copy_(grads[0])
@@ -345,8 +382,9 @@ class _LayerGraphs:
                 if grad is not None:
                     flat[start : start + n].copy_(grad.reshape(-1))
                 start += n
-            del grads
-        self.y = self.x_leaf = None  # the autograd graph F's capture built was consumed by this one
+            self.y = self.x_leaf = None  # the autograd graph F's capture built was consumed here
+
+        self.bwd = shared.capture(backward_graph)
 
 
 def _alias(t: torch.Tensor) -> torch.Tensor:
@@ -431,7 +469,7 @@ def _graphed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: 
     if args:
         return checkpoint(fn, hidden_states, *args, use_reentrant=False, **kwargs) if owner.checkpointing \
             else fn(hidden_states, *args, **kwargs)
-    if not hidden_states.is_cuda or _refusal(self, args, kwargs) is not None:
+    if not (hidden_states.is_cuda or _RERUN_OFF_CUDA) or _refusal(self, args, kwargs) is not None:
         return _eager(owner, fn, hidden_states, kwargs)
     return owner_forward(owner, index, fn, hidden_states, kwargs)
 

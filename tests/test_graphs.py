@@ -1,8 +1,11 @@
 """CUDA graphs of decoder layers (lora_dist/graphs.py): the same step as the eager layers, or the eager layers.
 
 A replay runs the kernels the capture recorded, on the same inputs, so graphed and eager steps
-agree bit for bit (GPU tests). On the CPU, and for every call a graph cannot replay (dropout, a KV
-cache, eval), the layers run as the model's own checkpointing runs them: bit for bit too.
+agree bit for bit (GPU tests). On the CPU the graph path runs with each graph a `graphs._Rerun`
+(its Python run again at each replay, on the same static buffers): the slots, keyword buffers,
+gradient buffers, recaptures and autograd wiring are tested there against the eager layers, bit
+for bit. Every call a graph cannot replay (other dropout, eval, no grad) runs as the model's own
+checkpointing runs it: bit for bit too.
 """
 
 import pytest
@@ -65,6 +68,65 @@ def _assert_bitwise(a, b):
             assert len(x) == len(y) == LAYERS * 7 * 2
             for u, v in zip(x, y, strict=True):
                 assert torch.equal(u, v), (u - v).abs().max()
+
+
+@pytest.fixture
+def rerun(monkeypatch):
+    """The graph path on the CPU: each graph a `graphs._Rerun` (its Python run again at each replay, on the
+    same static buffers): the slots, keyword buffers, gradient buffers and autograd wiring run for real."""
+    monkeypatch.setattr(graphs, "_RERUN_OFF_CUDA", True)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointed", "no-checkpointing"])
+def test_the_graph_paths_bookkeeping_trains_as_the_eager_layers_bitwise(rerun, checkpointing):
+    batches = [_batch(), _batch().flip(1)]
+    graphed = _model(True, checkpointing)
+    result = _train(graphed, batches)
+    owner = decoder_layers(graphed)[0]._lora_dist_graphs[0]
+    assert _captured(graphed) == LAYERS and owner.signatures == 1
+    assert all(isinstance(r.fwd, graphs._Rerun) for r in owner.runners)
+    _assert_bitwise(result, _train(_model(False, checkpointing), batches))
+
+
+def test_the_graph_path_with_padding_masks_and_two_forwards_before_a_backward_matches_eager(rerun):
+    def run(model):
+        losses = []
+        for pad in ((5, 0), (0, 9), (3, 3)):  # a 4-D mask each micro batch: its values change, its shape not
+            ids, mask = _padded_batch("cpu", pad=pad)
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+        a, b = _batch(), _batch().flip(1)
+        pair = model(input_ids=a, labels=a).loss + model(input_ids=b, labels=b).loss  # a DPO pair
+        pair.backward()
+        losses.append(pair.detach())
+        return torch.stack(losses), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    graphed = _model(True)
+    got = run(graphed)
+    owner = decoder_layers(graphed)[0]._lora_dist_graphs[0]
+    assert owner.signatures == 2  # masked batches, then unmasked ones
+    want = run(_model(False))
+    assert torch.equal(got[0], want[0])
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1], strict=True))
+
+
+def test_the_graph_path_captures_again_for_a_new_shape_or_a_replaced_adapter(rerun):
+    model, eager = _model(True), _model(False)
+    owner = decoder_layers(model)[0]._lora_dist_graphs[0]
+    for seq in (32, 48, 32):
+        batch = _batch(seq=seq)
+        _assert_bitwise(_train(model, [batch], steps=1), _train(eager, [batch], steps=1))
+    assert owner.signatures == 3
+    for m in (model, eager):
+        layer = next(iter(m.lora_layers.values()))
+        layer.lora_A.weight = torch.nn.Parameter(layer.lora_A.weight.detach().clone() * 2)
+    _assert_bitwise(_train(model, [batch], steps=1), _train(eager, [batch], steps=1))
+    assert owner.signatures == 4
+    for m in (model, eager):  # a scaling changed in place: captured again too
+        next(iter(m.lora_layers.values())).scaling *= 2
+    _assert_bitwise(_train(model, [batch], steps=1), _train(eager, [batch], steps=1))
+    assert owner.signatures == 5 and owner.off_reason is not None  # past MAX_SIGNATURES: eager from here
 
 
 def test_off_cuda_the_layers_run_as_the_models_own_checkpointing_bitwise():
@@ -227,8 +289,8 @@ def test_a_layers_state_sees_scaling_dropout_and_fp8_changes():
     assert graphs._state_of(layer) == state
 
 
-def _padded_batch(seq=32, pad=(5, 0), seed=2):
-    ids = _batch("cuda", seq)
+def _padded_batch(device="cuda", seq=32, pad=(5, 0)):
+    ids = _batch(device, seq)
     mask = torch.ones_like(ids)
     for row, n in enumerate(pad):
         if n:
