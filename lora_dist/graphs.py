@@ -180,7 +180,7 @@ def _joined(stream: torch.cuda.Stream):
 def _signature_of(x: torch.Tensor, kwargs: dict[str, Any]) -> tuple:
     def sig(v):
         if isinstance(v, torch.Tensor):
-            return ("T", tuple(v.shape), v.dtype, v.device)
+            return ("T", tuple(v.shape), v.dtype, v.device, v.requires_grad)
         if isinstance(v, (tuple, list)):
             return tuple(sig(u) for u in v)
         return v  # ints, floats, bools, None: hashable and compared by value
@@ -264,6 +264,7 @@ class _LayerGraphs:
         self.pending: weakref.ref | None = None  # the autograd node of a replayed forward, until its backward
         self.state: tuple = ()  # what the graphs baked in at capture (`_state_of`)
         self.grads_missing: list[bool] = []
+        self.needs_x = True  # x's gradient is made (not for a frozen embedding's output)
 
     # ---------------------------------------------------------------- forward
 
@@ -279,6 +280,9 @@ class _LayerGraphs:
             self._capture_forward(fn, x, static_kwargs, layer)
             if self.eager_reason is not None:
                 return _eager(self.owner, fn, x, kwargs)
+        if _needs_grad(x) and not self.needs_x:  # captured for an input that needed no gradient
+            self.owner.stale = True  # captured again from the next forward on
+            return _eager(self.owner, fn, x, kwargs)
         if self.seeds is not None:
             self.seeds.random_(0, 2**62)
         if x.data_ptr() != self.x_buf.data_ptr():
@@ -301,8 +305,10 @@ class _LayerGraphs:
             self.seeds = torch.zeros(_MAX_GROUPS, dtype=torch.int64, device=x.device)
             fn = functools.partial(_seeded, fn, self.seeds)  # forward and recompute draw the same masks
 
+        self.needs_x = _needs_grad(x)
+
         def body():
-            leaf = _alias(self.x_buf).requires_grad_(True)
+            leaf = _alias(self.x_buf).requires_grad_(self.needs_x)
             with torch.enable_grad(), kernels.adapter_copies(fresh=True):
                 if owner.checkpointing:
                     y = checkpoint(fn, leaf, use_reentrant=False, preserve_rng_state=False, **static_kwargs)
@@ -317,7 +323,8 @@ class _LayerGraphs:
             leaf, y = body()
             if y.shape != x.shape or y.dtype != x.dtype:
                 raise TypeError(f"a decoder layer returned {tuple(y.shape)} {y.dtype} for {tuple(x.shape)} {x.dtype}")
-            torch.autograd.grad(y, [leaf, *self.params], torch.ones_like(y), allow_unused=True)
+            torch.autograd.grad(y, [leaf, *self.params] if self.needs_x else self.params, torch.ones_like(y),
+                                allow_unused=True)
             del leaf, y
         if kernels.TORCH_DROPOUT_CALLS != torch_dropouts:
             self.eager_reason = "LoRA dropout outside the Triton kernels (torch's masks: a recompute would differ)"
@@ -354,7 +361,7 @@ class _LayerGraphs:
             n = p.numel()
             grads.append(None if missing else out[start : start + n].view(p.shape).to(p.dtype))
             start += n
-        return g_out.detach(), grads
+        return (g_out.detach() if self.needs_x else None), grads
 
     def _param_grads(self) -> torch.Tensor:
         shared = self.shared
@@ -371,12 +378,15 @@ class _LayerGraphs:
         _CAPTURES += 1
 
         def backward_graph():
+            inputs = [self.x_leaf, *self.params] if self.needs_x else self.params
             with kernels.adapter_copies(fresh=True):
-                grads = torch.autograd.grad(self.y, [self.x_leaf, *self.params], g_in, allow_unused=True)
-            g_out.copy_(grads[0])
+                grads = torch.autograd.grad(self.y, inputs, g_in, allow_unused=True)
+            if self.needs_x:
+                g_out.copy_(grads[0])
+                grads = grads[1:]
             start = 0
             self.grads_missing = []
-            for p, grad in zip(self.params, grads[1:], strict=True):
+            for p, grad in zip(self.params, grads, strict=True):
                 n = p.numel()
                 self.grads_missing.append(grad is None)
                 if grad is not None:
@@ -385,6 +395,13 @@ class _LayerGraphs:
             self.y = self.x_leaf = None  # the autograd graph F's capture built was consumed here
 
         self.bwd = shared.capture(backward_graph)
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    """Whether a layer's input gradient goes anywhere: layer 0's input is a frozen embedding's output, a
+    leaf (transformers' `enable_input_require_grads` hook only marks it requires_grad, for reentrant
+    checkpointing): B then makes no gradient for it (its base-weight GEMMs, ~1% of an 8B step)."""
+    return x.requires_grad and x.grad_fn is not None
 
 
 def _alias(t: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,8 @@ def test_the_graph_paths_bookkeeping_trains_as_the_eager_layers_bitwise(rerun, c
     owner = decoder_layers(graphed)[0]._lora_dist_graphs[0]
     assert _captured(graphed) == LAYERS and owner.signatures == 1
     assert all(isinstance(r.fwd, graphs._Rerun) for r in owner.runners)
+    # the embedding is frozen: layer 0's backward makes no input gradient (its base GEMMs), the others do
+    assert [r.needs_x for r in owner.runners] == [False] + [True] * (LAYERS - 1)
     _assert_bitwise(result, _train(_model(False, checkpointing), batches))
 
 
@@ -109,6 +111,25 @@ def test_the_graph_path_with_padding_masks_and_two_forwards_before_a_backward_ma
     want = run(_model(False))
     assert torch.equal(got[0], want[0])
     assert all(torch.equal(a, b) for a, b in zip(got[1], want[1], strict=True))
+
+
+def test_an_input_that_starts_needing_a_gradient_is_captured_again(rerun):
+    # layer 0 was captured without x's gradient (frozen embedding); then the embedding trains
+    model, eager = _model(True), _model(False)
+    batch = _batch()
+    _assert_bitwise(_train(model, [batch], steps=1), _train(eager, [batch], steps=1))
+    for m in (model, eager):
+        m.base_model.model.embed_tokens.weight.requires_grad_(True)
+    owner = decoder_layers(model)[0]._lora_dist_graphs[0]
+
+    def embedding_grad(m):
+        m.base_model.model.embed_tokens.weight.grad = None
+        m(input_ids=batch, labels=batch).loss.backward()
+        return m.base_model.model.embed_tokens.weight.grad
+
+    assert torch.equal(embedding_grad(model), embedding_grad(eager))  # eager while stale
+    assert torch.equal(embedding_grad(model), embedding_grad(eager))  # captured again, with x's gradient
+    assert owner.signatures == 2 and owner.runners[0].needs_x
 
 
 def test_the_graph_path_captures_again_for_a_new_shape_or_a_replaced_adapter(rerun):
