@@ -343,16 +343,12 @@ def time_steps(side: Side, batch: torch.Tensor, setup: Setup, warmup: int, steps
         "losses": losses,
     }
     if cuda:
-        # CUDA graphs allocate their scratch once, in their own pool, at capture: a replay allocates
-        # nothing, so the peak counts that pool's free memory too (the scratch replays write into)
-        from lora_dist.graphs import scratch_bytes
+        from lora_dist import graphs  # CUDA graphs' scratch counts too: a replay writes it, allocating nothing
 
-        scratch = scratch_bytes() / 2**30
-        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30 + scratch
+        out["peak_allocated_gib"] = graphs.peak_bytes() / 2**30
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-        out["graph_scratch_gib"] = scratch
+        out["graph_scratch_gib"] = graphs.scratch_bytes() / 2**30
     return out
-
 
 
 def run_side(name: str, setup: Setup, checkpointing: bool, args: argparse.Namespace,

@@ -128,7 +128,6 @@ class _Shared:
             body()
         return graph
 
-
     def static_kwargs(self, statics: dict[Any, _Static], kwargs: dict[str, Any], forward: int) -> dict | None:
         """kwargs with every tensor (also inside tuples) replaced by its static buffer in `statics` (a
         layer's own map, filled at its capture), each refreshed; None where one cannot be (see `_Static`).
@@ -176,6 +175,7 @@ def _joined(stream: torch.cuda.Stream):
     with torch.cuda.stream(stream):
         yield
     torch.cuda.current_stream().wait_stream(stream)
+
 
 def _signature_of(x: torch.Tensor, kwargs: dict[str, Any]) -> tuple:
     def sig(v):
@@ -521,3 +521,9 @@ def scratch_bytes() -> int:
         return 0
     return sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory_snapshot()
                if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
+def peak_bytes(device: torch.device | None = None) -> int:
+    """The allocator's peak on `device` plus the graphs' scratch: what a step replaying graphs holds at
+    most (after a reset taken once the graphs were captured: a capture allocates that scratch itself)."""
+    return torch.cuda.max_memory_allocated(device) + scratch_bytes()

@@ -439,20 +439,14 @@ def _step_metrics(run: Run, stats: dict[str, Any]) -> dict[str, float]:
     }
     if run.device.type == "cuda":
         # A step that captured CUDA graphs allocated their scratch as it went: its peak counts it. Later
-        # steps replay into that scratch without allocating: their peak adds it (`_peak_gib`)
+        # steps replay into that scratch without allocating: their peak adds it (`graphs.peak_bytes`)
         captured = graphs.captures() != run.diagnostics.get("graph_captures", 0)
-        metrics["peak_mem_gib"] = (torch.cuda.max_memory_allocated(run.device) / 2**30 if captured
-                                   else _peak_gib(run))
+        metrics["peak_mem_gib"] = (torch.cuda.max_memory_allocated(run.device) if captured
+                                   else graphs.peak_bytes(run.device)) / 2**30
         if captured:
             run.diagnostics["graph_captures"] = graphs.captures()
             torch.cuda.reset_peak_memory_stats(run.device)
     return metrics
-
-
-def _peak_gib(run: Run) -> float:
-    """The allocator's peak plus the CUDA graphs' scratch (reserved at capture, written by replays, which
-    allocate nothing: the allocator never sees it again)."""
-    return (torch.cuda.max_memory_allocated(run.device) + graphs.scratch_bytes()) / 2**30
 
 
 def _epoch_progress(loader: Any) -> float:
@@ -601,7 +595,7 @@ def _summary(run: Run, wall_time: float | None) -> dict[str, Any]:
     if rates:
         summary["tokens_per_s_steady"] = round(statistics.median(rates), 1)
     if run.device.type == "cuda":
-        summary["peak_mem_gib"] = round(_peak_gib(run), 2)
+        summary["peak_mem_gib"] = round(graphs.peak_bytes(run.device) / 2**30, 2)
     return summary
 
 
@@ -610,6 +604,6 @@ def _diagnostics_record(run: Run) -> dict[str, Any]:
                               "zero_stage": run.cfg.distributed.zero_stage if run.use_deepspeed else None,
                               **run.diagnostics}
     if run.device.type == "cuda":
-        record["peak_allocated_gib"] = _peak_gib(run)
+        record["peak_allocated_gib"] = graphs.peak_bytes(run.device) / 2**30
         record["peak_reserved_gib"] = torch.cuda.max_memory_reserved(run.device) / 2**30
     return record
