@@ -37,6 +37,7 @@ import functools
 import math
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,12 +70,29 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
+_DEQUANTIZE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base -> {dtype: (key, plan)}
+
+
+def _plan_key(weight: torch.Tensor) -> tuple:
+    """What a dequantize plan was made for: the parameter, its data and its state's objects (the plan holds
+    them, so no id or address is reused while it lives)."""
+    state = getattr(weight, "quant_state", None)
+    return id(weight), weight.data_ptr(), id(state), id(getattr(state, "absmax", None))
+
+
 def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) weight a base linear computes with, in `dtype` (a temporary for 4-bit).
 
     A 4-bit weight on CUDA dequantizes in one Triton kernel (`triton_ops.dequantize_4bit`, bit for bit
-    bitsandbytes' three launches for a double-quantized weight); elsewhere through bitsandbytes.
+    bitsandbytes' three launches for a double-quantized weight), through a plan kept per (base, dtype)
+    while the weight's data and state stay the same objects (`triton_ops.DequantizePlan`: the host
+    time of a launch, not its result, changes); elsewhere through bitsandbytes.
     """
+    plans = _DEQUANTIZE_PLANS.get(base)
+    if plans is not None:
+        hit = plans.get(dtype)
+        if hit is not None and hit[0] == _plan_key(base.weight):
+            return hit[1]()
     if quant.bits_of(base) == 4:
         if base.weight.is_cuda:
             data, state = quant.packed_4bit(base)
@@ -82,8 +100,12 @@ def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
             if ops is not None and ops.dequantizes(data, state):
                 # bitsandbytes rounds to the state's dtype, then casts: the same here (one rounding from fp32)
                 direct = state.dtype in (dtype, torch.float32)
-                w = ops.dequantize_4bit(data, state, dtype if direct else state.dtype)
-                return w if direct else w.to(dtype)
+                if not direct:
+                    return ops.dequantize_4bit(data, state, state.dtype).to(dtype)
+                plan = ops.DequantizePlan(data, state, dtype)
+                if data.data_ptr() == base.weight.data_ptr():  # the weight's own data, not a repacked copy
+                    _DEQUANTIZE_PLANS.setdefault(base, {})[dtype] = (_plan_key(base.weight), plan)
+                return plan()
         return quant.dequantize_weight(base, dtype)
     return base.weight.detach().to(dtype)
 
@@ -689,6 +711,7 @@ def _geglu_bwd(g, gate, up):
     return (gg * upf * d_gelu).to(gate.dtype), (gg * gelu).to(up.dtype)
 
 
+_TRITON_FORWARDS = (_rmsnorm_fwd, _rmsnorm_apply, _swiglu_fwd, _geglu_fwd)
 _COMPILED: dict[str, Callable] = {}
 _COMPILE_ENABLED = True
 
@@ -699,9 +722,30 @@ def set_compile(enabled: bool) -> None:
     _COMPILE_ENABLED = enabled
 
 
+def _triton_forward(fn: Callable, args: tuple):
+    """fn(*args) through a hand-written Triton kernel (`triton_ops`: RMSNorm, the gated activations'
+    forwards), or None where none takes these arguments."""
+    ops = _triton_ops()
+    if ops is None:
+        return None
+    if fn is _rmsnorm_fwd:
+        x, weight, eps, offset, fp32_weight = args
+        return ops.rmsnorm(x, weight, None, eps, offset, fp32_weight)
+    if fn is _rmsnorm_apply:
+        x, weight, rstd, offset, fp32_weight = args
+        return ops.rmsnorm(x, weight, rstd, 0.0, offset, fp32_weight)
+    if fn is _swiglu_fwd or fn is _geglu_fwd:
+        return ops.gated_forward(*args, gelu=fn is _geglu_fwd)
+    return None
+
+
 def _fused(fn: Callable, *args):
     if not (_COMPILE_ENABLED and args[0].is_cuda):
         return fn(*args)
+    if fn in _TRITON_FORWARDS:
+        out = _triton_forward(fn, args)
+        if out is not None:
+            return out
     compiled = _COMPILED.get(fn.__name__)
     if compiled is None:
         compiled = torch.compile(fn, fullgraph=True)  # dynamic after a second shape

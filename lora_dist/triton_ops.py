@@ -25,15 +25,52 @@ _BLOCK = 1024
 _ROWS = 32  # quantization blocks per program of the 4-bit dequantize (2,048 values at blocksize 64)
 
 
+class _Runners:
+    """Launches of one JIT kernel: the first per key through Triton's JIT, later ones straight through the
+    compiled kernel's runner (Triton >= 3.3: `CompiledKernel[grid]`, every argument, constexprs included).
+
+    The key must hold what Triton specializes on (integer arguments, pointer alignment, dtypes) and the
+    grid, so a runner only ever sees arguments its kernel was compiled for.
+    """
+
+    __slots__ = ("kernel", "table")
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.table = kernel, {}
+
+    def launch(self, key: tuple, grid: tuple[int, int, int], args: tuple, constexprs: dict, **options) -> None:
+        """kernel[grid](*args, **constexprs, **options), constexprs in the kernel's order after args."""
+        runner = self.table.get(key)
+        if runner:
+            runner(*args, *constexprs.values())
+            return
+        compiled = self.kernel[grid](*args, **constexprs, **options)
+        if runner is None:
+            try:
+                self.table[key] = compiled[grid]
+            except Exception:  # noqa: BLE001 -- another Triton's internals: the JIT path stays
+                self.table[key] = False
+
+
+def _aligned(*tensors: torch.Tensor) -> tuple[bool, ...]:
+    return tuple(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _rows_2d(t: torch.Tensor) -> torch.Tensor | None:
+    """t as a (rows, cols) view with contiguous rows walked by one stride, or None (a copy would be needed)."""
+    if t.dim() == 0 or t.stride(-1) != 1:
+        return None
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
 @triton.jit
-def _gated_backward_kernel(g_ptr, gate_ptr, up_ptr, n_cols, g_stride, gate_stride, up_stride,
-                           GELU: tl.constexpr, GELU_C: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    keep = cols < n_cols
-    g = tl.load(g_ptr + row * g_stride + cols, mask=keep, other=0.0).to(tl.float32)
-    a = tl.load(gate_ptr + row * gate_stride + cols, mask=keep, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + row * up_stride + cols, mask=keep, other=0.0).to(tl.float32)
+def _activation(a, GELU: tl.constexpr, GELU_C: tl.constexpr):
+    """(act(a), act'(a)) in fp32: tanh-GELU or SiLU (a forward leaves the slope unused: compiled away)."""
     if GELU:  # gelu_tanh(a) = a/2 (1 + tanh(c (a + 0.044715 a^3)))
         t = 2.0 * tl.sigmoid(2.0 * GELU_C * (a + 0.044715 * a * a * a)) - 1.0  # tanh
         act = 0.5 * a * (1.0 + t)
@@ -42,8 +79,28 @@ def _gated_backward_kernel(g_ptr, gate_ptr, up_ptr, n_cols, g_stride, gate_strid
         s = tl.sigmoid(a)
         act = a * s
         d_act = s * (1.0 + a * (1.0 - s))
-    tl.store(gate_ptr + row * gate_stride + cols, (g * u * d_act).to(gate_ptr.dtype.element_ty), mask=keep)
-    tl.store(up_ptr + row * up_stride + cols, (g * act).to(up_ptr.dtype.element_ty), mask=keep)
+    return act, d_act
+
+
+@triton.jit
+def _gated_kernel(g_ptr, gate_ptr, up_ptr, h_ptr, n_cols, g_stride, gate_stride, up_stride,
+                  BACKWARD: tl.constexpr, GELU: tl.constexpr, GELU_C: tl.constexpr, BLOCK: tl.constexpr):
+    # forward: h = act(gate) * up (h contiguous; g unused); backward: d_gate, d_up over gate, up
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = cols < n_cols
+    a = tl.load(gate_ptr + row * gate_stride + cols, mask=keep, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + row * up_stride + cols, mask=keep, other=0.0).to(tl.float32)
+    act, d_act = _activation(a, GELU, GELU_C)
+    if BACKWARD:  # both old values are loaded before either is overwritten
+        g = tl.load(g_ptr + row * g_stride + cols, mask=keep, other=0.0).to(tl.float32)
+        tl.store(gate_ptr + row * gate_stride + cols, (g * u * d_act).to(gate_ptr.dtype.element_ty), mask=keep)
+        tl.store(up_ptr + row * up_stride + cols, (g * act).to(up_ptr.dtype.element_ty), mask=keep)
+    else:
+        act = act.to(h_ptr.dtype.element_ty).to(tl.float32)  # as HF rounds act(gate) before the product
+        tl.store(h_ptr + row * n_cols + cols, (act * u).to(h_ptr.dtype.element_ty), mask=keep)
+
+_GATED = _Runners(_gated_kernel)
 
 
 def gated_backward_(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> None:
@@ -57,9 +114,13 @@ def gated_backward_(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu:
     """
     n = gate.shape[-1]
     g2, gate2, up2 = (t.view(-1, n) for t in (g, gate, up))  # views: raises rather than copying
-    grid = (g2.shape[0], triton.cdiv(n, _BLOCK))
-    _gated_backward_kernel[grid](g2, gate2, up2, n, g2.stride(0), gate2.stride(0), up2.stride(0),
-                                 GELU=gelu, GELU_C=_GELU_C, BLOCK=_BLOCK)
+    m = g2.shape[0]
+    if m and n:
+        grid = (m, triton.cdiv(n, _BLOCK), 1)
+        key = (True, m, n, g2.stride(0), gate2.stride(0), up2.stride(0), g.dtype, gate.dtype, gelu,
+               *_aligned(g2, gate2, up2))
+        _GATED.launch(key, grid, (g2, gate2, up2, gate2, n, g2.stride(0), gate2.stride(0), up2.stride(0)),
+                      {"BACKWARD": True, "GELU": bool(gelu), "GELU_C": _GELU_C, "BLOCK": _BLOCK})
 
 
 @triton.jit
@@ -103,6 +164,42 @@ def dequantizes(packed: torch.Tensor, state) -> bool:
             and state.code.dtype == torch.float32 and (not state.nested or state.state2.code.dtype == torch.float32))
 
 
+class DequantizePlan:
+    """`dequantize_4bit(packed, state, dtype)` made ready once for a weight that is dequantized again and again.
+
+    The first call launches through Triton's JIT (which compiles, or finds, the kernel specialized for
+    these tensors); later calls launch that compiled kernel directly with the same arguments and a new
+    output, skipping the JIT's per-launch argument binding and specialization (tens of microseconds of
+    host time, paid ~600 times per Llama-3-8B step). Falls back to `dequantize_4bit` where Triton's
+    compiled kernel has no direct launcher (`fast` stays False). The caller keeps one plan per
+    (weight, dtype) and makes a new one when the weight's data or state object changes.
+    """
+
+    __slots__ = ("args", "device", "dtype", "fast", "packed", "runner", "shape", "state")
+
+    def __init__(self, packed: torch.Tensor, state, dtype: torch.dtype) -> None:
+        self.packed, self.state, self.dtype = packed, state, dtype
+        self.shape, self.device = tuple(state.shape), packed.device
+        self.runner, self.args, self.fast = None, None, False
+
+    def __call__(self) -> torch.Tensor:
+        here = self.device.index == torch.cuda.current_device()  # the runner launches on the current device
+        if self.runner and here:
+            out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            packed, absmax, code, absmax2, code2, offset, _, *rest = self.args
+            self.runner(packed, absmax, code, absmax2, code2, offset, out, *rest)
+            return out
+        out, compiled, args, grid = _dequantize_4bit_launch(self.packed, self.state, self.dtype)
+        if self.runner is None and here:
+            try:  # Triton (>= 3.3)'s CompiledKernel[grid] runner takes every argument, constexprs included
+                # (not this call's output: a plan must not keep a dequantized weight alive)
+                self.runner, self.args = compiled[grid], (*args[:6], None, *args[7:])
+                self.fast = True
+            except Exception:  # noqa: BLE001 -- another Triton's internals: the JIT path stays
+                self.runner = False
+        return out
+
+
 def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
     """A bitsandbytes 4-bit weight (NF4 or FP4, with or without double quant) in `dtype`, in one kernel.
 
@@ -117,20 +214,25 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Te
         state: its bitsandbytes QuantState (absmax, code, blocksize, shape; state2 and offset if nested).
         dtype: the output dtype.
     """
+    return _dequantize_4bit_launch(packed, state, dtype)[0]
+
+
+def _dequantize_4bit_launch(packed: torch.Tensor, state, dtype: torch.dtype):
+    """dequantize_4bit through Triton's JIT: (output, compiled kernel, its arguments in order, grid)."""
     out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     n = out.numel()
     nested = bool(state.nested)
     absmax2 = state.state2.absmax if nested else state.absmax  # (unused pointers where not nested)
     code2 = state.state2.code if nested else state.code
     offset = state.offset if nested else state.absmax
-    grid = (triton.cdiv(triton.cdiv(n, state.blocksize), _ROWS),)
+    grid = (triton.cdiv(triton.cdiv(n, state.blocksize), _ROWS), 1, 1)
+    args = (packed, state.absmax, state.code, absmax2, code2, offset, out, n,
+            state.blocksize, state.state2.blocksize if nested else 1, nested, state.quant_type == "fp4", _ROWS)
     other = packed.is_cuda and packed.device.index != torch.cuda.current_device()
     with torch.cuda.device(packed.device) if other else contextlib.nullcontext():  # Triton launches on the current one
-        _dequantize_4bit_kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n,
-                                      BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
-                                      NESTED=nested, FP4=state.quant_type == "fp4", ROWS=_ROWS,
-                                      enable_fp_fusion=False)
-    return out
+        compiled = _dequantize_4bit_kernel[grid](*args[:8], BLOCKSIZE=args[8], BLOCKSIZE2=args[9], NESTED=nested,
+                                                 FP4=args[11], ROWS=_ROWS, enable_fp_fusion=False)
+    return out, compiled, args, grid
 
 
 # ------------------------------------------------------------------ LoRA dropout inside the A projection
@@ -323,3 +425,89 @@ def dropout_mask(m: int, k: int, g: int, p: float, seed: torch.Tensor) -> torch.
     grid = (triton.cdiv(m, _DROP_BM), triton.cdiv(k, _DROP_BK))
     _dropout_mask_kernel[grid](out, seed, g, m, k, p, BM=_DROP_BM, BK=_DROP_BK)
     return out
+
+
+# ------------------------------------------------------------------ RMSNorm and gated activations, forward
+#
+# The forwards the fused path runs ~400 times per Llama-3-8B step (the norms, their rebuilt rows in
+# backward, SwiGLU and its four rebuilt chunks): as torch.compile'd functions each call costs ~200 us
+# of host time in dynamo's guards and AOT autograd's wrappers, here one launch through a cached
+# runner. Same arithmetic as `kernels._rmsnorm_fwd`, `_rmsnorm_apply`, `_swiglu_fwd`, `_geglu_fwd`
+# (fp32 math, rounded where those round); the sum of squares is reduced in another order than
+# torch's, so rstd may differ in its last bit.
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, x_stride, y_stride, eps, offset,
+                    GIVEN_RSTD: tl.constexpr, FP32_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    keep = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=keep, other=0.0).to(tl.float32)
+    if GIVEN_RSTD:
+        rstd = tl.load(rstd_ptr + row)
+    else:
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        tl.store(rstd_ptr + row, rstd)
+    w = tl.load(w_ptr + cols, mask=keep, other=0.0)
+    if FP32_WEIGHT:  # (offset + w) * n in fp32, rounded once
+        y = (x * rstd) * (w.to(tl.float32) + offset)
+    else:  # n rounded to x's dtype, the scale (w + offset) in w's dtype, their product rounded to y's
+        n = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        scale = (w.to(tl.float32) + offset).to(w_ptr.dtype.element_ty).to(tl.float32)
+        y = scale * n
+    tl.store(y_ptr + row * y_stride + cols, y.to(y_ptr.dtype.element_ty), mask=keep)
+
+
+_RMSNORM = _Runners(_rmsnorm_kernel)
+_MAX_NORM_WIDTH = 16384  # one row per program, held in registers
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor | None, eps: float, offset: float,
+            fp32_weight: bool):
+    """`kernels._rmsnorm_fwd` (rstd None: returns (y, rstd)) or `_rmsnorm_apply` (returns y); None where
+    this kernel does not take the arguments (the caller runs the torch function)."""
+    d = x.shape[-1]
+    x2 = _rows_2d(x)
+    if (x2 is None or d > _MAX_NORM_WIDTH or weight.dim() != 1 or weight.shape[0] != d or not weight.is_contiguous()
+            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or weight.device != x.device
+            or x.device.index != torch.cuda.current_device()):
+        return None
+    if rstd is not None and (rstd.numel() != x2.shape[0] or not rstd.is_contiguous() or rstd.dtype != torch.float32):
+        return None
+    out_dtype = x.dtype if fp32_weight else torch.promote_types(weight.dtype, x.dtype)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    given = rstd is not None
+    if not given:
+        rstd = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    m = x2.shape[0]
+    if m:
+        block = triton.next_power_of_2(d)
+        warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+        key = (m, d, x2.stride(0), x.dtype, weight.dtype, out_dtype, given, fp32_weight, float(eps), float(offset),
+               *_aligned(x2, weight, y, rstd))
+        _RMSNORM.launch(key, (m, 1, 1), (x2, weight, y, rstd, d, x2.stride(0), d, float(eps), float(offset)),
+                        {"GIVEN_RSTD": given, "FP32_WEIGHT": bool(fp32_weight), "BLOCK": block}, num_warps=warps)
+    return y if given else (y, rstd)
+
+
+
+def gated_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor | None:
+    """act(gate) * up (`kernels._swiglu_fwd` / `_geglu_fwd`) as a new contiguous tensor; None where this
+    kernel does not take the arguments."""
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        return None
+    gate2, up2 = _rows_2d(gate), _rows_2d(up)
+    if (gate2 is None or up2 is None or gate.device.index != torch.cuda.current_device()
+            or gate.dtype not in (torch.bfloat16, torch.float16, torch.float32)):
+        return None
+    n = gate.shape[-1]
+    h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    m = gate2.shape[0]
+    if m and n:
+        grid = (m, triton.cdiv(n, _BLOCK), 1)
+        key = (False, m, n, gate2.stride(0), up2.stride(0), gate.dtype, gelu, *_aligned(gate2, up2, h))
+        _GATED.launch(key, grid, (gate2, gate2, up2, h, n, 0, gate2.stride(0), up2.stride(0)),
+                      {"BACKWARD": False, "GELU": bool(gelu), "GELU_C": _GELU_C, "BLOCK": _BLOCK})
+    return h
+

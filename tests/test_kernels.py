@@ -395,6 +395,56 @@ def test_triton_in_place_gated_backward_matches_the_torch_backward_in_bf16(act):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp32_weight, offset", [(False, 0.0), (False, 1.0), (True, 1.0)],
+                         ids=["llama", "offset-in-weight-dtype", "gemma-fp32"])
+@pytest.mark.parametrize("shape", [(4, 512, 4096), (3, 7, 96), (2, 5, 5120)])
+def test_triton_rmsnorm_matches_the_torch_function_in_bf16(shape, fp32_weight, offset):
+    # triton_ops.rmsnorm against kernels._rmsnorm_fwd / _rmsnorm_apply run eagerly on the same bf16 inputs.
+    # rstd is fp32 over another reduction tree: each tree is within log2(d) <= 13 ulps of the exact sum
+    # of squares, so the two differ by < 2**-19 relative, halved by the square root (2**-18 allowed).
+    # The output then rounds to bf16 where the torch function does: a rounding that flips (rarely) moves
+    # an element by one bf16 ulp (2**-7 relative), one more at the product's rounding (2**-6 allowed).
+    from lora_dist import triton_ops
+
+    torch.manual_seed(0)
+    x = (torch.randn(*shape, device="cuda") * 3).to(torch.bfloat16)
+    w = (torch.randn(shape[-1], device="cuda") * 0.1 + 1).to(torch.bfloat16)
+    for _ in range(2):  # the second call through the cached runner
+        y, rstd = triton_ops.rmsnorm(x, w, None, 1e-6, offset, fp32_weight)
+    ref_y, ref_rstd = kernels._rmsnorm_fwd(x, w, 1e-6, offset, fp32_weight)
+    assert y.dtype == ref_y.dtype and y.shape == ref_y.shape and rstd.shape == ref_rstd.shape
+    assert ((rstd - ref_rstd).abs() <= 2**-18 * ref_rstd).all()
+    close = (y.float() - ref_y.float()).abs() <= 2**-6 * ref_y.float().abs() + 1e-30
+    assert close.all() and (y != ref_y).float().mean() < 1e-3
+    rows = x.reshape(-1, shape[-1])[1:4]  # a backward's rebuilt rows, from the kept rstd
+    applied = triton_ops.rmsnorm(rows, w, rstd.reshape(-1, 1)[1:4], 0.0, offset, fp32_weight)
+    assert torch.equal(applied, kernels._rmsnorm_apply(rows, w, rstd.reshape(-1, 1)[1:4], offset, fp32_weight))
+    assert any(triton_ops._RMSNORM.table.values())  # a direct runner was kept (Triton >= 3.3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ["swiglu", "geglu_tanh"])
+def test_triton_gated_forward_matches_the_torch_function_in_bf16(act):
+    # act(gate) rounded to bf16, then times up rounded, as the torch function (and HF) do; the fp32
+    # activation may differ in its last bits (sigmoid, tanh implementations), so an element of h
+    # differs by at most one bf16 ulp per rounding (2**-7 relative), and rarely. Phi-3's strided halves.
+    from lora_dist import triton_ops
+
+    torch.manual_seed(0)
+    ref_fn = kernels._geglu_fwd if act == "geglu_tanh" else kernels._swiglu_fwd
+    gate_up = (torch.randn(3, 100, 2 * 1500, device="cuda") * 2).to(torch.bfloat16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    for _ in range(2):
+        h = triton_ops.gated_forward(gate, up, gelu=act == "geglu_tanh")
+    ref = ref_fn(gate, up)
+    assert h.shape == ref.shape and h.dtype == ref.dtype and h.is_contiguous()
+    assert ((h.float() - ref.float()).abs() <= 2**-6 * ref.float().abs() + 1e-30).all()
+    assert (h != ref).float().mean() < 1e-2
+    # through kernels' fused ops (what the layers call): the Triton kernel, not torch.compile
+    assert torch.equal(getattr(kernels, act)(gate, up), h)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -434,11 +484,34 @@ def test_fused_path_dequantizes_a_4bit_linear_through_the_kernel_as_bitsandbytes
     holder = nn.Sequential(nn.Linear(768, 512, bias=False)).cuda()
     quant.quantize_model(holder, bits=4, compute_dtype=compute_dtype, skip_modules=())  # NF4, double quant
     calls = []
-    kernel = triton_ops.dequantize_4bit
-    monkeypatch.setattr(triton_ops, "dequantize_4bit", lambda *a: calls.append(a[2]) or kernel(*a))
+    launch = triton_ops._dequantize_4bit_launch
+    monkeypatch.setattr(triton_ops, "_dequantize_4bit_launch", lambda *a: calls.append(a[2]) or launch(*a))
     for dtype in (torch.bfloat16, torch.float16, torch.float32):  # other dtypes than the state's: cast after
-        assert torch.equal(kernels._base_weight(holder[0], dtype), quant.dequantize_weight(holder[0], dtype))
-    assert len(calls) == 3  # the kernel ran each time (not bitsandbytes on both sides)
+        for _ in range(3):  # the first through Triton's JIT, then (in the state's dtype) its direct launcher
+            assert torch.equal(kernels._base_weight(holder[0], dtype), quant.dequantize_weight(holder[0], dtype))
+    # the kernel ran each time (not bitsandbytes on both sides), in the state's dtype: through the JIT once
+    # for the plan of that dtype (then its direct launcher), three times for each of the two cast after
+    assert calls == [compute_dtype] * 7
+    plans = kernels._DEQUANTIZE_PLANS[holder[0]]
+    assert list(plans) == [compute_dtype] and plans[compute_dtype][1].fast
+    assert plans[compute_dtype][1].args[6] is None  # no dequantized weight kept alive by the plan
+
+
+@pytest.mark.gpu
+def test_a_dequantize_plan_follows_a_replaced_weight():
+    # merge/unmerge and requantize_ replace the weight's data and state: the plan kept for the old ones
+    # must not dequantize them again
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(256, 128, bias=False)).cuda()
+    quant.quantize_model(holder, bits=4, compute_dtype=torch.bfloat16, skip_modules=())
+    layer = holder[0]
+    first = kernels._base_weight(layer, torch.bfloat16)
+    assert torch.equal(kernels._base_weight(layer, torch.bfloat16), first)
+    snapshot = quant.requantize_(layer, torch.randn(128, 256, device="cuda") * 0.05)
+    second = kernels._base_weight(layer, torch.bfloat16)
+    assert torch.equal(second, quant.dequantize_weight(layer, torch.bfloat16)) and not torch.equal(second, first)
+    quant.restore_(layer, snapshot)
+    assert torch.equal(kernels._base_weight(layer, torch.bfloat16), first)
 
 
 def test_partial_rope_matches_phi3_rotating_only_the_first_dims():
