@@ -3,9 +3,9 @@
 With per-layer activation checkpointing the GPU keeps one (B, T, d) input per decoder layer for
 the backward pass to recompute from: 32 layers x 4 x 2048 tokens x 4096 x bf16 is 2 GiB on a
 Llama-3-8B. `enable_activation_offload` checkpoints each decoder layer itself and copies its input
-to (pinned) host memory on a side CUDA stream while the layer computes; backward copies inputs
-back `prefetch` layers ahead (by default layers i-1 and i-2 travel while layer i recomputes and
-back-props), so the GPU holds about three layer inputs instead of all of them.
+to (pinned) host memory on a side CUDA stream while the layer computes; backward copies each
+input back one layer ahead (layer i-1's input travels while layer i recomputes and back-props),
+so the GPU holds about two layer inputs instead of all of them.
 
 The checkpointing is torch's own non-reentrant `torch.utils.checkpoint` (same recompute, RNG
 and autocast handling, same early stop as the model's own checkpointing): the only change is
@@ -14,15 +14,11 @@ object, which checkpoint keeps as is) instead of as a tensor argument (which it 
 the GPU). The copies are exact, so loss and gradients equal the model's own checkpointing bit
 for bit.
 
-Stream order (CUDA): two side streams, one per direction, so a copy back never queues behind the
-forward's last copies out. A copy out waits for the compute stream (the input exists), and the
-input's memory is not reused before the copy has read it (`record_stream`). A copy back waits
-only for its own copy out (an event): it lands in memory allocated on its own stream, which the
-compute stream reads after waiting for the copy's event and marks as used (`record_stream`), so
-the allocator hands that memory to the next copy back only once the recompute is done with it.
-The copies back therefore start when the host asks for them, not when the compute stream has
-caught up with the host. On the CPU the same code copies synchronously, so CPU tests run this
-module's bookkeeping.
+Stream order (CUDA): the forward copy waits for the compute stream (the input exists) and the
+input's memory is not reused before the copy has read it (`record_stream`); a backward copy
+lands in memory allocated on the compute stream, after the work queued there (whose tensors
+that memory may have held), and the compute stream waits for it before the recompute reads it.
+On the CPU the same code copies synchronously, so CPU tests run this module's bookkeeping.
 """
 
 from __future__ import annotations
@@ -45,7 +41,7 @@ class OffloadStats:
     """Counters of one offloader (read by tests and the bench)."""
 
     saved: int = 0  # layer inputs copied to the target
-    prefetched: int = 0  # copied back ahead of their layer's backward (up to `prefetch` layers ahead)
+    prefetched: int = 0  # copied back ahead of their layer's backward
     fetched_on_demand: int = 0  # copied back when their layer's backward asked (the last layer's)
     resident: int = 0  # copies back on the device now
     max_resident: int = 0
@@ -63,7 +59,6 @@ class OffloadedInput:
         "previous",
         "ready",
         "requires_grad",
-        "saved_event",
         "source",
     )
 
@@ -73,7 +68,6 @@ class OffloadedInput:
         self.device = x.device
         self.host: torch.Tensor | None = None
         self.device_copy: torch.Tensor | None = None
-        self.saved_event: torch.cuda.Event | None = None  # the host copy has landed
         self.ready: torch.cuda.Event | None = None  # the device copy has landed
         self.requires_grad = x.requires_grad
         # the layer before this one, prefetched when this one's backward starts; weak, so a graph
@@ -89,24 +83,19 @@ class OffloadedInput:
 
 
 class ActivationOffloader:
-    """Copies checkpointed layer inputs to `target` and back, `prefetch` layers ahead in backward.
+    """Copies checkpointed layer inputs to `target` and back, one layer ahead in backward.
 
     Args:
         target: where inputs wait between forward and backward (default "cpu").
         pin_memory: page-lock the host buffers (needed for copies that overlap compute); default:
             when the inputs are on CUDA and the target is the CPU.
-        prefetch: how many layers ahead of the one recomputing copies back start (>= 1); each is
-            one more layer input on the device at the backward's peak.
     """
 
-    def __init__(self, target: str | torch.device = "cpu", pin_memory: bool | None = None, prefetch: int = 2):
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+    def __init__(self, target: str | torch.device = "cpu", pin_memory: bool | None = None):
         self.target = torch.device(target)
         self.pin_memory = pin_memory
-        self.prefetch = prefetch
         self.stats = OffloadStats()
-        self._streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._anchors: dict[torch.device, torch.Tensor] = {}
         self._last: weakref.ReferenceType[OffloadedInput] | None = None
 
@@ -119,13 +108,11 @@ class ActivationOffloader:
         pin = self.pin_memory if self.pin_memory is not None else (x.is_cuda and self.target.type == "cpu")
         saved.host = torch.empty_like(x, device=self.target, pin_memory=pin)
         if x.is_cuda:
-            out = self._side_stream(x.device, "out")
-            out.wait_stream(torch.cuda.current_stream(x.device))  # x has been computed
-            with torch.cuda.stream(out):
+            side = self._side_stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))  # x has been computed
+            with torch.cuda.stream(side):
                 saved.host.copy_(x, non_blocking=True)
-                saved.saved_event = torch.cuda.Event()
-                saved.saved_event.record(out)
-            x.record_stream(out)  # x's memory is not handed out again before the copy has read it
+            x.record_stream(side)  # x's memory is not handed out again before the copy has read it
         else:
             saved.host.copy_(x)
         self._last = weakref.ref(saved)
@@ -140,7 +127,7 @@ class ActivationOffloader:
     # ---------------------------------------------------------------------------- backward side
 
     def load(self, saved: OffloadedInput) -> torch.Tensor:
-        """The device copy of `saved` for its recompute; starts the copies back of the layers before."""
+        """The device copy of `saved` for its recompute; starts the copy back of the layer before."""
         if saved.device_copy is None:
             if saved.host is None:
                 raise RuntimeError("an offloaded layer input was read twice: backward through the same graph "
@@ -149,17 +136,11 @@ class ActivationOffloader:
             self.stats.fetched_on_demand += 1
         x = saved.device_copy
         if saved.ready is not None:
-            compute = torch.cuda.current_stream(x.device)
-            compute.wait_event(saved.ready)
-            x.record_stream(compute)  # allocated on the copy stream, read here: reused only after this
-        previous = saved
-        for _ in range(self.prefetch):  # these overlap with this layer's recompute and backward
-            previous = previous.previous() if previous.previous is not None else None
-            if previous is None:
-                break
-            if previous.host is not None and previous.device_copy is None:
-                self._copy_back(previous)
-                self.stats.prefetched += 1
+            torch.cuda.current_stream(x.device).wait_event(saved.ready)
+        previous = saved.previous() if saved.previous is not None else None
+        if previous is not None and previous.host is not None and previous.device_copy is None:
+            self._copy_back(previous)  # overlaps with this layer's recompute and backward
+            self.stats.prefetched += 1
         # the recompute is the only reader: checkpoint keeps what it needs as saved tensors
         saved.device_copy, saved.ready = None, None
         self.stats.resident -= 1
@@ -168,19 +149,16 @@ class ActivationOffloader:
     @torch.no_grad()
     def _copy_back(self, saved: OffloadedInput) -> None:
         host, device = saved.host, saved.device
+        # allocated here, on the compute stream, so it is freed (and reused) in that stream's order
+        buf = torch.empty_like(host, device=device)
         if device.type == "cuda":
-            back = self._side_stream(device, "back")
-            with torch.cuda.stream(back):
-                # allocated on this stream: memory nothing queued on the compute stream can still be reading
-                buf = torch.empty_like(host, device=device)
-                if saved.saved_event is not None:
-                    back.wait_event(saved.saved_event)  # the copy out has landed in host memory
+            compute, side = torch.cuda.current_stream(device), self._side_stream(device)
+            side.wait_stream(compute)  # buf's memory may still be read by work queued on compute
+            with torch.cuda.stream(side):
                 buf.copy_(host, non_blocking=True)
                 saved.ready = torch.cuda.Event()
-                saved.ready.record(back)
-            saved.saved_event = None
+                saved.ready.record(side)
         else:
-            buf = torch.empty_like(host, device=device)
             buf.copy_(host)
         # dropping the host buffer now is safe: torch's pinned-memory cache hands it out again only once
         # the copies that use it have finished
@@ -190,10 +168,10 @@ class ActivationOffloader:
 
     # ---------------------------------------------------------------------------- plumbing
 
-    def _side_stream(self, device: torch.device, direction: str) -> torch.cuda.Stream:
-        stream = self._streams.get((device, direction))
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
         if stream is None:
-            stream = self._streams[(device, direction)] = torch.cuda.Stream(device)
+            stream = self._streams[device] = torch.cuda.Stream(device)
         return stream
 
     def anchor(self, device: torch.device) -> torch.Tensor:
@@ -251,7 +229,7 @@ def _offloaded_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args
 
 
 def enable_activation_offload(model: nn.Module, target: str | torch.device = "cpu",
-                              pin_memory: bool | None = None, prefetch: int = 2) -> ActivationOffloader:
+                              pin_memory: bool | None = None) -> ActivationOffloader:
     """Checkpoint every decoder layer of `model` with its input offloaded to `target`, in place.
 
     Replaces the model's own per-layer checkpointing (leave `gradient_checkpointing_enable` off):
@@ -264,7 +242,7 @@ def enable_activation_offload(model: nn.Module, target: str | torch.device = "cp
     Args:
         model: a LoRAModel or a Hugging Face causal LM with `.model.layers`.
         target: where inputs wait (default "cpu").
-        pin_memory, prefetch: see `ActivationOffloader`.
+        pin_memory: see `ActivationOffloader`.
 
     Returns:
         The offloader (its `stats` count copies).
@@ -277,7 +255,7 @@ def enable_activation_offload(model: nn.Module, target: str | torch.device = "cp
     if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
         raise ValueError("activation offload checkpoints each decoder layer itself: turn the model's own "
                          "gradient checkpointing off (gradient_checkpointing_disable()) first")
-    offloader = ActivationOffloader(target, pin_memory, prefetch)
+    offloader = ActivationOffloader(target, pin_memory)
     for layer in layers:
         if hasattr(layer, "_lora_dist_offloader"):
             raise ValueError("activation offload is already enabled on this model")

@@ -122,26 +122,19 @@ def test_offloaded_blocks_keep_early_stop_so_no_o_or_down_projection_gemm_is_rec
         assert all(sum(f is b for f in fetched) == (3 if name == "gate_proj" else 2) for b in bases), name
 
 
-@pytest.mark.parametrize("prefetch", [1, 2, 3])
 @pytest.mark.parametrize("fused, per_layer", [(True, 2), (False, 1)], ids=["blocks", "layers"])
-def test_each_input_is_saved_once_and_copied_back_prefetch_ahead(fused, per_layer, prefetch):
+def test_each_input_is_saved_once_and_copied_back_one_ahead(fused, per_layer):
     # fused: two block inputs per layer (attention, MLP); the model's own forward: one per layer
     model, offloader = _model("offload", fused=fused)
-    offloader.prefetch = prefetch
     batch = _batch()
     n = LAYERS * per_layer
     for step in (1, 2):
         model(input_ids=batch, labels=batch).loss.backward()
         s = offloader.stats
-        # the last input is fetched when its backward asks; every other one is prefetched while a
-        # block after it recomputes, so at most prefetch + 1 copies are back at once
+        # the last input is fetched when its backward asks; every other one is prefetched while the
+        # block after it recomputes, so at most 2 copies are back at once
         assert (s.saved, s.fetched_on_demand, s.prefetched) == (n * step, step, (n - 1) * step)
-        assert s.max_resident == min(prefetch + 1, n) and s.resident == 0
-
-
-def test_prefetch_below_one_is_refused():
-    with pytest.raises(ValueError, match="prefetch must be at least 1"):
-        offload.ActivationOffloader(prefetch=0)
+        assert s.max_resident == 2 and s.resident == 0
 
 
 @pytest.mark.parametrize("mode, kept", [("offload", 0), ("hf", LAYERS)])
@@ -193,14 +186,14 @@ def test_a_model_without_decoder_layers_is_refused():
 
 
 @pytest.mark.gpu
-def test_cuda_offload_to_pinned_host_memory_is_exact_and_keeps_three_inputs():
+def test_cuda_offload_to_pinned_host_memory_is_exact_and_keeps_two_inputs():
     # The stream path: side-stream copies to pinned memory and back, in bf16 over an NF4 base.
     batch = _batch("cuda")
     model, offloader = _model("offload", device="cuda", dtype=torch.bfloat16, bits=4)
     offloaded = _loss_and_grads(model, batch)
     _assert_bitwise(offloaded, _loss_and_grads(_model("hf", device="cuda", dtype=torch.bfloat16, bits=4)[0], batch))
     s = offloader.stats  # fused: two block inputs per layer (attention, MLP)
-    assert (s.saved, s.fetched_on_demand, s.prefetched, s.max_resident) == (2 * LAYERS, 1, 2 * LAYERS - 1, 3)
+    assert (s.saved, s.fetched_on_demand, s.prefetched, s.max_resident) == (2 * LAYERS, 1, 2 * LAYERS - 1, 2)
 
 
 def test_host_copy_is_exact_and_outside_the_graph():
