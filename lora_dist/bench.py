@@ -106,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="our side's frozen base GEMMs in FP8 e4m3, row-wise scales (kernels.set_fp8_base_gemms)")
     p.add_argument("--fp8-forward-only", action="store_true",
                    help="with --fp8-base: x's gradient through the base weights stays in bf16")
+    p.add_argument("--fp8-backward-only", action="store_true",
+                   help="with --fp8-base: the forward that computes the loss stays in bf16; the checkpointed "
+                        "recompute and x's gradient run in FP8")
     p.add_argument("--profile", action="store_true", help="profile one step of our side and print where time goes")
     p.add_argument("--fit-memory", type=float, default=None, metavar="GIB",
                    help="emulate a card of GIB (memory fraction) and search the largest micro batch per seq length")
@@ -713,7 +716,12 @@ def _fmt(v: Any, nd: int = 2) -> str:
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"lora-dist bench: {json.dumps(report['setup'])}"]
     if report.get("fp8_base"):
-        which = "forward" if not report.get("fp8_backward") else "forward and backward"
+        if not report.get("fp8_backward"):
+            which = "forward"
+        elif not report.get("fp8_forward", True):
+            which = "checkpointed recompute and backward; the loss's forward in bf16"
+        else:
+            which = "forward and backward"
         lines.append(f"ours: frozen base GEMMs ({which}) in FP8 e4m3 (row-wise scales); MFU counts them at the bf16 peak")
     if report["results"]:
         lines.append(f"{'side':<12}{'ckpt':<9}{'tokens/s':>11}{'step s':>9}{'peak GiB':>10}{'resv GiB':>10}"
@@ -828,8 +836,11 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if args.cuda_graphs and (args.plain or args.block_checkpointing or not cuda):
         problems.append("--cuda-graphs replays our fused layers on CUDA: drop --plain and --block-checkpointing, "
                         "run it on a CUDA device")
-    if args.fp8_forward_only and not args.fp8_base:
-        problems.append("--fp8-forward-only narrows --fp8-base: add --fp8-base")
+    for flag in ("forward", "backward"):
+        if getattr(args, f"fp8_{flag}_only") and not args.fp8_base:
+            problems.append(f"--fp8-{flag}-only narrows --fp8-base: add --fp8-base")
+    if args.fp8_forward_only and args.fp8_backward_only:
+        problems.append("--fp8-forward-only and --fp8-backward-only exclude each other: keep one")
     if args.fp8_base and args.plain:
         problems.append("--fp8-base runs in our fused kernels: drop --plain")
     if args.fp8_base and cuda and torch.cuda.get_device_capability(args.device or None) < (8, 9):
@@ -883,7 +894,7 @@ def main(args: argparse.Namespace) -> int:
 
     kernels.set_compile(not args.no_compile)
     # only our fused path reads it: the peers are untouched
-    kernels.set_fp8_base_gemms(args.fp8_base, backward=not args.fp8_forward_only)
+    kernels.set_fp8_base_gemms(args.fp8_base, backward=not args.fp8_forward_only, forward=not args.fp8_backward_only)
     try:
         return _run(args)
     finally:
@@ -896,6 +907,7 @@ def _run(args: argparse.Namespace) -> int:
     names = list(plan)
     report: dict[str, Any] = {"setup": setup.summary(), "torch": torch.__version__, "fp8_base": args.fp8_base,
                               "fp8_backward": args.fp8_base and not args.fp8_forward_only,
+                              "fp8_forward": args.fp8_base and not args.fp8_backward_only,
                               "results": []}
     if setup.device.startswith("cuda"):
         report["device"] = torch.cuda.get_device_name()

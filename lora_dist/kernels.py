@@ -452,10 +452,11 @@ def _add_base_grads(grad_x: torch.Tensor | None, outputs_grads, layers, fp8: boo
 
 _FP8_BASE = False
 _FP8_GRAD = True
+_FP8_FORWARD = True
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
-def set_fp8_base_gemms(on: bool, backward: bool = True) -> None:
+def set_fp8_base_gemms(on: bool, backward: bool = True, forward: bool = True) -> None:
     """Run the frozen base GEMMs of the fused path (forward x @ W.T and backward g @ W) in FP8 e4m3.
 
     Opt-in. Each operand is scaled per row of the product (x and g per token; W per output feature
@@ -466,15 +467,20 @@ def set_fp8_base_gemms(on: bool, backward: bool = True) -> None:
     the CPU runs it as a reference); elsewhere the bf16 products, unchanged. A row holding inf or NaN
     gives a NaN output row (bf16 would give inf there): non-finite either way. With `backward=False`
     only the forward products (and a checkpointed recompute's) run in FP8; x's gradient through the
-    base weights stays in the compute dtype.
+    base weights stays in the compute dtype. With `forward=False` the forward that computes the loss
+    keeps the compute dtype and only what runs inside backward takes FP8: a checkpointed recompute's
+    products (told apart by autograd running a backward) and, with `backward`, x's gradient. The
+    loss is then the bf16 model's; the gradient is taken at activations within FP8 rounding of it
+    (the adapters' B gradients read x @ A.T as the forward kept it, not recomputed).
     """
-    global _FP8_BASE, _FP8_GRAD
-    _FP8_BASE, _FP8_GRAD = bool(on), bool(backward)
+    global _FP8_BASE, _FP8_GRAD, _FP8_FORWARD
+    _FP8_BASE, _FP8_GRAD, _FP8_FORWARD = bool(on), bool(backward), bool(forward)
 
 
-def fp8_switches() -> tuple[bool, bool]:
-    """(FP8 base GEMMs on, x's gradient in FP8 too): what a CUDA graph's capture bakes in."""
-    return _FP8_BASE, _FP8_GRAD
+def fp8_switches() -> tuple[bool, bool, bool]:
+    """(FP8 base GEMMs on, x's gradient in FP8 too, the loss's forward too): what a CUDA graph's capture
+    bakes in."""
+    return _FP8_BASE, _FP8_GRAD, _FP8_FORWARD
 
 
 @functools.cache
@@ -547,8 +553,10 @@ class _LoRAOutput(torch.autograd.Function):
     def forward(ctx, x2, xa, layers, handoff, *b_params):
         dtype = x2.dtype
         outs, start = [], 0
-        handoff.fp8 = _fp8_takes(x2, layers)
-        handoff.fp8_grad = handoff.fp8 and _FP8_GRAD
+        takes = _fp8_takes(x2, layers)
+        # a recompute under checkpointing runs inside backward: FP8 there even when the loss's forward is not
+        handoff.fp8 = takes and (_FP8_FORWARD or torch._C._current_graph_task_id() != -1)
+        handoff.fp8_grad = takes and _FP8_GRAD  # (checkpointing: this first forward's handoff is backward's)
         x_fp8 = fp8_rows(x2) if handoff.fp8 else None  # once for every layer of the group
         for layer, b in zip(layers, b_params):
             r = b.shape[1]

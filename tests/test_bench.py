@@ -138,6 +138,19 @@ def test_fp8_forward_only_is_recorded_and_needs_fp8_base(tmp_path, capsys):
     assert "--fp8-forward-only narrows --fp8-base: add --fp8-base" in capsys.readouterr().err
 
 
+def test_fp8_backward_only_is_recorded_and_excludes_forward_only(tmp_path, capsys):
+    from lora_dist import kernels
+
+    out = tmp_path / "r.json"
+    args = ("--shape", "tiny", "--steps", "1", "--warmup", "0", "--fp8-base", "--fp8-backward-only", "--json", str(out))
+    assert bench.main(_args(*args)) == 0
+    report = json.loads(out.read_text())
+    assert (report["fp8_base"], report["fp8_backward"], report["fp8_forward"]) == (True, True, False)
+    assert kernels.fp8_switches() == (False, True, True)  # as they were
+    assert bench.main(_args("--shape", "tiny", "--fp8-base", "--fp8-forward-only", "--fp8-backward-only")) == 2
+    assert "--fp8-forward-only and --fp8-backward-only exclude each other: keep one" in capsys.readouterr().err
+
+
 def test_fp8_base_on_the_plain_path_is_refused(capsys):
     rc = bench.main(_args("--shape", "tiny", "--fp8-base", "--plain"))
     assert rc == 2

@@ -181,3 +181,54 @@ def test_fp8_rows_of_zero_and_inf_rows():
     q, scale = kernels.fp8_rows(t)
     assert torch.equal(q[0].float(), torch.zeros(4))  # no NaN from an all-zero row
     assert torch.isinf(scale[1]).all()  # documented: an inf row gives a non-finite product
+
+
+def test_fp8_backward_only_keeps_the_losss_forward_and_takes_fp8_in_the_recompute_and_xs_gradient():
+    # Two groups in a chain under non-reentrant checkpointing, a loss linear in the output (its gradient
+    # does not depend on the output's value). forward=False: the loss is the non-FP8 model's bit for bit;
+    # the recompute (inside backward) runs the FP8 products, so every gradient equals the one of FP8 both
+    # ways bit for bit (the same recomputed activations, the same FP8 x gradient), but the second B's:
+    # it reads x @ A.T kept from the forward (not recomputed), so it is the non-FP8 run's.
+    from torch.utils.checkpoint import checkpoint
+
+    first, second = _group(outs=(128,)), _group(outs=(96,))
+    x = torch.randn(2, 40, 128)
+    c = torch.randn(2, 40, 96)
+
+    def run(**switches):
+        kernels.set_fp8_base_gemms(**switches)
+        try:
+            xi = x.clone().requires_grad_()
+            y = checkpoint(lambda t: kernels.lora_group(kernels.lora_group(t, first)[0], second)[0], xi,
+                           use_reentrant=False)
+            loss = (y * c).sum()
+            params = [p for layer in first + second for p in (layer.lora_A.weight, layer.lora_B.weight)]
+            return loss.detach(), torch.autograd.grad(loss, [xi, *params])
+        finally:
+            kernels.set_fp8_base_gemms(False)
+
+    plain_loss, plain_grads = run(on=False)
+    fp8_loss, fp8_grads = run(on=True)
+    loss, grads = run(on=True, forward=False)
+    assert torch.equal(loss, plain_loss) and not torch.equal(loss, fp8_loss)
+    # (x, first A, first B, second A, second B)
+    assert all(torch.equal(a, b) for a, b in zip(grads[:4], fp8_grads[:4]))
+    assert torch.equal(grads[4], plain_grads[4]) and not torch.equal(grads[4], fp8_grads[4])
+    assert not torch.equal(grads[0], plain_grads[0])  # the FP8 products really ran in backward
+    # without checkpointing nothing is recomputed: forward as without FP8, x's gradient in FP8
+    kernels.set_fp8_base_gemms(True, forward=False)
+    try:
+        xi = x.clone().requires_grad_()
+        y = kernels.lora_group(xi, second)[0]
+        g = torch.randn_like(y)
+        grad_x = torch.autograd.grad((y * g).sum(), xi)[0]
+    finally:
+        kernels.set_fp8_base_gemms(False)
+    kernels.set_fp8_base_gemms(True)
+    try:
+        xj = x.clone().requires_grad_()
+        ref_y = kernels.lora_group(xj, second)[0]
+        ref_grad = torch.autograd.grad((ref_y * g).sum(), xj)[0]
+    finally:
+        kernels.set_fp8_base_gemms(False)
+    assert torch.equal(y.detach(), kernels.lora_group(x, second)[0]) and torch.equal(grad_x, ref_grad)
