@@ -8,6 +8,10 @@ with the CPU build CI runs); the CPU runs the same math through plain torch func
   stores either needs no temporary by construction, where a compiled in-place torch function leaves
   that to inductor's scheduling (not isolated: on the H200 the step's peak is elsewhere, at the
   recompute and the down projection's backward, and did not move with this kernel).
+- `dequantize_4bit` / `DequantizePlan`: a bitsandbytes NF4/FP4 weight in one kernel, the plan launching
+  it again without Triton's JIT binding.
+- `rmsnorm`, `gated_forward`: the forwards `kernels` ran through torch.compile, whose per-call host
+  cost bound small steps; launched through cached runners (`_Runners`).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ class _Runners:
     """Launches of one JIT kernel: the first per key through Triton's JIT, later ones straight through the
     compiled kernel's runner (Triton >= 3.3: `CompiledKernel[grid]`, every argument, constexprs included).
 
-    The key must hold what Triton specializes on (integer arguments, pointer alignment, dtypes) and the
-    grid, so a runner only ever sees arguments its kernel was compiled for.
+    The caller's key must hold what Triton specializes on (integer arguments, pointer alignment, dtypes)
+    and the grid; the current device is added (a runner's kernel is loaded on the device current at its
+    first launch, and launches there), so a runner only sees arguments its kernel was compiled and loaded for.
     """
 
     __slots__ = ("kernel", "table")
@@ -40,6 +45,7 @@ class _Runners:
 
     def launch(self, key: tuple, grid: tuple[int, int, int], args: tuple, constexprs: dict, **options) -> None:
         """kernel[grid](*args, **constexprs, **options), constexprs in the kernel's order after args."""
+        key = (torch.cuda.current_device(), *key)
         runner = self.table.get(key)
         if runner:
             runner(*args, *constexprs.values())
@@ -50,6 +56,11 @@ class _Runners:
                 self.table[key] = compiled[grid]
             except Exception:  # noqa: BLE001 -- another Triton's internals: the JIT path stays
                 self.table[key] = False
+
+
+def _on(device: torch.device):
+    """Launch on `device`: Triton launches on the current device (a no-op where it already is)."""
+    return contextlib.nullcontext() if device.index == torch.cuda.current_device() else torch.cuda.device(device)
 
 
 def _aligned(*tensors: torch.Tensor) -> tuple[bool, ...]:
@@ -119,8 +130,9 @@ def gated_backward_(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu:
         grid = (m, triton.cdiv(n, _BLOCK), 1)
         key = (True, m, n, g2.stride(0), gate2.stride(0), up2.stride(0), g.dtype, gate.dtype, gelu,
                *_aligned(g2, gate2, up2))
-        _GATED.launch(key, grid, (g2, gate2, up2, gate2, n, g2.stride(0), gate2.stride(0), up2.stride(0)),
-                      {"BACKWARD": True, "GELU": bool(gelu), "GELU_C": _GELU_C, "BLOCK": _BLOCK})
+        with _on(gate.device):
+            _GATED.launch(key, grid, (g2, gate2, up2, gate2, n, g2.stride(0), gate2.stride(0), up2.stride(0)),
+                          {"BACKWARD": True, "GELU": bool(gelu), "GELU_C": _GELU_C, "BLOCK": _BLOCK})
 
 
 @triton.jit
@@ -228,8 +240,7 @@ def _dequantize_4bit_launch(packed: torch.Tensor, state, dtype: torch.dtype):
     grid = (triton.cdiv(triton.cdiv(n, state.blocksize), _ROWS), 1, 1)
     args = (packed, state.absmax, state.code, absmax2, code2, offset, out, n,
             state.blocksize, state.state2.blocksize if nested else 1, nested, state.quant_type == "fp4", _ROWS)
-    other = packed.is_cuda and packed.device.index != torch.cuda.current_device()
-    with torch.cuda.device(packed.device) if other else contextlib.nullcontext():  # Triton launches on the current one
+    with _on(packed.device):
         compiled = _dequantize_4bit_kernel[grid](*args[:8], BLOCKSIZE=args[8], BLOCKSIZE2=args[9], NESTED=nested,
                                                  FP4=args[11], ROWS=_ROWS, enable_fp_fusion=False)
     return out, compiled, args, grid
@@ -383,8 +394,9 @@ def dropout_project(x2: torch.Tensor, a_cat: torch.Tensor, groups: int, p: float
     r = a_cat.shape[0] // groups
     out = torch.empty(m, a_cat.shape[0], dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(m, _DROP_BM), groups)
-    _dropout_project_kernel[grid](x2, a_cat, out, seed, m, k, x2.stride(0), a_cat.stride(0), out.stride(0), p,
-                                  1.0 / (1.0 - p), R=r, BM=_DROP_BM, BK=_DROP_BK, PRECISION=_precision(x2.dtype))
+    with _on(x2.device):
+        _dropout_project_kernel[grid](x2, a_cat, out, seed, m, k, x2.stride(0), a_cat.stride(0), out.stride(0), p,
+                                      1.0 / (1.0 - p), R=r, BM=_DROP_BM, BK=_DROP_BK, PRECISION=_precision(x2.dtype))
     return out
 
 
@@ -400,9 +412,11 @@ def dropout_a_grad(x2: torch.Tensor, g_xa: torch.Tensor, groups: int, p: float, 
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), _DROP_BM) * _DROP_BM
     splits = triton.cdiv(m, rows_per_split)
     partial = torch.empty(splits, g_xa.shape[1], k, dtype=torch.float32, device=x2.device)
-    _dropout_a_grad_kernel[(col_blocks, groups, splits)](x2, g_xa, partial, seed, m, k, x2.stride(0), g_xa.stride(0),
-                                                         rows_per_split, p, 1.0 / (1.0 - p), R=r, BM=_DROP_BM,
-                                                         BK=2 * _DROP_BK, PRECISION=_precision(x2.dtype))
+    with _on(x2.device):
+        _dropout_a_grad_kernel[(col_blocks, groups, splits)](x2, g_xa, partial, seed, m, k, x2.stride(0),
+                                                             g_xa.stride(0), rows_per_split, p, 1.0 / (1.0 - p), R=r,
+                                                             BM=_DROP_BM, BK=2 * _DROP_BK,
+                                                             PRECISION=_precision(x2.dtype))
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -413,9 +427,10 @@ def dropout_input_grad(g_xa: torch.Tensor, a_cat: torch.Tensor, k: int, groups: 
     r = a_cat.shape[0] // groups
     out = torch.empty(m, k, dtype=g_xa.dtype, device=g_xa.device)
     grid = (triton.cdiv(m, _DROP_BM), triton.cdiv(k, _DROP_BK))
-    _dropout_input_grad_kernel[grid](g_xa, a_cat, out, seed, m, k, groups, g_xa.stride(0), a_cat.stride(0), p,
-                                     1.0 / (1.0 - p), R=r, BM=_DROP_BM, BK=_DROP_BK,
-                                     PRECISION=_precision(g_xa.dtype))
+    with _on(g_xa.device):
+        _dropout_input_grad_kernel[grid](g_xa, a_cat, out, seed, m, k, groups, g_xa.stride(0), a_cat.stride(0), p,
+                                         1.0 / (1.0 - p), R=r, BM=_DROP_BM, BK=_DROP_BK,
+                                         PRECISION=_precision(g_xa.dtype))
     return out
 
 
@@ -423,7 +438,8 @@ def dropout_mask(m: int, k: int, g: int, p: float, seed: torch.Tensor) -> torch.
     """Layer g's keep mask (M, K) as int8 (1 kept): what the kernels above draw, for tests."""
     out = torch.empty(m, k, dtype=torch.int8, device=seed.device)
     grid = (triton.cdiv(m, _DROP_BM), triton.cdiv(k, _DROP_BK))
-    _dropout_mask_kernel[grid](out, seed, g, m, k, p, BM=_DROP_BM, BK=_DROP_BK)
+    with _on(seed.device):
+        _dropout_mask_kernel[grid](out, seed, g, m, k, p, BM=_DROP_BM, BK=_DROP_BK)
     return out
 
 
