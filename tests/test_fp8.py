@@ -183,7 +183,7 @@ def test_fp8_rows_of_zero_and_inf_rows():
     assert torch.isinf(scale[1]).all()  # documented: an inf row gives a non-finite product
 
 
-def test_fp8_backward_only_keeps_the_losss_forward_and_takes_fp8_in_the_recompute_and_xs_gradient():
+def test_fp8_backward_only_keeps_the_loss_forward_and_takes_fp8_in_the_recompute_and_x_gradient():
     # Two groups in a chain under non-reentrant checkpointing, a loss linear in the output (its gradient
     # does not depend on the output's value). forward=False: the loss is the non-FP8 model's bit for bit;
     # the recompute (inside backward) runs the FP8 products, so every gradient equals the one of FP8 both
