@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", choices=("on", "off", "both"), default="on")
     p.add_argument("--activation-offload", choices=("on", "off", "both"), default="off",
                    help="ours with checkpointing keeps layer inputs in pinned host memory (both: with and without)")
+    p.add_argument("--offload-attention", action="store_true",
+                   help="with --activation-offload: the attention blocks run without checkpointing and all their "
+                        "saved tensors wait in pinned host memory (ActivationOffloader.save_attention)")
     p.add_argument("--vs", action="append", default=[], choices=SIDES[1:],
                    help="also run the peer (repeatable); unsloth runs in its own process")
     p.add_argument("--unsloth-site", default=None, metavar="DIR",
@@ -217,11 +220,12 @@ class Side:
 
 
 def build_ours(setup: Setup, checkpointing: bool, fast: bool = True, block: bool = False,
-               offload: bool = False, graphs: bool = False) -> Side:
+               offload: bool = False, graphs: bool = False, offload_attention: bool = False) -> Side:
     """Our side: LoRAModel over the quantized base, with `families.patch_model_for_speed` when `fast`.
 
     Checkpointing is per decoder layer (the model's own switch), per block with `block`, or per
-    layer with each layer input in pinned host memory with `offload` (`offload.enable_activation_offload`).
+    layer with each layer input in pinned host memory with `offload` (`offload.enable_activation_offload`;
+    with `offload_attention` the attention blocks' saved tensors instead, nothing of them recomputed).
     With `graphs` (fused path, per-layer or no checkpointing) each decoder layer replays CUDA graphs
     (`graphs.enable_layer_graphs`).
     """
@@ -236,7 +240,7 @@ def build_ours(setup: Setup, checkpointing: bool, fast: bool = True, block: bool
     block = block and fast and checkpointing and not offload
     offload = offload and checkpointing
     if offload:
-        enable_activation_offload(model)
+        enable_activation_offload(model, save_attention=offload_attention)
     elif checkpointing and not block:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if fast:
@@ -283,9 +287,9 @@ def build_peft(setup: Setup, checkpointing: bool, liger: bool = False) -> Side:
 
 
 def build_side(name: str, setup: Setup, checkpointing: bool, fast: bool = True, block: bool = False,
-               offload: bool = False, graphs: bool = False) -> Side:
+               offload: bool = False, graphs: bool = False, offload_attention: bool = False) -> Side:
     if name == "ours":
-        return build_ours(setup, checkpointing, fast, block, offload, graphs)
+        return build_ours(setup, checkpointing, fast, block, offload, graphs, offload_attention)
     if name in ("peft", "peft+liger"):
         return build_peft(setup, checkpointing, liger=name == "peft+liger")
     raise ValueError(f"{name} is not built in this process")
@@ -357,7 +361,7 @@ def time_steps(side: Side, batch: torch.Tensor, setup: Setup, warmup: int, steps
 def run_side(name: str, setup: Setup, checkpointing: bool, args: argparse.Namespace,
              offload: bool = False) -> dict[str, Any]:
     side = build_side(name, setup, checkpointing, fast=not args.plain, block=args.block_checkpointing,
-                      offload=offload, graphs=args.cuda_graphs)
+                      offload=offload, graphs=args.cuda_graphs, offload_attention=args.offload_attention)
     batch = make_batch(setup, side.model.config.vocab_size)
     res = time_steps(side, batch, setup, args.warmup, args.steps)
     result = result_row(side, setup, checkpointing, res, args.peak_tflops, offload=offload)
@@ -723,6 +727,8 @@ def format_report(report: dict[str, Any]) -> str:
         else:
             which = "forward and backward"
         lines.append(f"ours: frozen base GEMMs ({which}) in FP8 e4m3 (row-wise scales); MFU counts them at the bf16 peak")
+    if report.get("offload_attention"):
+        lines.append("ours offload: the attention blocks not checkpointed, their saved tensors in host memory")
     if report["results"]:
         lines.append(f"{'side':<12}{'ckpt':<9}{'tokens/s':>11}{'step s':>9}{'peak GiB':>10}{'resv GiB':>10}"
                      f"{'MFU':>7}{'HFU':>7}{'loss0':>9}{'lossN':>9}")
@@ -830,6 +836,9 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if args.activation_offload != "off" and args.gradient_checkpointing == "off":
         problems.append("--activation-offload offloads checkpointed layer inputs: use --gradient-checkpointing on "
                         "or both, or drop --activation-offload")
+    if args.offload_attention and args.activation_offload == "off":
+        problems.append("--offload-attention changes what --activation-offload keeps on the host: add "
+                        "--activation-offload on")
     if args.activation_offload != "off" and (args.block_checkpointing or args.plain):
         problems.append("--activation-offload checkpoints whole layers of our fused model: drop "
                         "--block-checkpointing and --plain")
@@ -908,6 +917,7 @@ def _run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"setup": setup.summary(), "torch": torch.__version__, "fp8_base": args.fp8_base,
                               "fp8_backward": args.fp8_base and not args.fp8_forward_only,
                               "fp8_forward": args.fp8_base and not args.fp8_backward_only,
+                              "offload_attention": args.offload_attention,
                               "results": []}
     if setup.device.startswith("cuda"):
         report["device"] = torch.cuda.get_device_name()

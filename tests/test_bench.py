@@ -308,3 +308,14 @@ def test_rows_past_the_time_budget_are_listed_as_not_run(tmp_path):
     assert rc == 1
     assert [(r["checkpointing"], r["error"]) for r in rows] == [("on", "not run: --time-budget 0 s spent"),
                                                                ("off", "not run: --time-budget 0 s spent")]
+
+
+def test_offload_attention_runs_offloaded_rows_and_needs_activation_offload(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ("--shape", "tiny", "--steps", "1", "--warmup", "0", "--gradient-checkpointing", "on",
+            "--activation-offload", "on", "--offload-attention", "--json", str(out))
+    assert bench.main(_args(*args)) == 0
+    report = json.loads(out.read_text())
+    assert report["offload_attention"] is True and report["results"][0]["checkpointing"] == "offload"
+    assert bench.main(_args("--shape", "tiny", "--offload-attention")) == 2
+    assert "--offload-attention changes what --activation-offload keeps on the host" in capsys.readouterr().err

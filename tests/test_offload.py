@@ -196,6 +196,19 @@ def test_cuda_offload_to_pinned_host_memory_is_exact_and_keeps_two_inputs():
     assert (s.saved, s.fetched_on_demand, s.prefetched, s.max_resident) == (2 * LAYERS, 1, 2 * LAYERS - 1, 2)
 
 
+@pytest.mark.gpu
+def test_cuda_saved_attention_in_pinned_host_memory_is_exact():
+    # The stream path of the saved groups: every attention block's saved tensors to pinned memory and back
+    # on the side stream, bf16 over an NF4 base, against the model's own checkpointing bit for bit.
+    batch = _batch("cuda")
+    model, offloader = _model("offload", device="cuda", dtype=torch.bfloat16, bits=4)
+    offloader.save_attention, offloader.min_bytes = True, 0
+    saved = _loss_and_grads(model, batch)
+    _assert_bitwise(saved, _loss_and_grads(_model("hf", device="cuda", dtype=torch.bfloat16, bits=4)[0], batch))
+    s = offloader.stats
+    assert (s.saved, s.fetched_on_demand, s.prefetched, s.max_resident) == (2 * LAYERS, 1, 2 * LAYERS - 1, 2)
+
+
 def test_host_copy_is_exact_and_outside_the_graph():
     offloader = offload.ActivationOffloader()
     x = torch.randn(4, 8, requires_grad=True) * 3  # a non-leaf, as a layer input is
@@ -231,3 +244,80 @@ def test_cuda_recompute_draws_the_dropout_kernels_masks_again():
             for mode in ("none", "hf", "offload")]
     _assert_bitwise(runs[0], runs[1])
     _assert_bitwise(runs[0], runs[2])
+
+
+# ------------------------------------------------------------------------------------ saved attention tensors
+
+
+def _saving_model(**kwargs):
+    model, offloader = _model("offload", **kwargs)
+    offloader.save_attention = True
+    offloader.min_bytes = 0  # a tiny model's tensors too: every saved tensor but the parameters travels
+    return model, offloader
+
+
+def test_saved_attention_equals_model_checkpointing_and_no_checkpointing_bitwise():
+    # The attention blocks run without checkpointing, their saved tensors copied to the target and back:
+    # exact copies of what autograd would keep, so loss and gradients equal the other modes bit for bit.
+    batch = _batch()
+    saved = _loss_and_grads(_saving_model()[0], batch)
+    _assert_bitwise(saved, _loss_and_grads(_model("hf")[0], batch))
+    _assert_bitwise(saved, _loss_and_grads(_model("none")[0], batch))
+
+
+@pytest.mark.parametrize("kwargs", [{"dropout": 0.2}, {"bits": 4}], ids=["dropout", "nf4"])
+def test_saved_attention_with_dropout_and_4bit_base_is_exact(kwargs):
+    batch = _batch()
+    _assert_bitwise(_loss_and_grads(_saving_model(**kwargs)[0], batch),
+                    _loss_and_grads(_model("hf", **kwargs)[0], batch))
+
+
+def test_saved_attention_recomputes_no_q_k_v_gemm(monkeypatch):
+    # q/k/v's base weights are dequantized in forward and for x's gradient only (the recompute of a
+    # checkpointed attention block is a third time; layer 0's input, the frozen embedding's output, needs
+    # no gradient: once); the MLP block is still checkpointed (gate: 3).
+    fetched = []
+    original = kernels._base_weight
+    monkeypatch.setattr(kernels, "_base_weight", lambda base, dtype: fetched.append(base) or original(base, dtype))
+    model, _ = _saving_model()
+    _loss_and_grads(model, _batch())
+    for name, runs in (("q_proj", 2), ("k_proj", 2), ("v_proj", 2), ("o_proj", 2), ("gate_proj", 3)):
+        bases = [l.base_layer for n, l in model.lora_layers.items() if n.endswith(name)]
+        first = 1 if name[0] in "qkv" else runs
+        assert [sum(f is b for f in fetched) for b in bases] == [first] + [runs] * (LAYERS - 1), name
+
+
+def test_saved_attention_copies_each_block_once_and_back_one_ahead():
+    model, offloader = _saving_model()
+    batch = _batch()
+    for step in (1, 2):
+        model(input_ids=batch, labels=batch).loss.backward()
+        s = offloader.stats
+        # per layer: the attention block's saved tensors (one group) and the MLP block's input
+        n = 2 * LAYERS
+        assert (s.saved, s.fetched_on_demand, s.prefetched) == (n * step, step, (n - 1) * step)
+        assert s.max_resident == 2 and s.resident == 0
+
+
+def test_a_group_shares_one_copy_of_a_storage_between_its_views():
+    # x and a reshaped view of it saved by two ops: one host copy, and the views share it again after
+    offloader = offload.ActivationOffloader(min_bytes=0)
+    x = torch.randn(6, 8, requires_grad=True)
+    with offloader.saving() as group:
+        h = x * 2  # a non-leaf, as a layer's activations are
+        y = (h.view(3, 16) * h.view(3, 16)).sum() + (h * h).sum()
+    assert len(group.storages) == 1 and group.storages[next(iter(group.storages))].numel() == 6 * 8 * 4
+    y.backward()
+    assert torch.allclose(x.grad, 2 * 2 * (2 * x.detach()) * 2)
+
+
+def test_large_views_of_small_parts_and_parameters_stay_where_they_are():
+    offloader = offload.ActivationOffloader(min_bytes=0)
+    big = torch.randn(64, 64)
+    w = torch.nn.Parameter(torch.randn(8, 64))
+    x = torch.randn(2, 64, requires_grad=True)
+    with offloader.saving() as group:
+        y = (x @ w.t()).sum() + (x * big[:2]).sum()  # saves w (a parameter) and a 2-row view of big
+    assert group.storages and all(h.numel() <= 2 * 64 * 4 * 4 for h in group.storages.values())
+    y.backward()
+    assert torch.allclose(x.grad, w.detach().sum(0).expand(2, 64) + big[:2])

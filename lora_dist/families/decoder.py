@@ -296,7 +296,9 @@ def _decoder_forward(self, family: Family, hidden_states, *args, **kwargs):
     the recompute of each block stops before its last GEMM (o_proj, down_proj) when nothing after
     it in the block needs its output saved (pre-norm layouts), and a block's backward never has the
     other block's saved tensors beside its own. With activation offload (the layer's offloader) both
-    inputs wait in host memory: the second costs no GPU memory, only a copy each way.
+    inputs wait in host memory: the second costs no GPU memory, only a copy each way. With its
+    `save_attention` the attention block is not checkpointed: every tensor it saves waits in host
+    memory instead, and its backward recomputes nothing.
     """
     if args or not (self.training and torch.is_grad_enabled()):
         return self._lora_dist_original_forward(hidden_states, *args, **kwargs)
@@ -336,5 +338,9 @@ def _decoder_forward(self, family: Family, hidden_states, *args, **kwargs):
             return offloaded_checkpoint(block, h, offloader)
         return checkpoint(block, h, use_reentrant=False)
 
-    hidden_states = checkpointed(attention_block, hidden_states)
+    if offloader is not None and offloader.save_attention:  # nothing recomputed: its saved tensors wait on the host
+        with offloader.saving():
+            hidden_states = attention_block(hidden_states)
+    else:
+        hidden_states = checkpointed(attention_block, hidden_states)
     return checkpointed(mlp_block, hidden_states)
