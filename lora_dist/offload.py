@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +111,8 @@ class SavedGroup:
         self.ready: torch.cuda.Event | None = None
         self.unpacked = False
 
-    def pack(self, t: torch.Tensor):
+    def pack(self, t: torch.Tensor) -> torch.Tensor | tuple:
+        """Autograd's pack hook: t itself where it stays, else its place in a storage copied to the target."""
         size = t.numel() * t.element_size()
         # kept as autograd keeps it: parameters, small tensors, and views of a much larger storage
         if isinstance(t, nn.Parameter) or size < self.offloader.min_bytes or t.untyped_storage().nbytes() > 4 * size:
@@ -122,7 +123,9 @@ class SavedGroup:
             return t
         return self.offloader._copy_group_out(self, t)
 
-    def unpack(self, packed):
+    def unpack(self, packed: torch.Tensor | tuple) -> torch.Tensor:
+        """Autograd's unpack hook: the tensor again, on the device (the group's copies back started here if no
+        prefetch did, and the entry before this block's starts its own)."""
         if isinstance(packed, torch.Tensor):
             return packed
         offloader = self.offloader
@@ -248,7 +251,7 @@ class ActivationOffloader:
     # ---------------------------------------------------------------------------- saved tensors of a block
 
     @contextlib.contextmanager
-    def saving(self):
+    def saving(self) -> Iterator[SavedGroup]:
         """Inside, each tensor autograd saves for backward (from `min_bytes` up, not a parameter) is copied
         to the target and its device memory let go; backward copies the block's tensors back on first
         need, or one entry ahead (the entry before it, as layer inputs are)."""
@@ -263,7 +266,7 @@ class ActivationOffloader:
             self.stats.saved += 1
 
     @torch.no_grad()
-    def _copy_group_out(self, group: SavedGroup, t: torch.Tensor) -> tuple:
+    def _copy_group_out(self, group: SavedGroup, t: torch.Tensor) -> tuple[int, torch.dtype, torch.Size, tuple, int]:
         """Start the copy of t's storage to the target (once per storage in a group); t's place in it."""
         storage = t.untyped_storage()
         key = storage.data_ptr()
