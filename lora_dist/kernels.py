@@ -74,10 +74,13 @@ _DEQUANTIZE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ba
 
 
 def _plan_key(weight: torch.Tensor) -> tuple:
-    """What a dequantize plan was made for: the parameter, its data and its state's objects (the plan holds
-    them, so no id or address is reused while it lives)."""
+    """What a dequantize plan was made for: the parameter, its data and every object of its state the kernel
+    reads (the plan holds them, so no id or address is reused while it lives)."""
     state = getattr(weight, "quant_state", None)
-    return id(weight), weight.data_ptr(), id(state), id(getattr(state, "absmax", None))
+    state2 = getattr(state, "state2", None)
+    return (id(weight), weight.data_ptr(), id(state), id(getattr(state, "absmax", None)),
+            id(getattr(state, "code", None)), id(getattr(state, "offset", None)), id(state2),
+            id(getattr(state2, "absmax", None)), id(getattr(state2, "code", None)))
 
 
 def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -90,9 +93,12 @@ def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """
     plans = _DEQUANTIZE_PLANS.get(base)
     if plans is not None:
+        key = _plan_key(base.weight)
         hit = plans.get(dtype)
-        if hit is not None and hit[0] == _plan_key(base.weight):
+        if hit is not None and hit[0] == key:
             return hit[1]()
+        if any(k != key for k, _ in plans.values()):  # the weight was replaced: no plan keeps the old one alive
+            del _DEQUANTIZE_PLANS[base]
     if quant.bits_of(base) == 4:
         if base.weight.is_cuda:
             data, state = quant.packed_4bit(base)
@@ -471,7 +477,8 @@ def set_fp8_base_gemms(on: bool, backward: bool = True, forward: bool = True) ->
     keeps the compute dtype and only what runs inside backward takes FP8: a checkpointed recompute's
     products (told apart by autograd running a backward) and, with `backward`, x's gradient. The
     loss is then the bf16 model's; the gradient is taken at activations within FP8 rounding of it
-    (the adapters' B gradients read x @ A.T as the forward kept it, not recomputed).
+    (under non-reentrant checkpointing, ours, the adapters' B gradients read x @ A.T as the forward
+    kept it, not recomputed).
     """
     global _FP8_BASE, _FP8_GRAD, _FP8_FORWARD
     _FP8_BASE, _FP8_GRAD, _FP8_FORWARD = bool(on), bool(backward), bool(forward)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,16 +97,19 @@ class SavedGroup:
     reshaped input, q/k/v split from one projection) travel once and share it again when they are back.
     """
 
-    __slots__ = ("__weakref__", "device", "device_storages", "live", "offloader", "previous", "ready", "storages",
-                 "unpacked")
+    __slots__ = ("__weakref__", "device", "device_storages", "keep", "live", "offloader", "previous", "ready",
+                 "storages", "unpacked")
 
-    def __init__(self, offloader: ActivationOffloader, previous: OffloadedInput | SavedGroup | None):
+    def __init__(self, offloader: ActivationOffloader, previous: OffloadedInput | SavedGroup | None,
+                 keep: frozenset[int] = frozenset()):
         self.offloader = offloader
         self.previous = weakref.ref(previous) if previous is not None else None
+        self.keep = keep  # storage addresses that stay (the block's other inputs: alive anyway)
         self.device: torch.device | None = None  # the first offloaded tensor's; tensors elsewhere stay
         self.storages: dict[int, torch.Tensor] = {}  # storage address at save -> its host copy
-        # the saved storages, held until the block's forward ends: no address is reused inside the block
-        self.live: list[torch.UntypedStorage] = []
+        # the offloaded tensors and their versions at save, held until the block's forward ends: no address
+        # is reused inside the block, and a tensor changed in place after its save is found there
+        self.live: list[tuple[torch.Tensor, int]] = []
         self.device_storages: dict[int, torch.Tensor] | None = None  # the host copies back on the device
         self.ready: torch.cuda.Event | None = None
         self.unpacked = False
@@ -114,14 +117,24 @@ class SavedGroup:
     def pack(self, t: torch.Tensor) -> torch.Tensor | tuple:
         """Autograd's pack hook: t itself where it stays, else its place in a storage copied to the target."""
         size = t.numel() * t.element_size()
-        # kept as autograd keeps it: parameters, small tensors, and views of a much larger storage
-        if isinstance(t, nn.Parameter) or size < self.offloader.min_bytes or t.untyped_storage().nbytes() > 4 * size:
-            return t
-        if self.device is None:
-            self.device = t.device
-        if t.device != self.device:
-            return t
+        storage = t.untyped_storage()
+        # kept as autograd keeps it: parameters and their views, the block's other inputs, small tensors,
+        # and views of a much larger storage (detached: returned as is, an output saved by its own op
+        # would hold itself through its grad_fn)
+        if (isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter) or storage.data_ptr() in self.keep
+                or size < self.offloader.min_bytes or storage.nbytes() > 4 * size
+                or (self.device is not None and t.device != self.device)):
+            return t.detach()
+        self.device = t.device
         return self.offloader._copy_group_out(self, t)
+
+    def check_unchanged(self) -> None:
+        """Raise if a tensor was changed in place after its save (autograd's own check is off under hooks)."""
+        for t, version in self.live:
+            if t._version != version:
+                raise RuntimeError("a tensor saved for backward was changed in place inside an offloaded block "
+                                   "(activation offload's save_attention copies it when saved): turn save_attention "
+                                   "off for this model")
 
     def unpack(self, packed: torch.Tensor | tuple) -> torch.Tensor:
         """Autograd's unpack hook: the tensor again, on the device (the group's copies back started here if no
@@ -240,6 +253,7 @@ class ActivationOffloader:
                 buf.copy_(host, non_blocking=True)
                 saved.ready = torch.cuda.Event()
                 saved.ready.record(side)
+            buf.record_stream(side)  # freed unread (a backward that stops early): not reused before it lands
         else:
             buf.copy_(host)
         # dropping the host buffer now is safe: torch's pinned-memory cache hands it out again only once
@@ -251,14 +265,17 @@ class ActivationOffloader:
     # ---------------------------------------------------------------------------- saved tensors of a block
 
     @contextlib.contextmanager
-    def saving(self) -> Iterator[SavedGroup]:
-        """Inside, each tensor autograd saves for backward (from `min_bytes` up, not a parameter) is copied
-        to the target and its device memory let go; backward copies the block's tensors back on first
-        need, or one entry ahead (the entry before it, as layer inputs are)."""
-        group = SavedGroup(self, self._last() if self._last is not None else None)
+    def saving(self, keep: Sequence[torch.Tensor] = ()) -> Iterator[SavedGroup]:
+        """Inside, each tensor autograd saves for backward (from `min_bytes` up, not a parameter or a view of
+        one, not sharing storage with `keep`: the block's other inputs, alive anyway) is copied to the
+        target and its device memory let go; backward copies the block's tensors back on first need, or
+        one entry ahead (the entry before it, as layer inputs are)."""
+        keep_storages = frozenset(t.untyped_storage().data_ptr() for t in keep if isinstance(t, torch.Tensor))
+        group = SavedGroup(self, self._last() if self._last is not None else None, keep_storages)
         try:
             with torch.autograd.graph.saved_tensors_hooks(group.pack, group.unpack):
                 yield group
+            group.check_unchanged()
         finally:
             group.live = []  # the device memory goes once its copies have read it (record_stream)
         if group.storages:
@@ -283,7 +300,7 @@ class ActivationOffloader:
             else:
                 host.copy_(data)
             group.storages[key] = host
-            group.live.append(storage)
+        group.live.append((t, t._version))
         return key, t.dtype, t.shape, t.stride(), t.storage_offset()
 
     @torch.no_grad()
@@ -297,6 +314,7 @@ class ActivationOffloader:
                 side.wait_stream(compute)
                 with torch.cuda.stream(side):
                     buf.copy_(host, non_blocking=True)
+                buf.record_stream(side)  # freed unread (a backward that stops early): not reused before it lands
             else:
                 buf.copy_(host)
             back[key] = buf

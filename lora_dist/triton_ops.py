@@ -128,7 +128,7 @@ def gated_backward_(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu:
     m = g2.shape[0]
     if m and n:
         grid = (m, triton.cdiv(n, _BLOCK), 1)
-        key = (True, m, n, g2.stride(0), gate2.stride(0), up2.stride(0), g.dtype, gate.dtype, gelu,
+        key = (True, m, n, g2.stride(0), gate2.stride(0), up2.stride(0), g.dtype, gate.dtype, up.dtype, gelu,
                *_aligned(g2, gate2, up2))
         with _on(gate.device):
             _GATED.launch(key, grid, (g2, gate2, up2, gate2, n, g2.stride(0), gate2.stride(0), up2.stride(0)),

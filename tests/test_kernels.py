@@ -385,11 +385,13 @@ def test_triton_in_place_gated_backward_matches_the_torch_backward_in_bf16(act):
     gate_up = (torch.randn(3, 100, 2 * 1500, device="cuda") * 2).to(torch.bfloat16)
     g = torch.randn(3, 100, 1500, device="cuda", dtype=torch.bfloat16)
     grads = {}
-    for owned in (False, True):
+    for owned in (False, True, True):  # the second owned run through the kernel's cached runner
         gu = gate_up.clone().requires_grad_()
         gate, up = gu.chunk(2, dim=-1)
         out = fn(gate, up, owned=owned)
-        grads[owned] = torch.autograd.grad(out, gu, g)[0].float()
+        grad = torch.autograd.grad(out, gu, g)[0].float()
+        assert owned not in grads or torch.equal(grad, grads[owned])
+        grads[owned] = grad
     assert rel_err(grads[True], grads[False]) < 2**-8
     assert ((grads[True] - grads[False]).abs() <= 2**-7 * grads[False].abs() + 1e-6).all()
 
@@ -510,6 +512,7 @@ def test_a_dequantize_plan_follows_a_replaced_weight():
     snapshot = quant.requantize_(layer, torch.randn(128, 256, device="cuda") * 0.05)
     second = kernels._base_weight(layer, torch.bfloat16)
     assert torch.equal(second, quant.dequantize_weight(layer, torch.bfloat16)) and not torch.equal(second, first)
+    assert len(kernels._DEQUANTIZE_PLANS[layer]) == 1  # the old weight's plan went with it
     quant.restore_(layer, snapshot)
     assert torch.equal(kernels._base_weight(layer, torch.bfloat16), first)
 

@@ -339,7 +339,8 @@ def _decoder_forward(self, family: Family, hidden_states, *args, **kwargs):
         return checkpoint(block, h, use_reentrant=False)
 
     if offloader is not None and offloader.save_attention:  # nothing recomputed: its saved tensors wait on the host
-        with offloader.saving():
+        others = [t for v in kwargs.values() for t in (v if isinstance(v, (tuple, list)) else (v,))]
+        with offloader.saving(keep=others):  # rotary tables, masks: alive anyway
             hidden_states = attention_block(hidden_states)
     else:
         hidden_states = checkpointed(attention_block, hidden_states)
