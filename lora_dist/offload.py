@@ -190,16 +190,7 @@ class ActivationOffloader:
     def save(self, x: torch.Tensor) -> OffloadedInput:
         """Start copying `x` to the target; the returned handle holds `x` until `release_source`."""
         saved = OffloadedInput(self, x, self._last() if self._last is not None else None)
-        pin = self.pin_memory if self.pin_memory is not None else (x.is_cuda and self.target.type == "cpu")
-        saved.host = torch.empty_like(x, device=self.target, pin_memory=pin)
-        if x.is_cuda:
-            side = self._side_stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))  # x has been computed
-            with torch.cuda.stream(side):
-                saved.host.copy_(x, non_blocking=True)
-            x.record_stream(side)  # x's memory is not handed out again before the copy has read it
-        else:
-            saved.host.copy_(x)
+        saved.host = self._copy_out(x)
         self._last = weakref.ref(saved)
         self.stats.saved += 1
         return saved
@@ -243,24 +234,12 @@ class ActivationOffloader:
 
     @torch.no_grad()
     def _copy_back(self, saved: OffloadedInput) -> None:
-        host, device = saved.host, saved.device
-        # allocated here, on the compute stream, so it is freed (and reused) in that stream's order
-        buf = torch.empty_like(host, device=device)
-        if device.type == "cuda":
-            compute, side = torch.cuda.current_stream(device), self._side_stream(device)
-            side.wait_stream(compute)  # buf's memory may still be read by work queued on compute
-            with torch.cuda.stream(side):
-                buf.copy_(host, non_blocking=True)
-                saved.ready = torch.cuda.Event()
-                saved.ready.record(side)
-            buf.record_stream(side)  # freed unread (a backward that stops early): not reused before it lands
-        else:
-            buf.copy_(host)
+        buf = self._copy_in(saved.host, saved.device)
+        saved.ready = self._landed(saved.device)
         # dropping the host buffer now is safe: torch's pinned-memory cache hands it out again only once
         # the copies that use it have finished
         saved.device_copy, saved.host = buf, None
-        self.stats.resident += 1
-        self.stats.max_resident = max(self.stats.max_resident, self.stats.resident)
+        self._count_resident()
 
     # ---------------------------------------------------------------------------- saved tensors of a block
 
@@ -289,39 +268,57 @@ class ActivationOffloader:
         key = storage.data_ptr()
         if key not in group.storages:
             data = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage, 0, (storage.nbytes(),), (1,))
-            pin = self.pin_memory if self.pin_memory is not None else (t.is_cuda and self.target.type == "cpu")
-            host = torch.empty(storage.nbytes(), dtype=torch.uint8, device=self.target, pin_memory=pin)
-            if t.is_cuda:
-                side = self._side_stream(t.device)
-                side.wait_stream(torch.cuda.current_stream(t.device))  # t has been computed
-                with torch.cuda.stream(side):
-                    host.copy_(data, non_blocking=True)
-                data.record_stream(side)  # not handed out again before the copy has read it
-            else:
-                host.copy_(data)
-            group.storages[key] = host
+            group.storages[key] = self._copy_out(data)
         group.live.append((t, t._version))
         return key, t.dtype, t.shape, t.stride(), t.storage_offset()
 
     @torch.no_grad()
     def _copy_group_back(self, group: SavedGroup) -> None:
         device = group.device
-        back = {}
-        for key, host in group.storages.items():
-            buf = torch.empty_like(host, device=device)  # on the compute stream, as a layer input's copy
-            if device.type == "cuda":
-                compute, side = torch.cuda.current_stream(device), self._side_stream(device)
-                side.wait_stream(compute)
-                with torch.cuda.stream(side):
-                    buf.copy_(host, non_blocking=True)
-                buf.record_stream(side)  # freed unread (a backward that stops early): not reused before it lands
-            else:
-                buf.copy_(host)
-            back[key] = buf
-        if device.type == "cuda":
-            group.ready = torch.cuda.Event()
-            group.ready.record(self._side_stream(device))
+        back = {key: self._copy_in(host, device) for key, host in group.storages.items()}
+        group.ready = self._landed(device)
         group.device_storages, group.storages = back, {}
+        self._count_resident()
+
+    # ---------------------------------------------------------------------------- copies
+
+    def _copy_out(self, x: torch.Tensor) -> torch.Tensor:
+        """A new tensor on the target that x's values are on their way into (CUDA: on the side stream)."""
+        pin = self.pin_memory if self.pin_memory is not None else (x.is_cuda and self.target.type == "cpu")
+        host = torch.empty_like(x, device=self.target, pin_memory=pin)
+        if x.is_cuda:
+            side = self._side_stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))  # x has been computed
+            with torch.cuda.stream(side):
+                host.copy_(x, non_blocking=True)
+            x.record_stream(side)  # x's memory is not handed out again before the copy has read it
+        else:
+            host.copy_(x)
+        return host
+
+    def _copy_in(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A new tensor on `device` that host's values are on their way into (CUDA: on the side stream)."""
+        # allocated here, on the compute stream, so it is freed (and reused) in that stream's order
+        buf = torch.empty_like(host, device=device)
+        if device.type == "cuda":
+            side = self._side_stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))  # buf's memory may still be read by queued work
+            with torch.cuda.stream(side):
+                buf.copy_(host, non_blocking=True)
+            buf.record_stream(side)  # freed unread (a backward that stops early): not reused before it lands
+        else:
+            buf.copy_(host)
+        return buf
+
+    def _landed(self, device: torch.device) -> torch.cuda.Event | None:
+        """An event after every copy queued so far on `device`'s side stream (None off CUDA)."""
+        if device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(self._side_stream(device))
+        return event
+
+    def _count_resident(self) -> None:
         self.stats.resident += 1
         self.stats.max_resident = max(self.stats.max_resident, self.stats.resident)
 

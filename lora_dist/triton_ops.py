@@ -507,7 +507,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor | None, ep
     return y if given else (y, rstd)
 
 
-
 def gated_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor | None:
     """act(gate) * up (`kernels._swiglu_fwd` / `_geglu_fwd`) as a new contiguous tensor; None where this
     kernel does not take the arguments."""
