@@ -85,9 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", choices=("on", "off", "both"), default="on")
     p.add_argument("--activation-offload", choices=("on", "off", "both"), default="off",
                    help="ours with checkpointing keeps layer inputs in pinned host memory (both: with and without)")
-    p.add_argument("--offload-attention", action="store_true",
-                   help="with --activation-offload: the attention blocks run without checkpointing and all their "
-                        "saved tensors wait in pinned host memory (ActivationOffloader.save_attention)")
+    p.add_argument("--offload-attention", choices=("on", "off"), default=None,
+                   help="with --activation-offload (default on there, as the job's model.offload_attention): the "
+                        "attention blocks run without checkpointing and all their saved tensors wait in pinned "
+                        "host memory (ActivationOffloader.save_attention); off: only block inputs are offloaded")
     p.add_argument("--vs", action="append", default=[], choices=SIDES[1:],
                    help="also run the peer (repeatable); unsloth runs in its own process")
     p.add_argument("--unsloth-site", default=None, metavar="DIR",
@@ -361,7 +362,7 @@ def time_steps(side: Side, batch: torch.Tensor, setup: Setup, warmup: int, steps
 def run_side(name: str, setup: Setup, checkpointing: bool, args: argparse.Namespace,
              offload: bool = False) -> dict[str, Any]:
     side = build_side(name, setup, checkpointing, fast=not args.plain, block=args.block_checkpointing,
-                      offload=offload, graphs=args.cuda_graphs, offload_attention=args.offload_attention)
+                      offload=offload, graphs=args.cuda_graphs, offload_attention=args.offload_attention != "off")
     batch = make_batch(setup, side.model.config.vocab_size)
     res = time_steps(side, batch, setup, args.warmup, args.steps)
     result = result_row(side, setup, checkpointing, res, args.peak_tflops, offload=offload)
@@ -836,9 +837,9 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if args.activation_offload != "off" and args.gradient_checkpointing == "off":
         problems.append("--activation-offload offloads checkpointed layer inputs: use --gradient-checkpointing on "
                         "or both, or drop --activation-offload")
-    if args.offload_attention and args.activation_offload == "off":
+    if args.offload_attention is not None and args.activation_offload == "off":
         problems.append("--offload-attention changes what --activation-offload keeps on the host: add "
-                        "--activation-offload on")
+                        "--activation-offload on, or drop --offload-attention")
     if args.activation_offload != "off" and (args.block_checkpointing or args.plain):
         problems.append("--activation-offload checkpoints whole layers of our fused model: drop "
                         "--block-checkpointing and --plain")
@@ -917,7 +918,7 @@ def _run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"setup": setup.summary(), "torch": torch.__version__, "fp8_base": args.fp8_base,
                               "fp8_backward": args.fp8_base and not args.fp8_forward_only,
                               "fp8_forward": args.fp8_base and not args.fp8_backward_only,
-                              "offload_attention": args.offload_attention,
+                              "offload_attention": args.activation_offload != "off" and args.offload_attention != "off",
                               "results": []}
     if setup.device.startswith("cuda"):
         report["device"] = torch.cuda.get_device_name()

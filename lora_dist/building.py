@@ -145,7 +145,7 @@ def build_model(
         from lora_dist.offload import enable_activation_offload  # checkpoints each decoder layer itself
 
         try:
-            enable_activation_offload(model)
+            enable_activation_offload(model, save_attention=m.offload_attention)
         except TypeError as err:  # a model without `.model.layers`
             raise ConfigError(f"model.activation_offload: {err}") from None
     elif m.gradient_checkpointing:

@@ -3,7 +3,7 @@
 A YAML file mirrors the dataclasses one to one:
 
     model:        {path, bits, quant_type, double_quant, compute_dtype, gradient_checkpointing, activation_offload,
-                   attn_implementation, fused_kernels}
+                   offload_attention, attn_implementation, cuda_graphs, fused_kernels}
     lora:         LoRAConfig (lora_dist.model)
     data:         DataConfig (lora_dist.data)
     train:        TrainConfig
@@ -68,6 +68,11 @@ class ModelConfig:
     activation_offload: bool = False
     """With gradient_checkpointing: each decoder layer's saved input waits in pinned host memory, copied
     back one layer ahead in backward (`lora_dist.offload`): about 2 layer inputs on the GPU instead of all."""
+    offload_attention: bool = True
+    """With activation_offload on the fused path: the attention blocks are not checkpointed; every tensor
+    they save for backward waits in pinned host memory instead, and backward recomputes none of them (no
+    q/k/v GEMM, no attention forward). Llama-3-8B on an H200: 13,334 vs 12,723 tokens/s, 7.24 vs 7.08 GiB
+    peak; false: only the block inputs are offloaded, both blocks recomputed."""
     attn_implementation: str | None = None
     """"sdpa", "eager", "flash_attention_2", ... (null: transformers' default)."""
     cuda_graphs: bool = False

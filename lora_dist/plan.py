@@ -482,15 +482,19 @@ _ATTENTION_KEYS = ("input norm", "q/k/v", "q/k norms", "attention", "o:")
 
 
 def _block_recompute(layer: _Layer, saved: dict[str, float], e: int, x_in: int, fused_act: bool,
-                     rebuilt_h: bool) -> float:
+                     rebuilt_h: bool, attention_saved: bool = False) -> float:
     """Bytes per token of the worse block of a layer checkpointed as two blocks (attention, MLP).
 
     Each block keeps its own input (in host memory with offload) and recomputes alone, so only that
-    block's saved tensors and its backward's moment are on the GPU at once.
+    block's saved tensors and its backward's moment are on the GPU at once. With `attention_saved`
+    (`model.offload_attention`) the attention block's saved tensors come back from the host instead of
+    a recompute, one entry ahead: during the MLP's backward they are on the GPU already.
     """
     attn = sum(v for k, v in saved.items() if k.startswith(_ATTENTION_KEYS))
     mlp = sum(saved.values()) - attn
     attn_moment, mlp_moment = _backward_moments(layer, e, fused_act, rebuilt_h, x_in // e)
+    if attention_saved:
+        return max(attn + attn_moment + x_in, mlp - x_in + mlp_moment + attn)
     return max(attn - x_in + attn_moment, mlp - x_in + mlp_moment)
 
 
@@ -696,7 +700,8 @@ def plan_memory(
         kept = 2 if offload_activations else len(facts.layers)
         acts["checkpointed layer inputs"] = int(kept * m * x_in)
         if blocks:  # families' block checkpointing: the attention and the MLP recompute apart
-            recompute = max(m * _block_recompute(l, sv, e, x_in, facts.fused and l.gated, _h_rebuilt(l, facts)) + t
+            recompute = max(m * _block_recompute(l, sv, e, x_in, facts.fused and l.gated, _h_rebuilt(l, facts),
+                                                 cfg.model.offload_attention) + t
                             for l, sv, (_, t) in zip(facts.layers, saved, extra))
         else:
             recompute = max(m * (s - x_in) + m * g + t for s, (g, t) in zip(per_layer, extra))

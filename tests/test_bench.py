@@ -310,12 +310,21 @@ def test_rows_past_the_time_budget_are_listed_as_not_run(tmp_path):
                                                                ("off", "not run: --time-budget 0 s spent")]
 
 
-def test_offload_attention_runs_offloaded_rows_and_needs_activation_offload(tmp_path, capsys):
-    out = tmp_path / "r.json"
-    args = ("--shape", "tiny", "--steps", "1", "--warmup", "0", "--gradient-checkpointing", "on",
-            "--activation-offload", "on", "--offload-attention", "--json", str(out))
-    assert bench.main(_args(*args)) == 0
-    report = json.loads(out.read_text())
-    assert report["offload_attention"] is True and report["results"][0]["checkpointing"] == "offload"
-    assert bench.main(_args("--shape", "tiny", "--offload-attention")) == 2
+def test_offload_attention_is_on_by_default_with_activation_offload_and_needs_it(tmp_path, capsys):
+    # as the job's model.offload_attention: on unless turned off; exact either way (the saved tensors are
+    # the ones a recompute would make), so both rows train to the same losses bit for bit
+    reports = {}
+    for flag in ((), ("--offload-attention", "off")):
+        out = tmp_path / f"r{len(flag)}.json"
+        args = ("--shape", "tiny", "--steps", "2", "--warmup", "0", "--gradient-checkpointing", "on",
+                "--activation-offload", "on", *flag, "--json", str(out))
+        assert bench.main(_args(*args)) == 0
+        reports[flag] = json.loads(out.read_text())
+    on, off = reports[()], reports[("--offload-attention", "off")]
+    assert on["offload_attention"] is True and off["offload_attention"] is False
+    assert on["results"][0]["checkpointing"] == "offload"
+    assert on["results"][0]["losses"] == off["results"][0]["losses"]
+    assert bench.main(_args("--shape", "tiny", "--offload-attention", "on")) == 2
     assert "--offload-attention changes what --activation-offload keeps on the host" in capsys.readouterr().err
+
+

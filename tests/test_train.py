@@ -366,6 +366,26 @@ def test_fused_kernels_follow_the_plain_forward_step_for_step(tmp_path, capsys):
     assert [m["grad_norm"] for m in two] == pytest.approx([m["grad_norm"] for m in one], rel=1e-4)
 
 
+def test_activation_offload_keeps_attention_on_the_host_as_configured_and_the_step_exact(tmp_path, capsys):
+    # model.offload_attention (default on): the job's offloader saves the attention blocks' tensors on
+    # the host; off: it recomputes them. Both compute the same values (a recompute is the same forward),
+    # and the offloaded inputs are copies: the same losses and adapters as the model's own checkpointing,
+    # bit for bit.
+    runs = {}
+    for name, extra in (("saved", []), ("recomputed", ["model.offload_attention=false"]), ("ckpt", None)):
+        offload = [] if extra is None else ["model.activation_offload=true", *extra]
+        cfg = load_config(None, [*RANDOM, f"train.output_dir={tmp_path / name}", "model.fused_kernels=on", *offload])
+        run = train.setup(cfg)
+        offloaders = {getattr(m, "_lora_dist_offloader", None) for m in run.model.modules()} - {None}
+        assert len(offloaders) == (0 if extra is None else 1)
+        if offloaders:
+            assert offloaders.pop().save_attention == (name == "saved")
+        runs[name] = [train.train_step(run, _window(run))["loss"] for _ in range(2)], _adapter_snapshot(run)
+    for name in ("saved", "recomputed"):
+        assert runs[name][0] == runs["ckpt"][0]
+        assert all(torch.equal(runs[name][1][k], v) for k, v in runs["ckpt"][1].items())
+
+
 def test_fused_loss_is_the_mean_over_all_response_tokens_of_the_global_batch(tiny_dir, tmp_path, capsys):
     # The fused chunked loss divides its summed token loss by num_items_in_batch, the global token
     # count, as the plain forward does (micro batches of unequal counts).
