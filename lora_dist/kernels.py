@@ -70,7 +70,8 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
-_DEQUANTIZE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base -> {dtype: (key, plan)}
+# base -> {slot: (key, plan)}; slot: a dtype (`_base_weight`) or ("fp8", transpose) (`_fp8_weight`)
+_DEQUANTIZE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _plan_key(weight: torch.Tensor) -> tuple:
@@ -83,6 +84,24 @@ def _plan_key(weight: torch.Tensor) -> tuple:
             id(getattr(state2, "absmax", None)), id(getattr(state2, "code", None)))
 
 
+def _kept_plan(base: nn.Module, slot) -> Callable | None:
+    """The plan kept for (base, slot) while base's weight is the one it was made for; None otherwise."""
+    plans = _DEQUANTIZE_PLANS.get(base)
+    if plans is None:
+        return None
+    key = _plan_key(base.weight)
+    hit = plans.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    if any(k != key for k, _ in plans.values()):  # the weight was replaced: no plan keeps the old one alive
+        del _DEQUANTIZE_PLANS[base]
+    return None
+
+
+def _keep_plan(base: nn.Module, slot, plan: Callable) -> None:
+    _DEQUANTIZE_PLANS.setdefault(base, {})[slot] = (_plan_key(base.weight), plan)
+
+
 def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) weight a base linear computes with, in `dtype` (a temporary for 4-bit).
 
@@ -91,14 +110,9 @@ def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     while the weight's data and state stay the same objects (`triton_ops.DequantizePlan`: the host
     time of a launch, not its result, changes); elsewhere through bitsandbytes.
     """
-    plans = _DEQUANTIZE_PLANS.get(base)
-    if plans is not None:
-        key = _plan_key(base.weight)
-        hit = plans.get(dtype)
-        if hit is not None and hit[0] == key:
-            return hit[1]()
-        if any(k != key for k, _ in plans.values()):  # the weight was replaced: no plan keeps the old one alive
-            del _DEQUANTIZE_PLANS[base]
+    plan = _kept_plan(base, dtype)
+    if plan is not None:
+        return plan()
     if quant.bits_of(base) == 4:
         if base.weight.is_cuda:
             data, state = quant.packed_4bit(base)
@@ -110,7 +124,7 @@ def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
                     return ops.dequantize_4bit(data, state, state.dtype).to(dtype)
                 plan = ops.DequantizePlan(data, state, dtype)
                 if data.data_ptr() == base.weight.data_ptr():  # the weight's own data, not a repacked copy
-                    _DEQUANTIZE_PLANS.setdefault(base, {})[dtype] = (_plan_key(base.weight), plan)
+                    _keep_plan(base, dtype, plan)
                 return plan()
         return quant.dequantize_weight(base, dtype)
     return base.weight.detach().to(dtype)
@@ -444,12 +458,12 @@ def _add_base_grads(grad_x: torch.Tensor | None, outputs_grads, layers, fp8: boo
     for g, layer in zip(outputs_grads or (), layers):
         if g is None:
             continue
-        w = _base_weight(layer.base_layer, g.dtype)  # (out, in)
         if fp8:
-            part = _fp8_mm(g, _fp8_cols(w), g.dtype)  # (M, in)
+            part = _fp8_mm(g, _fp8_weight(layer.base_layer, g.dtype, transpose=True), g.dtype)  # (M, in)
             grad_x = part if grad_x is None else grad_x.add_(part)
-        else:
-            grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
+            continue
+        w = _base_weight(layer.base_layer, g.dtype)  # (out, in)
+        grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
         del w
     return grad_x
 
@@ -506,15 +520,21 @@ def _fp8_takes(x2: torch.Tensor, layers) -> bool:
     return True
 
 
+def _fp8_factors(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(multiplier 448 / amax, scale amax / 448), fp32, of w's rows (dim 1) or columns (dim 0)."""
+    amax = w.abs().amax(dim=dim, keepdim=True).float().clamp(min=1e-30)
+    # a multiply by the reciprocal rounds alike eager, compiled and Triton (a division may not)
+    return E4M3_MAX / amax, amax / E4M3_MAX
+
+
 def _fp8_rows_fn(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    amax = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-30)  # (M, 1)
-    # a multiply by the reciprocal rounds alike eager and compiled (a division may not)
-    return (t.contiguous() * (E4M3_MAX / amax)).to(torch.float8_e4m3fn), amax / E4M3_MAX
+    mult, scale = _fp8_factors(t, 1)  # (M, 1)
+    return (t.contiguous() * mult).to(torch.float8_e4m3fn), scale
 
 
 def _fp8_cols_fn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    amax = w.abs().amax(dim=0, keepdim=True).float().clamp(min=1e-30)  # (1, in)
-    return (w * (E4M3_MAX / amax)).t().contiguous().to(torch.float8_e4m3fn), (amax / E4M3_MAX).t()
+    mult, scale = _fp8_factors(w, 0)  # (1, in)
+    return (w * mult).t().contiguous().to(torch.float8_e4m3fn), scale.t()
 
 
 def fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -526,6 +546,44 @@ def fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _fp8_cols(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8_rows(w.T) without a transposed copy of w in the compute dtype: ((in, out) e4m3, (in, 1))."""
     return _fused(_fp8_cols_fn, w)
+
+
+class _Fp8WeightPlan:
+    """A frozen 4-bit weight's e4m3 operand, made again on each call from its packed data in one kernel
+    (`triton_ops.dequantize_4bit_fp8`) with the multipliers and scales `fp8_rows` / `_fp8_cols` give its
+    bf16 dequantize, computed once here (from one bf16 dequantize)."""
+
+    __slots__ = ("data", "mult", "scale", "state", "transpose")
+
+    def __init__(self, base: nn.Module, data: torch.Tensor, state, transpose: bool) -> None:
+        self.data, self.state, self.transpose = data, state, transpose
+        w = _base_weight(base, torch.bfloat16)
+        mult, scale = _fp8_factors(w, 0 if transpose else 1)
+        self.mult, self.scale = mult.reshape(-1).contiguous(), scale.reshape(-1, 1)
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _triton_ops().dequantize_4bit_fp8(self.data, self.state, self.mult, self.transpose), self.scale
+
+
+def _fp8_weight(base: nn.Module, dtype: torch.dtype, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base weight as an `_fp8_mm` operand: `fp8_rows(W)` ((out, in), per output feature) or with
+    `transpose` `_fp8_cols(W)` ((in, out), per input feature). A 4-bit bf16 weight on CUDA goes from its
+    packed data to e4m3 in one kernel (`_Fp8WeightPlan`, kept beside the dequantize plans); elsewhere
+    through the `dtype` weight."""
+    slot = ("fp8", transpose)
+    plan = _kept_plan(base, slot)
+    if plan is not None:
+        return plan()
+    if dtype == torch.bfloat16 and base.weight.is_cuda and quant.bits_of(base) == 4:
+        data, state = quant.packed_4bit(base)
+        ops = _triton_ops()
+        if (ops is not None and ops.dequantizes_to_fp8(data, state) and state.dtype in (dtype, torch.float32)
+                and data.data_ptr() == base.weight.data_ptr()):
+            plan = _Fp8WeightPlan(base, data, state, transpose)
+            _keep_plan(base, slot, plan)
+            return plan()
+    w = _base_weight(base, dtype)
+    return _fp8_cols(w) if transpose else fp8_rows(w)
 
 
 def _fp8_mm(a, b_t, dtype: torch.dtype) -> torch.Tensor:
@@ -572,9 +630,9 @@ class _LoRAOutput(torch.autograd.Function):
             # it afterwards would be a memory-bound pass over y.
             bias = layer.base_layer.bias
             if handoff.fp8:  # _scaled_mm does not accumulate: the rank-r product goes onto its output
-                w = _base_weight(layer.base_layer, dtype)
-                y = _fp8_mm(x_fp8, w, dtype).addmm_(xa[:, start : start + r], _scaled_b(b, layer.scaling, dtype).t())
-                del w
+                w8 = _fp8_weight(layer.base_layer, dtype, transpose=False)
+                y = _fp8_mm(x_fp8, w8, dtype).addmm_(xa[:, start : start + r], _scaled_b(b, layer.scaling, dtype).t())
+                del w8
                 if bias is not None:
                     y += bias.to(dtype)
             else:
@@ -726,7 +784,7 @@ def _geglu_bwd(g, gate, up):
     return (gg * upf * d_gelu).to(gate.dtype), (gg * gelu).to(up.dtype)
 
 
-_TRITON_FORWARDS = (_rmsnorm_fwd, _rmsnorm_apply, _swiglu_fwd, _geglu_fwd)
+_TRITON_FORWARDS = (_rmsnorm_fwd, _rmsnorm_apply, _swiglu_fwd, _geglu_fwd, _fp8_rows_fn)
 _COMPILED: dict[str, Callable] = {}
 _COMPILE_ENABLED = True
 
@@ -751,6 +809,8 @@ def _triton_forward(fn: Callable, args: tuple):
         return ops.rmsnorm(x, weight, rstd, 0.0, offset, fp32_weight)
     if fn is _swiglu_fwd or fn is _geglu_fwd:
         return ops.gated_forward(*args, gelu=fn is _geglu_fwd)
+    if fn is _fp8_rows_fn:
+        return ops.fp8_rows(args[0], E4M3_MAX)
     return None
 
 

@@ -526,3 +526,122 @@ def gated_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Ten
                       {"BACKWARD": False, "GELU": bool(gelu), "GELU_C": _GELU_C, "BLOCK": _BLOCK})
     return h
 
+
+
+# ------------------------------------------------------------------ FP8 e4m3 operands of the base GEMMs
+#
+# `kernels`' FP8 path quantizes every operand of a frozen base GEMM: x and g per row (token), a 4-bit
+# weight per output feature (forward) or per input feature (backward, stored transposed). As
+# torch.compile'd functions each of the ~1,000 calls of a Llama-3-8B step cost ~240 us of host time
+# and a weight took three passes (dequantize to bf16, its amax, the scaled cast); here one launch
+# each, and a weight goes from its packed 4-bit form to e4m3 in one pass with multipliers made once
+# per weight (it is frozen). Same arithmetic as `kernels._fp8_rows_fn` / `_fp8_cols_fn` (fp32
+# multiplier 448 / amax and scale amax / 448, each one correctly rounded division; the scaled value
+# rounded to nearest-even e4m3): bit for bit their results (`tests/test_fp8.py` checks on the GPU).
+
+
+@triton.jit
+def _fp8_rows_kernel(t_ptr, q_ptr, scale_ptr, n_cols, t_stride, E4M3_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    nans = tl.zeros((BLOCK,), dtype=tl.int32)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        v = tl.load(t_ptr + row * t_stride + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+        nans += (v != v).to(tl.int32)  # the hardware max drops a NaN; torch's amax keeps it
+    amax = tl.maximum(tl.max(amax, axis=0), 1e-30)
+    amax = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), amax)
+    top = tl.cast(E4M3_MAX, tl.float32)
+    mult = tl.math.div_rn(top, amax)
+    tl.store(scale_ptr + row, tl.math.div_rn(amax, top))
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        v = tl.load(t_ptr + row * t_stride + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        tl.store(q_ptr + row * n_cols + cols, (v * mult).to(q_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+_FP8_ROWS = _Runners(_fp8_rows_kernel)
+_FP8_BLOCK = 2048
+
+
+def fp8_rows(t: torch.Tensor, e4m3_max: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`kernels._fp8_rows_fn(t)` for a 2-D t with contiguous rows: ((M, K) e4m3, (M, 1) fp32 scales); None
+    where this kernel does not take t (the caller runs the torch function)."""
+    if (t.dim() != 2 or t.stride(-1) != 1 or t.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or t.device.index != torch.cuda.current_device()):
+        return None
+    m, k = t.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=t.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=t.device)
+    if m and k:
+        key = (m, k, t.stride(0), t.dtype, *_aligned(t, q, scale))
+        _FP8_ROWS.launch(key, (m, 1, 1), (t, q, scale, k, t.stride(0)),
+                         {"E4M3_MAX": float(e4m3_max), "BLOCK": _FP8_BLOCK}, num_warps=8)
+    return q, scale
+
+
+@triton.jit
+def _dequantize_fp8_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, mult_ptr, out_ptr,
+                           n_rows, n_cols, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                           FP4: tl.constexpr, TRANSPOSE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # a (BN, BK) tile of the (n_rows, n_cols) weight: bitsandbytes' dequantize (as `_dequantize_4bit_kernel`,
+    # rounded to bf16), times its row's (or, transposed, its column's) multiplier, rounded to e4m3
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    e = rows[:, None] * n_cols + cols[None, :]  # element index (the caller keeps it within int32)
+    byte = tl.load(packed_ptr + e // 2, mask=inside, other=0).to(tl.int32)
+    nibble = tl.where(e % 2 == 0, byte >> 4, byte & 15)  # the even element in the high 4 bits
+    value = tl.load(code_ptr + nibble)
+    if FP4:  # the sign bit from the nibble's top bit (bitsandbytes' code 8 is -0.0)
+        value = (value.to(tl.int32, bitcast=True) | (((nibble >> 3) & 1) << 31)).to(tl.float32, bitcast=True)
+    block = e // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=inside, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=inside, other=0.0)
+    value = (value * scale).to(tl.bfloat16).to(tl.float32)
+    if TRANSPOSE:  # out is (n_cols, n_rows): column k's multiplier, stored through a transposed tile
+        mult = tl.load(mult_ptr + cols, mask=cols < n_cols, other=0.0)
+        q8 = tl.trans((value * mult[None, :]).to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + cols[:, None] * n_rows + rows[None, :], q8, mask=tl.trans(inside))
+    else:
+        mult = tl.load(mult_ptr + rows, mask=rows < n_rows, other=0.0)
+        tl.store(out_ptr + e, (value * mult[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+_DEQUANTIZE_FP8 = _Runners(_dequantize_fp8_kernel)
+_FP8_BN, _FP8_BK = 64, 128
+
+
+def dequantizes_to_fp8(packed: torch.Tensor, state) -> bool:
+    """Whether `dequantize_4bit_fp8` takes this weight: `dequantizes` does, and it is 2-D (a linear's)."""
+    return dequantizes(packed, state) and len(state.shape) == 2
+
+
+def dequantize_4bit_fp8(packed: torch.Tensor, state, mult: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """A 4-bit (out, in) weight W straight to e4m3: bf16(W) * mult rounded to e4m3, (out, in) with `mult`
+    (out,) per row, or with `transpose` (in, out) = (bf16(W) * mult).T with `mult` (in,) per column.
+
+    What `kernels._fp8_rows_fn` / `_fp8_cols_fn` give from bitsandbytes' bf16 dequantize, given their
+    multipliers (448 / amax, fp32, contiguous), without the bf16 weight ever being written."""
+    n_rows, n_cols = state.shape
+    out = torch.empty((n_cols, n_rows) if transpose else (n_rows, n_cols), dtype=torch.float8_e4m3fn,
+                      device=packed.device)
+    nested = bool(state.nested)
+    absmax2 = state.state2.absmax if nested else state.absmax  # (unused pointers where not nested)
+    code2 = state.state2.code if nested else state.code
+    offset = state.offset if nested else state.absmax
+    grid = (triton.cdiv(n_rows, _FP8_BN), triton.cdiv(n_cols, _FP8_BK), 1)
+    key = (n_rows, n_cols, state.blocksize, state.state2.blocksize if nested else 1, nested,
+           state.quant_type == "fp4", bool(transpose), *_aligned(packed, state.absmax, mult, out))
+    with _on(packed.device):
+        _DEQUANTIZE_FP8.launch(key, grid, (packed, state.absmax, state.code, absmax2, code2, offset, mult, out,
+                                           n_rows, n_cols),
+                               {"BLOCKSIZE": state.blocksize, "BLOCKSIZE2": state.state2.blocksize if nested else 1,
+                                "NESTED": nested, "FP4": state.quant_type == "fp4", "TRANSPOSE": bool(transpose),
+                                "BN": _FP8_BN, "BK": _FP8_BK}, num_warps=8, enable_fp_fusion=False)
+    return out

@@ -167,6 +167,99 @@ def test_cuda_bf16_fp8_group_equals_the_products_of_its_quantized_operands(fp8):
     assert rel_err(grad_x, ref_grad) < 1e-2
 
 
+def _bits_or_nan(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 values as (NaN positions, bit patterns elsewhere): a NaN's sign bit is not part of the contract."""
+    nan = q.float().isnan()
+    return nan, q.view(torch.uint8).masked_fill(nan, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(8192, 4096), (37, 14336), (5, 33)])
+def test_cuda_fp8_rows_kernel_is_the_torch_function_bit_for_bit(dtype, shape):
+    # triton_ops.fp8_rows against kernels._fp8_rows_fn run eagerly: the same fp32 multiplier (one
+    # correctly rounded 448 / amax), the same product, one rounding to e4m3: equal bits, scales equal.
+    # Rows: an all-zero one (the clamp), a NaN one (NaN throughout, as torch's amax keeps it), an inf one.
+    from lora_dist import triton_ops
+
+    torch.manual_seed(0)
+    t = (torch.randn(shape, device="cuda") * torch.rand(shape[0], 1, device="cuda") * 10).to(dtype)
+    t[0] = 0
+    t[1, 3], t[2, 5] = float("nan"), float("inf")
+    q, s = triton_ops.fp8_rows(t, kernels.E4M3_MAX)
+    ref_q, ref_s = kernels._fp8_rows_fn(t)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == ref_q.shape and s.shape == ref_s.shape
+    assert all(torch.equal(a, b) for a, b in zip(_bits_or_nan(q), _bits_or_nan(ref_q)))
+    assert torch.equal(s.nan_to_num(), ref_s.nan_to_num()) and torch.equal(s.isnan(), ref_s.isnan())
+    assert q[1].float().isnan().all() and not q[0].float().isnan().any()
+    got_q, got_s = kernels.fp8_rows(t)  # what the FP8 GEMMs call: this kernel, not torch.compile
+    assert torch.equal(got_q.view(torch.uint8), q.view(torch.uint8)) and got_s.data_ptr() != s.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1536, 4160), (48, 80)])
+def test_cuda_fp8_weight_goes_from_packed_4bit_to_e4m3_as_the_torch_functions_of_its_bf16_dequantize(
+        quant_type, double_quant, weight_dtype, shape):
+    # One kernel from the packed weight (bitsandbytes' dequantize op for op, rounded to bf16, times the
+    # plan's multiplier per row or, transposed, per column, rounded to e4m3) against bitsandbytes'
+    # dequantize then the eager torch functions: equal bits and scales, both directions, the plan's
+    # first launch (Triton's JIT) and its later ones (the cached runner).
+    from lora_dist import quant
+
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(shape[1], shape[0], bias=False)).to(weight_dtype).cuda()
+    quant.quantize_model(holder, bits=4, quant_type=quant_type, double_quant=double_quant,
+                         compute_dtype=torch.bfloat16, skip_modules=())
+    base = holder[0]
+    w = quant.dequantize_weight(base, torch.bfloat16)
+    for transpose, ref_fn in ((False, kernels._fp8_rows_fn), (True, kernels._fp8_cols_fn)):
+        ref_q, ref_s = ref_fn(w)
+        for _ in range(2):
+            q, s = kernels._fp8_weight(base, torch.bfloat16, transpose)
+            assert q.dtype == torch.float8_e4m3fn and q.shape == ref_q.shape and q.is_contiguous()
+            assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
+    plans = kernels._DEQUANTIZE_PLANS[base]
+    assert all(isinstance(plans[("fp8", t)][1], kernels._Fp8WeightPlan) for t in (False, True))
+
+
+@pytest.mark.gpu
+def test_cuda_fp8_group_over_4bit_weights_is_the_same_through_the_direct_kernel_as_through_bf16(fp8, monkeypatch):
+    # The fused path's FP8 GEMMs with the weights' e4m3 operands made straight from their packed data,
+    # then again through a bf16 dequantize and the torch functions (the direct kernel turned off):
+    # the same operands, so the same outputs and gradients, bit for bit.
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
+    from lora_dist import quant, triton_ops
+
+    torch.manual_seed(0)
+    layers = []
+    for out in (512, 128):
+        holder = nn.Sequential(nn.Linear(256, out, bias=False)).cuda()
+        quant.quantize_model(holder, bits=4, compute_dtype=torch.bfloat16, skip_modules=())  # NF4, double quant
+        layers.append(LoRALayer.from_base(holder[0], rank=16, alpha=32).cuda())
+        nn.init.normal_(layers[-1].lora_B.weight, std=0.05)
+    x = torch.randn(384, 256, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        ys = kernels.lora_group(xi, layers)
+        loss = sum((y.float() * (i + 1)).sin().sum() for i, y in enumerate(ys))
+        grads = torch.autograd.grad(loss, [xi, *[layer.lora_B.weight for layer in layers]])
+        return [y.detach() for y in ys], grads
+
+    direct = run()
+    assert all(("fp8", t) in kernels._DEQUANTIZE_PLANS[layer.base_layer] for layer in layers for t in (False, True))
+    for layer in layers:
+        kernels._DEQUANTIZE_PLANS.pop(layer.base_layer)
+    monkeypatch.setattr(triton_ops, "dequantizes_to_fp8", lambda packed, state: False)
+    through_bf16 = run()
+    for a, b in zip([*direct[0], *direct[1]], [*through_bf16[0], *through_bf16[1]]):
+        assert torch.equal(a, b)
+
+
 def test_fp8_is_taken_only_where_it_can_run(fp8):
     x = torch.zeros(32, 128)
     assert kernels._fp8_takes(x, _group())
