@@ -16,6 +16,7 @@ Schedule = Literal["cosine", "linear", "constant"]
 NanPolicy = Literal["skip", "stop"]
 Engine = Literal["auto", "deepspeed", "none"]
 FusedKernels = Literal["auto", "on", "off"]
+Fp8Base = Literal["off", "backward", "all"]
 WandbMode = Literal["online", "offline", "disabled"]
 ZeroStage = Literal[0, 1, 2, 3]
 

@@ -3,7 +3,7 @@
 A YAML file mirrors the dataclasses one to one:
 
     model:        {path, bits, quant_type, double_quant, compute_dtype, gradient_checkpointing, activation_offload,
-                   offload_attention, attn_implementation, cuda_graphs, fused_kernels}
+                   offload_attention, attn_implementation, cuda_graphs, fused_kernels, fp8_base}
     lora:         LoRAConfig (lora_dist.model)
     data:         DataConfig (lora_dist.data)
     train:        TrainConfig
@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lora_dist.choices import Bits, Dtype, Engine, FusedKernels, NanPolicy, QuantType, Schedule, WandbMode, ZeroStage
+from lora_dist.choices import Bits, Dtype, Engine, Fp8Base, FusedKernels, NanPolicy, QuantType, Schedule, WandbMode, ZeroStage
 from lora_dist.data import DataConfig
 from lora_dist.errors import ConfigError, read_text
 from lora_dist.layout import SHIPPED_DATASET, RunFolder
@@ -87,9 +87,22 @@ class ModelConfig:
     """Route the forward through `families.patch_model_for_speed` (grouped LoRA GEMMs, chunked loss, fused
     norms/RoPE/activations), for the families it lists: "on" (others refused), "off", or "auto" (on for a
     4-bit base on CUDA where the family is listed; other families run their own forward)."""
+    fp8_base: Fp8Base = "off"
+    """The fused path's frozen base GEMMs in FP8 e4m3 (`kernels.set_fp8_base_gemms`: x and g scaled per
+    token, the weight per feature, fp32 accumulation), on GPUs with FP8 tensor cores (Ada, Hopper) in bf16
+    compute (the CPU runs it as a reference). "backward": the checkpointed recompute and x's gradient
+    through the base weights in FP8, the forward that computes the loss in bf16 (the loss is the bf16
+    model's; the adapters' gradients are taken through FP8-rounded products); "all": the forward too.
+    Opt-in: it changes the gradients (see the README's FP8 table for what it costs the loss)."""
 
     def problems(self) -> list[str]:
         out = []
+        if self.fp8_base != "off" and self.compute_dtype != "bf16":
+            out.append(f"model.fp8_base={self.fp8_base} runs in bf16 compute: set model.compute_dtype=bf16, or "
+                       "model.fp8_base=off")
+        if self.fp8_base != "off" and self.fused_kernels == "off":
+            out.append(f"model.fp8_base={self.fp8_base} runs in the fused kernels: set model.fused_kernels=on, or "
+                       "model.fp8_base=off")
         if self.activation_offload and not self.gradient_checkpointing:
             out.append("model.activation_offload offloads checkpointed layer inputs: set "
                        "model.gradient_checkpointing=true, or model.activation_offload=false")

@@ -213,19 +213,34 @@ def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device, use_de
     `model.cuda_graphs` asks and they apply; returns whether the fused path took."""
     from lora_dist import families
 
+    kernels.set_fp8_base_gemms(False)  # a process-wide switch: nothing left from an earlier run in this process
+    fp8 = cfg.model.fp8_base
     mode = cfg.model.fused_kernels
     if mode == "off" or (mode == "auto" and not (device.type == "cuda" and cfg.model.bits == 4)):
+        _refuse_fp8_without_fused_path(fp8, "model.fused_kernels=auto takes a 4-bit base on CUDA only")
         return False
     try:
         families.patch_model_for_speed(model)
     except families.UnsupportedModel as err:
         if mode == "on":
             raise
+        _refuse_fp8_without_fused_path(fp8, f"{err.family}: {err.reason}")
         warnings.warn(f"model.fused_kernels=auto: {err.family}: {err.reason}; training on the model's own forward")
         return False
+    if fp8 != "off":
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ConfigError(f"model.fp8_base={fp8} needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); "
+                              f"this GPU is {torch.cuda.get_device_name(device)}: set model.fp8_base=off")
+        kernels.set_fp8_base_gemms(True, forward=fp8 == "all")
     if graphs_apply(cfg, device, use_deepspeed):
         graphs.enable_layer_graphs(loading.decoder_layers(model), cfg.model.gradient_checkpointing)
     return True
+
+
+def _refuse_fp8_without_fused_path(fp8: str, why: str) -> None:
+    if fp8 != "off":
+        raise ConfigError(f"model.fp8_base={fp8} runs in the fused kernels, which do not take this run ({why}): "
+                          "set model.fp8_base=off")
 
 
 def graphs_apply(cfg: Config, device: torch.device, use_deepspeed: bool) -> bool:

@@ -386,6 +386,45 @@ def test_activation_offload_keeps_attention_on_the_host_as_configured_and_the_st
         assert all(torch.equal(runs[name][1][k], v) for k, v in runs["ckpt"][1].items())
 
 
+ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_fp8_base_backward_keeps_the_loss_and_changes_the_gradients_all_changes_both(tmp_path, capsys):
+    # model.fp8_base on the CPU's reference FP8 (torch._scaled_mm there): "backward" leaves the loss's
+    # forward in bf16, so the first step's loss is the bf16 run's bit for bit while its gradient (taken
+    # through e4m3-rounded products, ~2^-4 relative per element) is not; "all" rounds the forward too.
+    # A run after them with fp8_base=off finds the process-wide switch off again.
+    from lora_dist import kernels
+
+    def first_step(name, fp8):
+        cfg = load_config(None, [*RANDOM, f"train.output_dir={tmp_path / name}", "model.fused_kernels=on",
+                                 "model.compute_dtype=bf16", "distributed.precision=bf16", f"model.fp8_base={fp8}",
+                                 f"lora.target_modules=[{','.join(ALL_LINEARS)}]"])  # every group fused
+        run = train.setup(cfg)
+        assert kernels.fp8_switches() == {"off": (False, True, True), "backward": (True, True, False),
+                                          "all": (True, True, True)}[fp8]
+        return train.train_step(run, _window(run))
+
+    off, backward, every = (first_step(f, f) for f in ("off", "backward", "all"))
+    assert backward["loss"] == off["loss"] and backward["grad_norm"] != off["grad_norm"]
+    assert every["loss"] != off["loss"]
+    # the same model and data: the FP8 gradient is within e4m3's rounding of the bf16 one, not far off
+    assert backward["grad_norm"] == pytest.approx(off["grad_norm"], rel=0.1)
+    assert first_step("off-again", "off")["loss"] == off["loss"]
+
+
+def test_fp8_base_needs_bf16_compute_and_the_fused_path(tmp_path):
+    with pytest.raises(ConfigError, match="model.fp8_base=backward runs in bf16 compute"):
+        load_config(None, [*RANDOM, f"train.output_dir={tmp_path}", "model.fp8_base=backward"])
+    with pytest.raises(ConfigError, match="model.fp8_base=all runs in the fused kernels"):
+        load_config(None, [*RANDOM, f"train.output_dir={tmp_path}", "model.fp8_base=all", "model.compute_dtype=bf16",
+                           "distributed.precision=bf16", "model.fused_kernels=off"])
+    cfg = load_config(None, [*RANDOM, f"train.output_dir={tmp_path}", "model.fp8_base=all", "model.compute_dtype=bf16",
+                             "distributed.precision=bf16"])  # fused_kernels=auto: not on the CPU
+    with pytest.raises(ConfigError, match="runs in the fused kernels, which do not take this run"):
+        train.setup(cfg)
+
+
 def test_fused_loss_is_the_mean_over_all_response_tokens_of_the_global_batch(tiny_dir, tmp_path, capsys):
     # The fused chunked loss divides its summed token loss by num_items_in_batch, the global token
     # count, as the plain forward does (micro batches of unequal counts).
