@@ -536,12 +536,13 @@ def gated_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Ten
 # and a weight took three passes (dequantize to bf16, its amax, the scaled cast); here one launch
 # each, and a weight goes from its packed 4-bit form to e4m3 in one pass with multipliers made once
 # per weight (it is frozen). Same arithmetic as `kernels._fp8_rows_fn` / `_fp8_cols_fn` (fp32
-# multiplier 448 / amax and scale amax / 448, each one correctly rounded division; the scaled value
+# multiplier 448 / amax, one correctly rounded division; scale amax * fp32(1 / 448); the scaled value
 # rounded to nearest-even e4m3): bit for bit their results (`tests/test_fp8.py` checks on the GPU).
 
 
 @triton.jit
-def _fp8_rows_kernel(t_ptr, q_ptr, scale_ptr, n_cols, t_stride, E4M3_MAX: tl.constexpr, BLOCK: tl.constexpr):
+def _fp8_rows_kernel(t_ptr, q_ptr, scale_ptr, n_cols, t_stride, E4M3_MAX: tl.constexpr, INV_E4M3_MAX: tl.constexpr,
+                     BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     nans = tl.zeros((BLOCK,), dtype=tl.int32)
@@ -552,9 +553,8 @@ def _fp8_rows_kernel(t_ptr, q_ptr, scale_ptr, n_cols, t_stride, E4M3_MAX: tl.con
         nans += (v != v).to(tl.int32)  # the hardware max drops a NaN; torch's amax keeps it
     amax = tl.maximum(tl.max(amax, axis=0), 1e-30)
     amax = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), amax)
-    top = tl.cast(E4M3_MAX, tl.float32)
-    mult = tl.math.div_rn(top, amax)
-    tl.store(scale_ptr + row, tl.math.div_rn(amax, top))
+    mult = tl.math.div_rn(tl.cast(E4M3_MAX, tl.float32), amax)
+    tl.store(scale_ptr + row, amax * INV_E4M3_MAX)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         v = tl.load(t_ptr + row * t_stride + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
@@ -577,7 +577,8 @@ def fp8_rows(t: torch.Tensor, e4m3_max: float) -> tuple[torch.Tensor, torch.Tens
     if m and k:
         key = (m, k, t.stride(0), t.dtype, *_aligned(t, q, scale))
         _FP8_ROWS.launch(key, (m, 1, 1), (t, q, scale, k, t.stride(0)),
-                         {"E4M3_MAX": float(e4m3_max), "BLOCK": _FP8_BLOCK}, num_warps=8)
+                         {"E4M3_MAX": float(e4m3_max), "INV_E4M3_MAX": 1.0 / e4m3_max, "BLOCK": _FP8_BLOCK},
+                         num_warps=8)
     return q, scale
 
 
