@@ -541,17 +541,6 @@ def gated_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Ten
 
 
 @triton.jit
-def _e4m3_grid(v):
-    """v (fp32) rounded to nearest even on e4m3's grid (3 mantissa bits; multiples of 2^-9 below 2^-6, its
-    subnormals), still in fp32: its cast to e4m3 is then exact. Triton may cast fp32 to e4m3 through fp16,
-    rounding twice: 100.0000076 became 96 (via fp16's 100.0, a tie) where torch gives 104 (H200, Triton 3.6)."""
-    bits = v.to(tl.int32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-    subnormal = ((v * 512.0 + 12582912.0) - 12582912.0) * 0.001953125  # 1.5 * 2^23: fp32's add rounds to an integer
-    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
-
-
-@triton.jit
 def _fp8_rows_kernel(t_ptr, q_ptr, scale_ptr, n_cols, t_stride, E4M3_MAX: tl.constexpr, INV_E4M3_MAX: tl.constexpr,
                      BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -569,7 +558,7 @@ def _fp8_rows_kernel(t_ptr, q_ptr, scale_ptr, n_cols, t_stride, E4M3_MAX: tl.con
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         v = tl.load(t_ptr + row * t_stride + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        tl.store(q_ptr + row * n_cols + cols, _e4m3_grid(v * mult).to(q_ptr.dtype.element_ty), mask=cols < n_cols)
+        tl.store(q_ptr + row * n_cols + cols, (v * mult).to(q_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
 _FP8_ROWS = _Runners(_fp8_rows_kernel)
@@ -618,11 +607,11 @@ def _dequantize_fp8_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_
     value = (value * scale).to(tl.bfloat16).to(tl.float32)
     if TRANSPOSE:  # out is (n_cols, n_rows): column k's multiplier, stored through a transposed tile
         mult = tl.load(mult_ptr + cols, mask=cols < n_cols, other=0.0)
-        q8 = tl.trans(_e4m3_grid(value * mult[None, :]).to(out_ptr.dtype.element_ty))
+        q8 = tl.trans((value * mult[None, :]).to(out_ptr.dtype.element_ty))
         tl.store(out_ptr + cols[:, None] * n_rows + rows[None, :], q8, mask=tl.trans(inside))
     else:
         mult = tl.load(mult_ptr + rows, mask=rows < n_rows, other=0.0)
-        tl.store(out_ptr + e, _e4m3_grid(value * mult[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(out_ptr + e, (value * mult[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
 
 
 _DEQUANTIZE_FP8 = _Runners(_dequantize_fp8_kernel)
