@@ -523,10 +523,10 @@ def _fp8_takes(x2: torch.Tensor, layers) -> bool:
 def _fp8_factors(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(multiplier 448 / amax, scale amax / 448), fp32, of w's rows (dim 1) or columns (dim 0)."""
     amax = w.abs().amax(dim=dim, keepdim=True).float().clamp(min=1e-30)
-    # Spelled so that every device rounds alike: 448 / amax is one correctly rounded division on the CPU,
-    # on CUDA and in `triton_ops` (div_rn); the scale multiplies by fp32(1 / 448), as CUDA's tensor / scalar
+    # Spelled as every device computes it (`triton_ops` too): torch's 448 / amax is amax.reciprocal() * 448
+    # (Tensor.__rtruediv__), two roundings; the scale multiplies by fp32(1 / 448), as CUDA's tensor / scalar
     # does anyway (the CPU's would divide). The operands scaled by `mult` are multiplied, never divided.
-    return E4M3_MAX / amax, amax * (1.0 / E4M3_MAX)
+    return amax.reciprocal() * E4M3_MAX, amax * (1.0 / E4M3_MAX)
 
 
 def _fp8_rows_fn(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

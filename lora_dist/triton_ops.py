@@ -536,8 +536,8 @@ def gated_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Ten
 # and a weight took three passes (dequantize to bf16, its amax, the scaled cast); here one launch
 # each, and a weight goes from its packed 4-bit form to e4m3 in one pass with multipliers made once
 # per weight (it is frozen). Same arithmetic as `kernels._fp8_rows_fn` / `_fp8_cols_fn` (fp32
-# multiplier 448 / amax, one correctly rounded division; scale amax * fp32(1 / 448); the scaled value
-# rounded to nearest-even e4m3): bit for bit their results (`tests/test_fp8.py` checks on the GPU).
+# multiplier 448 * (1 / amax), the reciprocal correctly rounded; scale amax * fp32(1 / 448); the scaled
+# value cast to e4m3): bit for bit their results (`tests/test_fp8.py` checks on the GPU).
 
 
 @triton.jit
@@ -553,7 +553,7 @@ def _fp8_rows_kernel(t_ptr, q_ptr, scale_ptr, n_cols, t_stride, E4M3_MAX: tl.con
         nans += (v != v).to(tl.int32)  # the hardware max drops a NaN; torch's amax keeps it
     amax = tl.maximum(tl.max(amax, axis=0), 1e-30)
     amax = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), amax)
-    mult = tl.math.div_rn(tl.cast(E4M3_MAX, tl.float32), amax)
+    mult = tl.math.div_rn(1.0, amax) * E4M3_MAX  # as torch: 448 / amax is amax.reciprocal() * 448
     tl.store(scale_ptr + row, amax * INV_E4M3_MAX)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
