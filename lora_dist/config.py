@@ -448,9 +448,8 @@ def _build_section(name: str, cls: type, values: dict[str, Any]) -> tuple[Any, l
             continue
         ok, coerced = _coerce(value, hints[key])
         if not ok:
-            problems.append(
-                f"{name}.{key} must be {_type_name(hints[key])}, got {_show(value)} ({type(value).__name__})"
-            )
+            shown = f"{_show(value)} ({type(value).__name__})" if coerced is value else repr(coerced)
+            problems.append(f"{name}.{key} must be {_type_name(hints[key])}, got {shown}")
             continue
         kwargs[key] = coerced
     try:  # with the well-typed keys only, so the value checks below still run
@@ -485,7 +484,11 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is Any:
         return True, value
     if origin is Literal:  # exact members only: True is not 1, "4" is not 4
-        return any(type(value) is type(c) and value == c for c in typing.get_args(tp)), value
+        members = typing.get_args(tp)
+        if isinstance(value, bool) and any(isinstance(c, str) for c in members):
+            word = "on" if value else "off"  # YAML 1.1 reads a file's bare on/off (yes/no) as booleans
+            return word in members, word
+        return any(type(value) is type(c) and value == c for c in members), value
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:

@@ -76,10 +76,12 @@ _DEQUANTIZE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _plan_key(weight: torch.Tensor) -> tuple:
     """What a dequantize plan was made for: the parameter, its data and every object of its state the kernel
-    reads (the plan holds them, so no id or address is reused while it lives)."""
+    reads (the plan holds them, so no id or address is reused while it lives), and the versions of the data
+    and absmax (an FP8 plan keeps scales computed from their values: an in-place rewrite makes a new one)."""
     state = getattr(weight, "quant_state", None)
     state2 = getattr(state, "state2", None)
-    return (id(weight), weight.data_ptr(), id(state), id(getattr(state, "absmax", None)),
+    absmax = getattr(state, "absmax", None)
+    return (id(weight), weight.data_ptr(), weight._version, getattr(absmax, "_version", None), id(state), id(absmax),
             id(getattr(state, "code", None)), id(getattr(state, "offset", None)), id(state2),
             id(getattr(state2, "absmax", None)), id(getattr(state2, "code", None)))
 
@@ -541,13 +543,20 @@ def _fp8_cols_fn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scale): t (M, K) as row-major e4m3 with one fp32 scale per row, t ~ q * scale (each row's
-    largest magnitude lands on 448)."""
-    return _fused(_fp8_rows_fn, t)
+    largest magnitude lands on 448). On CUDA one Triton kernel (`triton_ops.fp8_rows`); elsewhere, and
+    for what it does not take, the torch function run eagerly: compiled, inductor's division by amax
+    would be Triton's approximate one, a last bit off the kernel's and the weights' (`_Fp8WeightPlan`)."""
+    if _COMPILE_ENABLED and t.is_cuda:
+        out = _triton_forward(_fp8_rows_fn, (t,))
+        if out is not None:
+            return out
+    return _fp8_rows_fn(t)
 
 
 def _fp8_cols(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8_rows(w.T) without a transposed copy of w in the compute dtype: ((in, out) e4m3, (in, 1))."""
-    return _fused(_fp8_cols_fn, w)
+    """fp8_rows(w.T) without a transposed copy of w in the compute dtype: ((in, out) e4m3, (in, 1)); eager,
+    as `fp8_rows`' fallback (a dense base's weight: a 4-bit one goes through `_Fp8WeightPlan`)."""
+    return _fp8_cols_fn(w)
 
 
 class _Fp8WeightPlan:
@@ -786,7 +795,7 @@ def _geglu_bwd(g, gate, up):
     return (gg * upf * d_gelu).to(gate.dtype), (gg * gelu).to(up.dtype)
 
 
-_TRITON_FORWARDS = (_rmsnorm_fwd, _rmsnorm_apply, _swiglu_fwd, _geglu_fwd, _fp8_rows_fn)
+_TRITON_FORWARDS = (_rmsnorm_fwd, _rmsnorm_apply, _swiglu_fwd, _geglu_fwd)
 _COMPILED: dict[str, Callable] = {}
 _COMPILE_ENABLED = True
 

@@ -132,9 +132,10 @@ class SavedGroup:
         """Raise if a tensor was changed in place after its save (autograd's own check is off under hooks)."""
         for t, version in self.live:
             if t._version != version:
-                raise RuntimeError("a tensor saved for backward was changed in place inside an offloaded block "
-                                   "(activation offload's save_attention copies it when saved): turn save_attention "
-                                   "off for this model")
+                raise RuntimeError("a tensor saved for backward was changed in place inside an offloaded attention "
+                                   "block (its saved tensors are copied to host memory when saved): set "
+                                   "model.offload_attention=false (bench: --offload-attention off; "
+                                   "ActivationOffloader(save_attention=False)) for this model")
 
     def unpack(self, packed: torch.Tensor | tuple) -> torch.Tensor:
         """Autograd's unpack hook: the tensor again, on the device (the group's copies back started here if no

@@ -638,7 +638,8 @@ def dequantize_4bit_fp8(packed: torch.Tensor, state, mult: torch.Tensor, transpo
     offset = state.offset if nested else state.absmax
     grid = (triton.cdiv(n_rows, _FP8_BN), triton.cdiv(n_cols, _FP8_BK), 1)
     key = (n_rows, n_cols, state.blocksize, state.state2.blocksize if nested else 1, nested,
-           state.quant_type == "fp4", bool(transpose), *_aligned(packed, state.absmax, mult, out))
+           state.quant_type == "fp4", bool(transpose), state.absmax.dtype, absmax2.dtype, code2.dtype, offset.dtype,
+           mult.dtype, *_aligned(packed, state.absmax, state.code, absmax2, code2, offset, mult, out))
     with _on(packed.device):
         _DEQUANTIZE_FP8.launch(key, grid, (packed, state.absmax, state.code, absmax2, code2, offset, mult, out,
                                            n_rows, n_cols),

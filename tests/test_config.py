@@ -132,6 +132,24 @@ def test_fused_kernels_value_is_checked():
         load_config(None, [*RANDOM_RUN, "model.fused_kernels=yes"])
 
 
+def test_a_files_bare_on_and_off_are_the_words_where_a_choice_holds_them(tmp_path):
+    # YAML 1.1 (PyYAML) reads `off` as False: for model.fused_kernels and model.fp8_base it is the word; a
+    # bool field keeps its bool, and a choice without on/off still refuses a bool
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {path: random:tiny, fused_kernels: off, fp8_base: off, activation_offload: off}\n"
+                    "data: {path: random-tokens}\ntrain: {max_steps: 2}\n")
+    cfg = load_config(path, [])
+    assert (cfg.model.fused_kernels, cfg.model.fp8_base, cfg.model.activation_offload) == ("off", "off", False)
+    path.write_text("model: {path: random:tiny, fused_kernels: on}\ndata: {path: random-tokens}\ntrain: {max_steps: 2}\n")
+    assert load_config(path, []).model.fused_kernels == "on"
+    path.write_text("model: {path: random:tiny, fp8_base: on}\ndata: {path: random-tokens}\ntrain: {max_steps: 2}\n")
+    with pytest.raises(ConfigError, match=r"model.fp8_base must be one of off, backward, all, got 'on'"):
+        load_config(path, [])
+    path.write_text("model: {path: random:tiny}\ndata: {path: random-tokens}\ntrain: {max_steps: 2}\nwandb: {mode: off}\n")
+    with pytest.raises(ConfigError, match=r"wandb.mode must be one of"):
+        load_config(path, [])
+
+
 def test_profile_steps_need_diagnostics_and_fit_in_the_run():
     with pytest.raises(ConfigError) as err:
         load_config(None, [*RANDOM_RUN, "train.profile_steps=[2,3]"])

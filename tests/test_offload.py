@@ -331,7 +331,7 @@ def test_a_tensor_changed_in_place_after_its_save_is_refused():
     # autograd's version check is off under saved-tensor hooks: the group checks at the block's end
     offloader = offload.ActivationOffloader(min_bytes=0)
     x = torch.randn(4, 4, requires_grad=True)
-    with pytest.raises(RuntimeError, match="changed in place inside an offloaded block"):
+    with pytest.raises(RuntimeError, match="changed in place inside an offloaded attention block.*model.offload_attention=false"):
         with offloader.saving():
             h = x * 2
             y = h * h  # saves h
