@@ -137,6 +137,7 @@ def setup(cfg: Config, *, for_eval: bool = False) -> Run:
     if not for_eval:
         building.refuse_unscaled_fp16(cfg, use_deepspeed)
     device = building.device()  # before any collective: NCCL runs on the current CUDA device, which this sets
+    _refuse_fp8_where_it_cannot_run(cfg, device)  # before anything is loaded
     if cfg.train.micro_batch_size == "auto":
         cfg = _auto_micro_batch(cfg, device, rank, world_size)
     cluster = distributed.cluster_info()  # a collective: every rank, right after the process group exists
@@ -217,8 +218,7 @@ def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device, use_de
     fp8 = cfg.model.fp8_base
     mode = cfg.model.fused_kernels
     if mode == "off" or (mode == "auto" and not (device.type == "cuda" and cfg.model.bits == 4)):
-        _refuse_fp8_without_fused_path(fp8, "model.fused_kernels=auto takes a 4-bit base on CUDA only")
-        return False
+        return False  # (model.fp8_base was refused for this in setup)
     try:
         families.patch_model_for_speed(model)
     except families.UnsupportedModel as err:
@@ -228,13 +228,24 @@ def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device, use_de
         warnings.warn(f"model.fused_kernels=auto: {err.family}: {err.reason}; training on the model's own forward")
         return False
     if fp8 != "off":
-        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-            raise ConfigError(f"model.fp8_base={fp8} needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); "
-                              f"this GPU is {torch.cuda.get_device_name(device)}: set model.fp8_base=off")
         kernels.set_fp8_base_gemms(True, forward=fp8 == "all")
     if graphs_apply(cfg, device, use_deepspeed):
         graphs.enable_layer_graphs(loading.decoder_layers(model), cfg.model.gradient_checkpointing)
     return True
+
+
+def _refuse_fp8_where_it_cannot_run(cfg: Config, device: torch.device) -> None:
+    """model.fp8_base needs FP8 tensor cores on CUDA and the fused path: refused before any weight is loaded
+    (what the config alone tells is refused when it is read)."""
+    fp8 = cfg.model.fp8_base
+    if fp8 == "off":
+        return
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ConfigError(f"model.fp8_base={fp8} needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); "
+                          f"this GPU is {torch.cuda.get_device_name(device)}: set model.fp8_base=off")
+    if cfg.model.fused_kernels == "auto" and not (device.type == "cuda" and cfg.model.bits == 4):
+        _refuse_fp8_without_fused_path(fp8, "model.fused_kernels=auto takes a 4-bit base on CUDA only; on the CPU "
+                                            "set model.fused_kernels=on to run FP8 as a reference")
 
 
 def _refuse_fp8_without_fused_path(fp8: str, why: str) -> None:

@@ -419,10 +419,12 @@ def test_fp8_base_needs_bf16_compute_and_the_fused_path(tmp_path):
     with pytest.raises(ConfigError, match="model.fp8_base=all runs in the fused kernels"):
         load_config(None, [*RANDOM, f"train.output_dir={tmp_path}", "model.fp8_base=all", "model.compute_dtype=bf16",
                            "distributed.precision=bf16", "model.fused_kernels=off"])
-    cfg = load_config(None, [*RANDOM, f"train.output_dir={tmp_path}", "model.fp8_base=all", "model.compute_dtype=bf16",
+    out = tmp_path / "run"
+    cfg = load_config(None, [*RANDOM, f"train.output_dir={out}", "model.fp8_base=all", "model.compute_dtype=bf16",
                              "distributed.precision=bf16"])  # fused_kernels=auto: not on the CPU
     with pytest.raises(ConfigError, match="runs in the fused kernels, which do not take this run"):
         train.setup(cfg)
+    assert not out.exists()  # refused before the output folder or any weight
 
 
 def test_fused_loss_is_the_mean_over_all_response_tokens_of_the_global_batch(tiny_dir, tmp_path, capsys):
