@@ -323,8 +323,7 @@ class _LayerGraphs:
             leaf, y = body()
             if y.shape != x.shape or y.dtype != x.dtype:
                 raise TypeError(f"a decoder layer returned {tuple(y.shape)} {y.dtype} for {tuple(x.shape)} {x.dtype}")
-            torch.autograd.grad(y, [leaf, *self.params] if self.needs_x else self.params, torch.ones_like(y),
-                                allow_unused=True)
+            torch.autograd.grad(y, self._wrt(leaf), torch.ones_like(y), allow_unused=True)
             del leaf, y
         if kernels.TORCH_DROPOUT_CALLS != torch_dropouts:
             self.eager_reason = "LoRA dropout outside the Triton kernels (torch's masks: a recompute would differ)"
@@ -363,6 +362,10 @@ class _LayerGraphs:
             start += n
         return (g_out.detach() if self.needs_x else None), grads
 
+    def _wrt(self, leaf: torch.Tensor) -> list[torch.Tensor]:
+        """What B differentiates: the layer's trainable parameters, and its input where that needs a gradient."""
+        return [leaf, *self.params] if self.needs_x else list(self.params)
+
     def _param_grads(self) -> torch.Tensor:
         shared = self.shared
         layout = tuple((tuple(p.shape), p.dtype) for p in self.params)
@@ -378,9 +381,8 @@ class _LayerGraphs:
         _CAPTURES += 1
 
         def backward_graph():
-            inputs = [self.x_leaf, *self.params] if self.needs_x else self.params
             with kernels.adapter_copies(fresh=True):
-                grads = torch.autograd.grad(self.y, inputs, g_in, allow_unused=True)
+                grads = torch.autograd.grad(self.y, self._wrt(self.x_leaf), g_in, allow_unused=True)
             if self.needs_x:
                 g_out.copy_(grads[0])
                 grads = grads[1:]

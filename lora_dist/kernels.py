@@ -537,6 +537,8 @@ def _fp8_rows_fn(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fp8_cols_fn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_rows(w.T) without a transposed copy of w in the compute dtype: ((in, out) e4m3, (in, 1)); eager,
+    as `fp8_rows`' fallback (a dense base's weight: a 4-bit one goes through `_Fp8WeightPlan`)."""
     mult, scale = _fp8_factors(w, 0)  # (1, in)
     return (w * mult).t().contiguous().to(torch.float8_e4m3fn), scale.t()
 
@@ -546,22 +548,14 @@ def fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     largest magnitude lands on 448). On CUDA one Triton kernel (`triton_ops.fp8_rows`); elsewhere, and
     for what it does not take, the torch function run eagerly: compiled, inductor's division by amax
     would be Triton's approximate one, a last bit off the kernel's and the weights' (`_Fp8WeightPlan`)."""
-    if _COMPILE_ENABLED and t.is_cuda:
-        out = _triton_forward(_fp8_rows_fn, (t,))
-        if out is not None:
-            return out
-    return _fp8_rows_fn(t)
-
-
-def _fp8_cols(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8_rows(w.T) without a transposed copy of w in the compute dtype: ((in, out) e4m3, (in, 1)); eager,
-    as `fp8_rows`' fallback (a dense base's weight: a 4-bit one goes through `_Fp8WeightPlan`)."""
-    return _fp8_cols_fn(w)
+    ops = _triton_ops() if _COMPILE_ENABLED and t.is_cuda else None
+    out = ops.fp8_rows(t, E4M3_MAX) if ops is not None else None
+    return out if out is not None else _fp8_rows_fn(t)
 
 
 class _Fp8WeightPlan:
     """A frozen 4-bit weight's e4m3 operand, made again on each call from its packed data in one kernel
-    (`triton_ops.dequantize_4bit_fp8`) with the multipliers and scales `fp8_rows` / `_fp8_cols` give its
+    (`triton_ops.dequantize_4bit_fp8`) with the multipliers and scales `fp8_rows` / `_fp8_cols_fn` give its
     bf16 dequantize, computed once here (from one bf16 dequantize)."""
 
     __slots__ = ("data", "mult", "scale", "state", "transpose")
@@ -578,7 +572,7 @@ class _Fp8WeightPlan:
 
 def _fp8_weight(base: nn.Module, dtype: torch.dtype, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The base weight as an `_fp8_mm` operand: `fp8_rows(W)` ((out, in), per output feature) or with
-    `transpose` `_fp8_cols(W)` ((in, out), per input feature). A 4-bit bf16 weight on CUDA goes from its
+    `transpose` `_fp8_cols_fn(W)` ((in, out), per input feature). A 4-bit bf16 weight on CUDA goes from its
     packed data to e4m3 in one kernel (`_Fp8WeightPlan`, kept beside the dequantize plans); elsewhere
     through the `dtype` weight."""
     slot = ("fp8", transpose)
@@ -594,12 +588,12 @@ def _fp8_weight(base: nn.Module, dtype: torch.dtype, transpose: bool) -> tuple[t
             _keep_plan(base, slot, plan)
             return plan()
     w = _base_weight(base, dtype)
-    return _fp8_cols(w) if transpose else fp8_rows(w)
+    return _fp8_cols_fn(w) if transpose else fp8_rows(w)
 
 
 def _fp8_mm(a, b_t, dtype: torch.dtype) -> torch.Tensor:
     """a @ b_t.T in FP8, as `dtype`: a (M, K) and b_t (N, K), each a tensor in the compute dtype or
-    already (q, scale) (a group's input, quantized once for all its layers; `_fp8_cols` of a weight)."""
+    already (q, scale) (a group's input, quantized once for all its layers; `_fp8_weight`'s)."""
     aq, a_scale = fp8_rows(a) if isinstance(a, torch.Tensor) else a
     bq, b_scale = fp8_rows(b_t) if isinstance(b_t, torch.Tensor) else b_t
     return torch._scaled_mm(aq, bq.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=dtype)
@@ -820,8 +814,6 @@ def _triton_forward(fn: Callable, args: tuple):
         return ops.rmsnorm(x, weight, rstd, 0.0, offset, fp32_weight)
     if fn is _swiglu_fwd or fn is _geglu_fwd:
         return ops.gated_forward(*args, gelu=fn is _geglu_fwd)
-    if fn is _fp8_rows_fn:
-        return ops.fp8_rows(args[0], E4M3_MAX)
     return None
 
 

@@ -14,12 +14,13 @@ object, which checkpoint keeps as is) instead of as a tensor argument (which it 
 the GPU). The copies are exact, so loss and gradients equal the model's own checkpointing bit
 for bit.
 
-With `save_attention` (fused path, off by default; `lora-dist bench --offload-attention`) the attention
-block of each layer is not checkpointed at all: `ActivationOffloader.saving` copies every tensor its
-autograd graph saves (the input, q/k/v, the attention output) to host memory through saved-tensor
-hooks, one copy per storage, and backward copies the block's tensors back one entry ahead, as layer
-inputs are. Its backward then recomputes nothing (no q/k/v GEMMs, no attention forward), for about
-3.5x the copies of the block's input alone (on Llama-3-8B, ~5 GiB more each way per step).
+With `save_attention` (fused path; off by default here, on in the job, `model.offload_attention`, and in
+`lora-dist bench --activation-offload on`) the attention block of each layer is not checkpointed at
+all: `ActivationOffloader.saving` copies every tensor its autograd graph saves (the input, q/k/v, the
+attention output) to host memory through saved-tensor hooks, one copy per storage, and backward copies
+the block's tensors back one entry ahead, as layer inputs are. Its backward then recomputes nothing (no
+q/k/v GEMMs, no attention forward), for about 3.5x the copies of the block's input alone (on Llama-3-8B,
+~5 GiB more each way per step).
 
 Stream order (CUDA): the forward copy waits for the compute stream (the input exists) and the
 input's memory is not reused before the copy has read it (`record_stream`); a backward copy

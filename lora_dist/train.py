@@ -216,13 +216,12 @@ def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device, use_de
 
     kernels.set_fp8_base_gemms(False)  # a process-wide switch: nothing left from an earlier run in this process
     fp8 = cfg.model.fp8_base
-    mode = cfg.model.fused_kernels
-    if mode == "off" or (mode == "auto" and not (device.type == "cuda" and cfg.model.bits == 4)):
+    if not _fused_path_asked(cfg, device):
         return False  # (model.fp8_base was refused for this in setup)
     try:
         families.patch_model_for_speed(model)
     except families.UnsupportedModel as err:
-        if mode == "on":
+        if cfg.model.fused_kernels == "on":
             raise
         _refuse_fp8_without_fused_path(fp8, f"{err.family}: {err.reason}")
         warnings.warn(f"model.fused_kernels=auto: {err.family}: {err.reason}; training on the model's own forward")
@@ -234,6 +233,12 @@ def _patch_for_speed(cfg: Config, model: LoRAModel, device: torch.device, use_de
     return True
 
 
+def _fused_path_asked(cfg: Config, device: torch.device) -> bool:
+    """Whether `model.fused_kernels` asks for the fused path here: "on", or "auto" for a 4-bit base on CUDA."""
+    mode = cfg.model.fused_kernels
+    return mode == "on" or (mode == "auto" and device.type == "cuda" and cfg.model.bits == 4)
+
+
 def _refuse_fp8_where_it_cannot_run(cfg: Config, device: torch.device) -> None:
     """model.fp8_base needs FP8 tensor cores on CUDA and the fused path: refused before any weight is loaded
     (what the config alone tells is refused when it is read)."""
@@ -243,7 +248,7 @@ def _refuse_fp8_where_it_cannot_run(cfg: Config, device: torch.device) -> None:
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise ConfigError(f"model.fp8_base={fp8} needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); "
                           f"this GPU is {torch.cuda.get_device_name(device)}: set model.fp8_base=off")
-    if cfg.model.fused_kernels == "auto" and not (device.type == "cuda" and cfg.model.bits == 4):
+    if cfg.model.fused_kernels == "auto" and not _fused_path_asked(cfg, device):
         _refuse_fp8_without_fused_path(fp8, "model.fused_kernels=auto takes a 4-bit base on CUDA only; on the CPU "
                                             "set model.fused_kernels=on to run FP8 as a reference")
 

@@ -136,6 +136,30 @@ def gated_backward_(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu:
 
 
 @triton.jit
+def _code_value(code_ptr, nibble, FP4: tl.constexpr):
+    """A 4-bit code's value. bitsandbytes computes FP4's sign apart (a nibble's top bit): its code 8 is -0.0,
+    the table holds +0.0. The sign bit is set bitwise: on the GPU a literal -0.0 and -x (0 - x) give +0.0."""
+    value = tl.load(code_ptr + nibble)
+    if FP4:
+        value = (value.to(tl.int32, bitcast=True) | (((nibble >> 3) & 1) << 31)).to(tl.float32, bitcast=True)
+    return value
+
+
+@triton.jit
+def _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, inside, NESTED: tl.constexpr,
+                  BLOCKSIZE2: tl.constexpr):
+    """Quantization block `block`'s absmax. bitsandbytes' double quant: code2[q] * absmax2[block of 256] +
+    offset, in fp32 (the kernels launch without fused multiply-add, as bitsandbytes computes it)."""
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=inside, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=inside, other=0.0)
+    return scale
+
+
+@triton.jit
 def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
                             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                             FP4: tl.constexpr, ROWS: tl.constexpr):
@@ -144,19 +168,9 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     first = rows[:, None] * BLOCKSIZE + 2 * tl.arange(0, BLOCKSIZE // 2)[None, :]  # each byte's even element
     byte = tl.load(packed_ptr + first // 2, mask=first < n, other=0).to(tl.int32)
-    high, low = tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15))
-    if FP4:  # bitsandbytes computes FP4's sign apart (a nibble's top bit): its code 8 is -0.0, the table
-        # holds +0.0. The sign bit is set bitwise: on the GPU a literal -0.0 and -x (0 - x) give +0.0
-        high = (high.to(tl.int32, bitcast=True) | (((byte >> 7) & 1) << 31)).to(tl.float32, bitcast=True)
-        low = (low.to(tl.int32, bitcast=True) | (((byte >> 3) & 1) << 31)).to(tl.float32, bitcast=True)
-    values = tl.join(high, low)  # (ROWS, BLOCKSIZE/2, 2)
-    in_rows = rows * BLOCKSIZE < n
-    if NESTED:  # bitsandbytes' double quant: absmax = code2[q] * absmax2[block of 256] + offset, in fp32
-        q = tl.load(absmax_ptr + rows, mask=in_rows, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + rows // BLOCKSIZE2, mask=in_rows, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + rows, mask=in_rows, other=0.0)
+    values = tl.join(_code_value(code_ptr, byte >> 4, FP4), _code_value(code_ptr, byte & 15, FP4))  # (ROWS, B/2, 2)
+    scale = _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, rows * BLOCKSIZE < n, NESTED,
+                          BLOCKSIZE2)
     idx = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     out = tl.reshape(values, (ROWS, BLOCKSIZE)) * scale[:, None]
     tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=idx < n)  # rtne (default)
@@ -229,17 +243,22 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Te
     return _dequantize_4bit_launch(packed, state, dtype)[0]
 
 
+def _nested_state(state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(absmax2, code2, offset, blocksize2) of a double-quantized state; unused pointers (and 1) where not."""
+    if state.nested:
+        return state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize
+    return state.absmax, state.code, state.absmax, 1
+
+
 def _dequantize_4bit_launch(packed: torch.Tensor, state, dtype: torch.dtype):
     """dequantize_4bit through Triton's JIT: (output, compiled kernel, its arguments in order, grid)."""
     out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     n = out.numel()
     nested = bool(state.nested)
-    absmax2 = state.state2.absmax if nested else state.absmax  # (unused pointers where not nested)
-    code2 = state.state2.code if nested else state.code
-    offset = state.offset if nested else state.absmax
+    absmax2, code2, offset, blocksize2 = _nested_state(state)
     grid = (triton.cdiv(triton.cdiv(n, state.blocksize), _ROWS), 1, 1)
     args = (packed, state.absmax, state.code, absmax2, code2, offset, out, n,
-            state.blocksize, state.state2.blocksize if nested else 1, nested, state.quant_type == "fp4", _ROWS)
+            state.blocksize, blocksize2, nested, state.quant_type == "fp4", _ROWS)
     with _on(packed.device):
         compiled = _dequantize_4bit_kernel[grid](*args[:8], BLOCKSIZE=args[8], BLOCKSIZE2=args[9], NESTED=nested,
                                                  FP4=args[11], ROWS=_ROWS, enable_fp_fusion=False)
@@ -527,7 +546,6 @@ def gated_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Ten
     return h
 
 
-
 # ------------------------------------------------------------------ FP8 e4m3 operands of the base GEMMs
 #
 # `kernels`' FP8 path quantizes every operand of a frozen base GEMM: x and g per row (token), a 4-bit
@@ -594,17 +612,8 @@ def _dequantize_fp8_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_
     e = rows[:, None] * n_cols + cols[None, :]  # element index (the caller keeps it within int32)
     byte = tl.load(packed_ptr + e // 2, mask=inside, other=0).to(tl.int32)
     nibble = tl.where(e % 2 == 0, byte >> 4, byte & 15)  # the even element in the high 4 bits
-    value = tl.load(code_ptr + nibble)
-    if FP4:  # the sign bit from the nibble's top bit (bitsandbytes' code 8 is -0.0)
-        value = (value.to(tl.int32, bitcast=True) | (((nibble >> 3) & 1) << 31)).to(tl.float32, bitcast=True)
-    block = e // BLOCKSIZE
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=inside, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=inside, other=0.0)
-    value = (value * scale).to(tl.bfloat16).to(tl.float32)
+    scale = _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, e // BLOCKSIZE, inside, NESTED, BLOCKSIZE2)
+    value = (_code_value(code_ptr, nibble, FP4) * scale).to(tl.bfloat16).to(tl.float32)
     if TRANSPOSE:  # out is (n_cols, n_rows): column k's multiplier, stored through a transposed tile
         mult = tl.load(mult_ptr + cols, mask=cols < n_cols, other=0.0)
         q8 = tl.trans((value * mult[None, :]).to(out_ptr.dtype.element_ty))
@@ -633,17 +642,15 @@ def dequantize_4bit_fp8(packed: torch.Tensor, state, mult: torch.Tensor, transpo
     out = torch.empty((n_cols, n_rows) if transpose else (n_rows, n_cols), dtype=torch.float8_e4m3fn,
                       device=packed.device)
     nested = bool(state.nested)
-    absmax2 = state.state2.absmax if nested else state.absmax  # (unused pointers where not nested)
-    code2 = state.state2.code if nested else state.code
-    offset = state.offset if nested else state.absmax
+    absmax2, code2, offset, blocksize2 = _nested_state(state)
     grid = (triton.cdiv(n_rows, _FP8_BN), triton.cdiv(n_cols, _FP8_BK), 1)
-    key = (n_rows, n_cols, state.blocksize, state.state2.blocksize if nested else 1, nested,
+    key = (n_rows, n_cols, state.blocksize, blocksize2, nested,
            state.quant_type == "fp4", bool(transpose), state.absmax.dtype, absmax2.dtype, code2.dtype, offset.dtype,
            mult.dtype, *_aligned(packed, state.absmax, state.code, absmax2, code2, offset, mult, out))
     with _on(packed.device):
         _DEQUANTIZE_FP8.launch(key, grid, (packed, state.absmax, state.code, absmax2, code2, offset, mult, out,
                                            n_rows, n_cols),
-                               {"BLOCKSIZE": state.blocksize, "BLOCKSIZE2": state.state2.blocksize if nested else 1,
+                               {"BLOCKSIZE": state.blocksize, "BLOCKSIZE2": blocksize2,
                                 "NESTED": nested, "FP4": state.quant_type == "fp4", "TRANSPOSE": bool(transpose),
                                 "BN": _FP8_BN, "BK": _FP8_BK}, num_warps=8, enable_fp_fusion=False)
     return out
