@@ -603,24 +603,35 @@ def fp8_rows(t: torch.Tensor, e4m3_max: float) -> tuple[torch.Tensor, torch.Tens
 @triton.jit
 def _dequantize_fp8_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, mult_ptr, out_ptr,
                            n_rows, n_cols, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                           FP4: tl.constexpr, TRANSPOSE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # a (BN, BK) tile of the (n_rows, n_cols) weight: bitsandbytes' dequantize (as `_dequantize_4bit_kernel`,
-    # rounded to bf16), times its row's (or, transposed, its column's) multiplier, rounded to e4m3
+                           FP4: tl.constexpr, TRANSPOSE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                           SPAN: tl.constexpr):
+    # A (BN, BK) tile of the (n_rows, n_cols) weight: bitsandbytes' dequantize (as `_dequantize_4bit_kernel`,
+    # rounded to bf16), times its row's (or, transposed, its column's) multiplier, rounded to e4m3. Read as
+    # (BN, BK / 2) bytes, each row's contiguous (n_cols is even). BK divides n_cols and SPAN = min(BK,
+    # BLOCKSIZE), both powers of two: a tile's row is BK / SPAN whole spans, each inside one quantization
+    # block, so a scale is looked up per span, not per element (the lookups were half the kernel's time).
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    half = n_cols // 2
+    pairs = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
+    byte = tl.load(packed_ptr + rows[:, None] * half + pairs[None, :], mask=rows[:, None] < n_rows,
+                   other=0).to(tl.int32)
+    first = rows[:, None] * n_cols + tl.program_id(1) * BK + SPAN * tl.arange(0, BK // SPAN)[None, :]
+    scale = _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, first // BLOCKSIZE, rows[:, None] < n_rows,
+                          NESTED, BLOCKSIZE2)[:, :, None]  # (BN, BK / SPAN, 1)
+    hi = tl.reshape(tl.reshape(_code_value(code_ptr, byte >> 4, FP4), (BN, BK // SPAN, SPAN // 2)) * scale,
+                    (BN, BK // 2))
+    lo = tl.reshape(tl.reshape(_code_value(code_ptr, byte & 15, FP4), (BN, BK // SPAN, SPAN // 2)) * scale,
+                    (BN, BK // 2))
+    value = tl.reshape(tl.join(hi, lo), (BN, BK)).to(tl.bfloat16).to(tl.float32)  # the even element from the high 4 bits
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    e = rows[:, None] * n_cols + cols[None, :]  # element index (the caller keeps it within int32)
-    byte = tl.load(packed_ptr + e // 2, mask=inside, other=0).to(tl.int32)
-    nibble = tl.where(e % 2 == 0, byte >> 4, byte & 15)  # the even element in the high 4 bits
-    scale = _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, e // BLOCKSIZE, inside, NESTED, BLOCKSIZE2)
-    value = (_code_value(code_ptr, nibble, FP4) * scale).to(tl.bfloat16).to(tl.float32)
     if TRANSPOSE:  # out is (n_cols, n_rows): column k's multiplier, stored through a transposed tile
-        mult = tl.load(mult_ptr + cols, mask=cols < n_cols, other=0.0)
+        mult = tl.load(mult_ptr + cols)
         q8 = tl.trans((value * mult[None, :]).to(out_ptr.dtype.element_ty))
-        tl.store(out_ptr + cols[:, None] * n_rows + rows[None, :], q8, mask=tl.trans(inside))
+        tl.store(out_ptr + cols[:, None] * n_rows + rows[None, :], q8, mask=rows[None, :] < n_rows)
     else:
         mult = tl.load(mult_ptr + rows, mask=rows < n_rows, other=0.0)
-        tl.store(out_ptr + e, (value * mult[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], (value * mult[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=rows[:, None] < n_rows)
 
 
 _DEQUANTIZE_FP8 = _Runners(_dequantize_fp8_kernel)
@@ -628,8 +639,10 @@ _FP8_BN, _FP8_BK = 64, 128
 
 
 def dequantizes_to_fp8(packed: torch.Tensor, state) -> bool:
-    """Whether `dequantize_4bit_fp8` takes this weight: `dequantizes` does, and it is 2-D (a linear's)."""
-    return dequantizes(packed, state) and len(state.shape) == 2
+    """Whether `dequantize_4bit_fp8` takes this weight: `dequantizes` does, it is 2-D (a linear's), its rows
+    are whole multiples of 16 values (as FP8 GEMMs need anyway) and its blocksize a power of two."""
+    return (dequantizes(packed, state) and len(state.shape) == 2 and state.shape[1] % 16 == 0
+            and state.blocksize & (state.blocksize - 1) == 0)
 
 
 def dequantize_4bit_fp8(packed: torch.Tensor, state, mult: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -643,7 +656,8 @@ def dequantize_4bit_fp8(packed: torch.Tensor, state, mult: torch.Tensor, transpo
                       device=packed.device)
     nested = bool(state.nested)
     absmax2, code2, offset, blocksize2 = _nested_state(state)
-    grid = (triton.cdiv(n_rows, _FP8_BN), triton.cdiv(n_cols, _FP8_BK), 1)
+    bk = math.gcd(n_cols, _FP8_BK)  # a power of two, 16 or more (`dequantizes_to_fp8`)
+    grid = (triton.cdiv(n_rows, _FP8_BN), n_cols // bk, 1)
     key = (n_rows, n_cols, state.blocksize, blocksize2, nested,
            state.quant_type == "fp4", bool(transpose), state.absmax.dtype, absmax2.dtype, code2.dtype, offset.dtype,
            mult.dtype, *_aligned(packed, state.absmax, state.code, absmax2, code2, offset, mult, out))
@@ -652,5 +666,6 @@ def dequantize_4bit_fp8(packed: torch.Tensor, state, mult: torch.Tensor, transpo
                                            n_rows, n_cols),
                                {"BLOCKSIZE": state.blocksize, "BLOCKSIZE2": blocksize2,
                                 "NESTED": nested, "FP4": state.quant_type == "fp4", "TRANSPOSE": bool(transpose),
-                                "BN": _FP8_BN, "BK": _FP8_BK}, num_warps=8, enable_fp_fusion=False)
+                                "BN": _FP8_BN, "BK": bk, "SPAN": min(bk, state.blocksize)},
+                               num_warps=8, enable_fp_fusion=False)
     return out

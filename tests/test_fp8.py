@@ -230,6 +230,30 @@ def test_cuda_fp8_weight_goes_from_packed_4bit_to_e4m3_as_the_torch_functions_of
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize, shape", [(128, (130, 192)), (256, (40, 4160)), (4096, (24, 8192))])
+def test_cuda_fp8_weight_kernel_at_other_blocksizes(quant_type, blocksize, shape):
+    # The kernel looks a scale up once per span of a tile's row (min(tile width, blocksize) values): blocks
+    # that cross rows (192 and 4160 are not multiples of 128 and 256), tiles narrower than the row's 128
+    # (gcd(4160, 128) = 64), blocks wider than a tile (4096). Against bitsandbytes' own dequantize then
+    # the eager torch functions: equal bits.
+    import bitsandbytes.functional as bnbF
+
+    from lora_dist import triton_ops
+
+    torch.manual_seed(0)
+    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type=quant_type)
+    assert triton_ops.dequantizes_to_fp8(packed, state)
+    deq = bnbF.dequantize_4bit(packed, state)
+    for transpose, ref_fn in ((False, kernels._fp8_rows_fn), (True, kernels._fp8_cols_fn)):
+        ref_q, _ = ref_fn(deq)
+        mult, _ = kernels._fp8_factors(deq, 0 if transpose else 1)
+        q = triton_ops.dequantize_4bit_fp8(packed, state, mult.reshape(-1).contiguous(), transpose)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.gpu
 def test_cuda_fp8_group_over_4bit_weights_is_the_same_through_the_direct_kernel_as_through_bf16(fp8, monkeypatch):
     # The fused path's FP8 GEMMs with the weights' e4m3 operands made straight from their packed data,
     # then again through a bf16 dequantize and the torch functions (the direct kernel turned off):
