@@ -49,7 +49,7 @@ class PlainEngine:
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
         self._micro = 0
-        self._loss_finite = True
+        self._loss_finite: torch.Tensor | None = None  # on the loss's device, read once at the boundary
         self._norm: float | None = None
         self._applied = False
 
@@ -67,8 +67,12 @@ class PlainEngine:
         return False  # the ZeRO-3 question the gather policy asks; never here
 
     def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = True) -> None:
-        """Accumulate the gradient of `loss`, divided by the micro batch count if `scale_wrt_gas` (as DeepSpeed)."""
-        self._loss_finite &= bool(torch.isfinite(loss.detach()).all())
+        """Accumulate the gradient of `loss`, divided by the micro batch count if `scale_wrt_gas` (as DeepSpeed).
+
+        Whether the loss is finite stays on its device until the boundary: reading it here would hold the
+        host until the forward has run, and the GPU idle until the host had queued backward's first kernels."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         (loss / self.grad_accum if scale_wrt_gas else loss).backward()
 
     def step(self) -> None:
@@ -80,14 +84,15 @@ class PlainEngine:
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         self._norm = float(norm)
-        self._applied = self._loss_finite and math.isfinite(self._norm)
+        loss_finite = self._loss_finite is None or bool(self._loss_finite)
+        self._applied = loss_finite and math.isfinite(self._norm)
         if self._applied:
             if self.grad_clip is not None:
                 torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
             self.optimizer.step()
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._loss_finite = True
+        self._loss_finite = None
 
     def get_global_grad_norm(self) -> float | None:
         """The pre-clip global gradient norm of the last optimizer step."""

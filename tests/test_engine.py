@@ -1,6 +1,7 @@
 """engine.PlainEngine: DeepSpeed's engine methods over a torch AdamW, with ZeRO's step semantics."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -69,6 +70,25 @@ def test_a_non_finite_window_is_skipped_without_touching_weights_or_schedule(poi
     assert all(torch.equal(b, p) for b, p in zip(before, engine.module.get_trainable_parameters()))
     assert all(p.grad is None for p in engine.module.get_trainable_parameters())
 
+
+
+def test_an_infinite_loss_with_finite_gradients_early_in_the_window_skips_the_update():
+    # The loss's finiteness is kept on its device per micro batch and read at the boundary: an inf in
+    # the first of two micro batches (a constant, so its gradient stays finite) still skips the window.
+    engine = _engine(accum=2, clip=1.0)
+    before = copy.deepcopy([p.detach() for p in engine.module.get_trainable_parameters()])
+    engine.backward(_loss(engine, 1) + float("inf"))
+    engine.step()
+    engine.backward(_loss(engine, 2))
+    engine.step()
+    assert math.isfinite(engine.get_global_grad_norm())
+    assert not engine.was_step_applied() and engine.lr_scheduler.last_epoch == 0
+    assert all(torch.equal(b, p) for b, p in zip(before, engine.module.get_trainable_parameters()))
+    engine.backward(_loss(engine, 3))  # the next window starts clean
+    engine.step()
+    engine.backward(_loss(engine, 4))
+    engine.step()
+    assert engine.was_step_applied() and engine.lr_scheduler.last_epoch == 1
 
 def test_checkpoints_keep_the_single_process_format():
     engine = _engine()
