@@ -182,7 +182,7 @@ def dequantizes(packed: torch.Tensor, state) -> bool:
     if packed.dtype != torch.uint8 or state.quant_type not in ("nf4", "fp4"):
         return False
     if math.prod(state.shape) + _ROWS * state.blocksize > 2**31:
-        return False  # the kernel indexes in int32, the last program's padding rows included
+        return False  # the kernel indexes in int32 (the FP8 kernel's padding rows may wrap: masked, never touched)
     parts = [state.absmax, state.code]
     if state.nested:
         parts += [state.offset, state.state2.absmax, state.state2.code]
@@ -640,9 +640,13 @@ _FP8_BN, _FP8_BK = 64, 128
 
 def dequantizes_to_fp8(packed: torch.Tensor, state) -> bool:
     """Whether `dequantize_4bit_fp8` takes this weight: `dequantizes` does, it is 2-D (a linear's), its rows
-    are whole multiples of 16 values (as FP8 GEMMs need anyway) and its blocksize a power of two."""
-    return (dequantizes(packed, state) and len(state.shape) == 2 and state.shape[1] % 16 == 0
-            and state.blocksize & (state.blocksize - 1) == 0)
+    are whole multiples of 16 values (as FP8 GEMMs need anyway), its blocksize a power of two, and its row
+    splits into fewer tiles than a grid dimension holds."""
+    if not (dequantizes(packed, state) and len(state.shape) == 2):
+        return False
+    n_cols, blocksize = state.shape[1], state.blocksize
+    return (n_cols % 16 == 0 and blocksize >= 2 and blocksize & (blocksize - 1) == 0
+            and n_cols // math.gcd(n_cols, _FP8_BK) < 65536)  # the grid's second dimension: CUDA's limit
 
 
 def dequantize_4bit_fp8(packed: torch.Tensor, state, mult: torch.Tensor, transpose: bool) -> torch.Tensor:

@@ -254,6 +254,30 @@ def test_cuda_fp8_weight_kernel_at_other_blocksizes(quant_type, blocksize, shape
 
 
 @pytest.mark.gpu
+def test_cuda_fp8_weight_kernel_refuses_what_its_tiles_do_not_cover():
+    # Rows not a multiple of 16 values, a blocksize not a power of two (a span could cross a block), a row of
+    # more tiles than a grid dimension holds (16 x an odd number of columns past 65535 tiles): the caller
+    # then quantizes a bf16 dequantize through the torch functions.
+    import copy
+
+    import bitsandbytes.functional as bnbF
+
+    from lora_dist import triton_ops
+
+    def state_of(shape):
+        return bnbF.quantize_4bit(torch.randn(shape, device="cuda", dtype=torch.bfloat16), blocksize=64)
+
+    packed, state = state_of((8, 48))
+    assert triton_ops.dequantizes_to_fp8(packed, state)
+    odd_block = copy.copy(state)
+    odd_block.blocksize = 96
+    assert not triton_ops.dequantizes_to_fp8(packed, odd_block)
+    assert not triton_ops.dequantizes_to_fp8(*state_of((8, 24)))
+    assert not triton_ops.dequantizes_to_fp8(*state_of((2, 16 * 65537)))
+    assert triton_ops.dequantizes_to_fp8(*state_of((2, 16 * 65535)))
+
+
+@pytest.mark.gpu
 def test_cuda_fp8_group_over_4bit_weights_is_the_same_through_the_direct_kernel_as_through_bf16(fp8, monkeypatch):
     # The fused path's FP8 GEMMs with the weights' e4m3 operands made straight from their packed data,
     # then again through a bf16 dequantize and the torch functions (the direct kernel turned off):
