@@ -93,7 +93,9 @@ class ModelConfig:
     compute (the CPU runs it as a reference). "backward": the checkpointed recompute and x's gradient
     through the base weights in FP8, the forward that computes the loss in bf16 (the loss is the bf16
     model's; the adapters' gradients are taken through FP8-rounded products); "all": the forward too.
-    Opt-in: it changes the gradients (see the README's FP8 table for what it costs the loss)."""
+    Opt-in: it changes the gradients (see the README's FP8 table for what it costs the loss: "backward"
+    moved 200-step real-data runs by about 0.025 nats either way; "all" slowed a memorization bench's
+    fall by a fifth, its rounding larger than LoRA's small updates, so it is not a recommendation)."""
 
     def problems(self) -> list[str]:
         out = []
