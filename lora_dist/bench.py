@@ -359,10 +359,16 @@ def time_steps(side: Side, batch: torch.Tensor, setup: Setup, warmup: int, steps
     return out
 
 
+def _attention_offloaded(args: argparse.Namespace) -> bool:
+    """Whether our offloaded rows keep the attention blocks' saved tensors on the host: --offload-attention,
+    on unless turned off, where --activation-offload is on or both."""
+    return args.activation_offload != "off" and args.offload_attention != "off"
+
+
 def run_side(name: str, setup: Setup, checkpointing: bool, args: argparse.Namespace,
              offload: bool = False) -> dict[str, Any]:
     side = build_side(name, setup, checkpointing, fast=not args.plain, block=args.block_checkpointing,
-                      offload=offload, graphs=args.cuda_graphs, offload_attention=args.offload_attention != "off")
+                      offload=offload, graphs=args.cuda_graphs, offload_attention=_attention_offloaded(args))
     batch = make_batch(setup, side.model.config.vocab_size)
     res = time_steps(side, batch, setup, args.warmup, args.steps)
     result = result_row(side, setup, checkpointing, res, args.peak_tflops, offload=offload)
@@ -918,7 +924,7 @@ def _run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"setup": setup.summary(), "torch": torch.__version__, "fp8_base": args.fp8_base,
                               "fp8_backward": args.fp8_base and not args.fp8_forward_only,
                               "fp8_forward": args.fp8_base and not args.fp8_backward_only,
-                              "offload_attention": args.activation_offload != "off" and args.offload_attention != "off",
+                              "offload_attention": _attention_offloaded(args),
                               "results": []}
     if setup.device.startswith("cuda"):
         report["device"] = torch.cuda.get_device_name()
