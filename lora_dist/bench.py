@@ -969,6 +969,8 @@ def _progress(args: argparse.Namespace, line: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="lora-dist bench", description=__doc__.split("\n")[0])
+    from lora_dist.errors import OneLineParser
+
+    parser = OneLineParser(prog="lora-dist bench", description=__doc__.split("\n")[0])
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

@@ -27,17 +27,16 @@ import contextlib
 import sys
 
 from lora_dist.choices import DTYPES
-from lora_dist.errors import UserError
+from lora_dist.errors import EXIT_USAGE, OneLineParser, UserError
 from lora_dist.preemption import EXIT_PREEMPTED, Preempted
 
-EXIT_USAGE = 2  # bad config, bad data, bad arguments: the user can fix it
 EXIT_FAILED = 1  # training stopped or crashed
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `lora-dist` parser; `command` (the subcommand about to run) lets `bench` load only when used."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lora-dist",
         description="LoRA / QLoRA fine-tuning on bitsandbytes-quantized bases, one CPU to DeepSpeed ZeRO clusters.",
     )
@@ -84,7 +83,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
                         help="override a config value, e.g. train.lr=2e-4 lora.target_modules=[q_proj,v_proj]")
 
 

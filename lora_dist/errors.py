@@ -8,7 +8,12 @@ before torch.
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2  # bad config, data or arguments: the user can fix it
 
 
 class UserError(ValueError):
@@ -56,3 +61,38 @@ def read_text(path: str | Path, what: str, error: type[UserError] = UserError) -
         raise error(f"{what} {path} is not UTF-8 text (byte {err.start}): re-save it as UTF-8") from None
     except OSError as err:
         raise error(f"{what} {path} cannot be read ({err.strerror}): check its permissions") from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line and exit 2, and no abbreviated options.
+
+    The line names the program, the subcommand, the problem and where the usage is
+    (`lora-dist: error: bench: argument --steps: invalid int value: 'x' (usage: lora-dist bench --help)`).
+    Abbreviations are off: `--num-gpu 2` is a typo to report, not `--num-gpus 2` to run. Subcommands'
+    parsers are of this class too (argparse builds them with the parent's class).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:  # named by the subcommand they were given to, whose --help lists what it takes
+            self._chosen(namespace).error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
+    def _chosen(self, namespace: argparse.Namespace) -> argparse.ArgumentParser:
+        """The innermost subcommand's parser that `namespace` chose (this one where none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(namespace, action.dest, None))
+                if isinstance(chosen, OneLineParser):
+                    return chosen._chosen(namespace)
+        return self
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        program, _, command = self.prog.partition(" ")
+        where = f"{command}: " if command else ""
+        line = " ".join(f"{where}{message} (usage: {self.prog} --help)".split())
+        print(f"{program}: error: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USAGE)

@@ -45,11 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_dist.errors import UserError, read_text
+from lora_dist.errors import EXIT_USAGE, OneLineParser, UserError, read_text
 from lora_dist.files import atomic_write_text
 from lora_dist.supervise import descendants, is_launcher
 
-EXIT_USAGE = 2  # a bad hostfile, argument or environment: the message says what to fix
 DEFAULT_OUTPUT_DIR = "runs/lora"  # TrainConfig.output_dir's default (a test keeps the two equal)
 DEFAULT_MASTER_PORT = 29500
 LOG_SUBDIR = "logs"
@@ -709,26 +708,14 @@ def _port(text: str) -> int:
     return value
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, with a usage error on one line (the problem, and where the usage is) and exit 2, and
-    no abbreviated options (`--num-gpu 2` is a typo to report, not `--num-gpus 2` to run)."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        _fail(f"{self.prog.removeprefix('lora_dist.launch ')}: {message} (usage: {self.prog} --help)")
-        raise SystemExit(EXIT_USAGE)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="lora_dist.launch", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="lora_dist.launch", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def run_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
         p.add_argument("config", help="YAML config")
-        p.add_argument("overrides", nargs="*", help="section.key=value ...")
+        p.add_argument("overrides", nargs="*", default=[], help="section.key=value ...")
 
     p = sub.add_parser("check-hostfile", help="validate a hostfile")
     p.add_argument("hostfile")

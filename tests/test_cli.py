@@ -215,3 +215,37 @@ def test_deepspeed_local_rank_argument_is_accepted_anywhere():
     for argv in (["--local_rank=1", "train", "c.yaml", "train.lr=1"], ["train", "c.yaml", "--local_rank", "1"]):
         args = parse(argv)
         assert (args.command, args.config) == ("train", "c.yaml")
+
+
+# (arguments, what the one line must name: the problem, and the --help of the subcommand that has it)
+BAD_ARGUMENTS = [
+    ([], "required: COMMAND (usage: lora-dist --help)"),
+    (["trian", "c.yaml"], "invalid choice: 'trian'"),
+    (["train"], "train: the following arguments are required: config (usage: lora-dist train --help)"),
+    (["train", TINY, "--bogus"], "train: unrecognized arguments: --bogus (usage: lora-dist train --help)"),
+    (["merge", "--base", "b"], "merge: the following arguments are required: --adapter, --out"),
+    (["merge", "--base", "b", "--adapter", "a", "--out", "o", "--dtype", "fp7"], "argument --dtype: invalid choice"),
+    (["bench", "--steps", "x"], "bench: argument --steps: invalid int value: 'x' (usage: lora-dist bench --help)"),
+    (["bench", "--offload-attention", "maybe"], "bench: argument --offload-attention: invalid choice: 'maybe'"),
+    (["bench", "--stpes", "3"], "bench: unrecognized arguments: --stpes 3 (usage: lora-dist bench --help)"),
+    (["bench", "--step", "3"], "bench: unrecognized arguments: --step 3"),  # no abbreviations: a typo
+    (["generate"], "generate: the following arguments are required: --base"),
+]
+
+
+@pytest.mark.parametrize("argv, says", BAD_ARGUMENTS, ids=[" ".join(a[0]) or "nothing" for a in BAD_ARGUMENTS])
+def test_bad_arguments_are_one_line_naming_the_subcommands_usage_with_status_2(argv, says, capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse leaves through SystemExit, before any work
+        cli.main(argv)
+    captured = capsys.readouterr()
+    assert stop.value.code == 2
+    assert captured.err.count("\n") == 1 and captured.err.startswith("lora-dist: error: "), captured.err
+    assert says in captured.err, captured.err
+    assert captured.out == ""
+
+
+def test_help_still_prints_the_usage_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["merge", "--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: lora-dist merge [-h] --base BASE")
