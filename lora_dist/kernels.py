@@ -40,7 +40,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,27 @@ def _keep_plan(base: nn.Module, slot, plan: Callable) -> None:
     _DEQUANTIZE_PLANS.setdefault(base, {})[slot] = (_plan_key(base.weight), plan)
 
 
+class _Packed4bit(NamedTuple):
+    """A 4-bit CUDA base weight that a Triton kernel takes, as `_triton_4bit` found it."""
+
+    ops: Any  # lora_dist.triton_ops
+    data: torch.Tensor  # packed uint8
+    state: Any  # its bitsandbytes QuantState
+    direct: bool  # a kernel writes the asked dtype with bitsandbytes' one rounding (state's dtype, or fp32)
+    own: bool  # the data is the weight's own, not a repacked copy: a plan made from it may be kept
+
+
+def _triton_4bit(base: nn.Module, dtype: torch.dtype, takes: str) -> _Packed4bit | None:
+    """This base's 4-bit CUDA weight where `triton_ops.<takes>(data, state)` accepts it; None elsewhere."""
+    if not (base.weight.is_cuda and quant.bits_of(base) == 4):
+        return None
+    data, state = quant.packed_4bit(base)
+    ops = _triton_ops()
+    if ops is None or not getattr(ops, takes)(data, state):
+        return None
+    return _Packed4bit(ops, data, state, state.dtype in (dtype, torch.float32), data.data_ptr() == base.weight.data_ptr())
+
+
 def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) weight a base linear computes with, in `dtype` (a temporary for 4-bit).
 
@@ -115,21 +136,17 @@ def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     plan = _kept_plan(base, dtype)
     if plan is not None:
         return plan()
-    if quant.bits_of(base) == 4:
-        if base.weight.is_cuda:
-            data, state = quant.packed_4bit(base)
-            ops = _triton_ops()
-            if ops is not None and ops.dequantizes(data, state):
-                # bitsandbytes rounds to the state's dtype, then casts: the same here (one rounding from fp32)
-                direct = state.dtype in (dtype, torch.float32)
-                if not direct:
-                    return ops.dequantize_4bit(data, state, state.dtype).to(dtype)
-                plan = ops.DequantizePlan(data, state, dtype)
-                if data.data_ptr() == base.weight.data_ptr():  # the weight's own data, not a repacked copy
-                    _keep_plan(base, dtype, plan)
-                return plan()
+    if quant.bits_of(base) != 4:
+        return base.weight.detach().to(dtype)
+    found = _triton_4bit(base, dtype, "dequantizes")
+    if found is None:
         return quant.dequantize_weight(base, dtype)
-    return base.weight.detach().to(dtype)
+    if not found.direct:  # bitsandbytes rounds to the state's dtype, then casts: the same here
+        return found.ops.dequantize_4bit(found.data, found.state, found.state.dtype).to(dtype)
+    plan = found.ops.DequantizePlan(found.data, found.state, dtype)
+    if found.own:
+        _keep_plan(base, dtype, plan)
+    return plan()
 
 
 def _dropout_p(layer: nn.Module) -> float:
@@ -579,14 +596,11 @@ def _fp8_weight(base: nn.Module, dtype: torch.dtype, transpose: bool) -> tuple[t
     plan = _kept_plan(base, slot)
     if plan is not None:
         return plan()
-    if dtype == torch.bfloat16 and base.weight.is_cuda and quant.bits_of(base) == 4:
-        data, state = quant.packed_4bit(base)
-        ops = _triton_ops()
-        if (ops is not None and ops.dequantizes_to_fp8(data, state) and state.dtype in (dtype, torch.float32)
-                and data.data_ptr() == base.weight.data_ptr()):
-            plan = _Fp8WeightPlan(base, data, state, transpose)
-            _keep_plan(base, slot, plan)
-            return plan()
+    found = _triton_4bit(base, dtype, "dequantizes_to_fp8") if dtype == torch.bfloat16 else None
+    if found is not None and found.direct and found.own:  # its scales are computed once: the weight's own data
+        plan = _Fp8WeightPlan(base, found.data, found.state, transpose)
+        _keep_plan(base, slot, plan)
+        return plan()
     w = _base_weight(base, dtype)
     return _fp8_cols_fn(w) if transpose else fp8_rows(w)
 

@@ -164,10 +164,12 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2
                             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                             FP4: tl.constexpr, ROWS: tl.constexpr):
     # ROWS quantization blocks per program, one row each: a block's scale is loaded once, each byte
-    # once, and its two values written side by side (the even element from the high 4 bits).
+    # once, and its two values written side by side (the even element from the high 4 bits). Byte
+    # indices are written as row * (BLOCKSIZE / 2) + pair, which Triton sees contiguous (through
+    # `element // 2` it loads byte by byte: the FP8 weight kernel's bisection on the H200).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    first = rows[:, None] * BLOCKSIZE + 2 * tl.arange(0, BLOCKSIZE // 2)[None, :]  # each byte's even element
-    byte = tl.load(packed_ptr + first // 2, mask=first < n, other=0).to(tl.int32)
+    pairs = rows[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    byte = tl.load(packed_ptr + pairs, mask=pairs < (n + 1) // 2, other=0).to(tl.int32)  # n odd: a last half byte
     values = tl.join(_code_value(code_ptr, byte >> 4, FP4), _code_value(code_ptr, byte & 15, FP4))  # (ROWS, B/2, 2)
     scale = _block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, rows * BLOCKSIZE < n, NESTED,
                           BLOCKSIZE2)
