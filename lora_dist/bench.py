@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from lora_dist.shapes import SHAPES
+from lora_dist.supervise import terminate_with_parent
 
 SIDES = ("ours", "unsloth", "peft", "peft+liger")
 
@@ -506,8 +507,9 @@ def run_peer_process(command: list[str], spec: dict[str, Any], timeout: float,
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         try:
+            # stopped with the bench, however the bench stops (a `timeout` or Ctrl-C must not leave it on the GPU)
             rc = subprocess.run([*command, str(spec_path), str(result_path)], check=False, env=env, timeout=timeout,
-                                stdout=stdout).returncode
+                                stdout=stdout, preexec_fn=terminate_with_parent()).returncode  # noqa: PLW1509
         except subprocess.TimeoutExpired:
             return {**base, "error": f"ran past --peer-timeout {timeout:g} s and was stopped"}
         try:

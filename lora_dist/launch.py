@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import functools
 import os
 import re
 import shlex
@@ -40,14 +38,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lora_dist.errors import EXIT_USAGE, OneLineParser, UserError, read_text
 from lora_dist.files import atomic_write_text
-from lora_dist.supervise import descendants, is_launcher
+from lora_dist.supervise import descendants, is_launcher, terminate_with_parent
 
 DEFAULT_OUTPUT_DIR = "runs/lora"  # TrainConfig.output_dir's default (a test keeps the two equal)
 DEFAULT_MASTER_PORT = 29500
@@ -507,18 +505,6 @@ def _stop_ranks(runner: subprocess.Popen, signum: int, over_ssh: bool) -> None:
                 os.kill(pid, rank_signal)
 
 
-def _terminate_with_parent() -> Callable[[], None] | None:
-    """What DeepSpeed's runner runs before exec so that it gets SIGTERM when this launcher dies, however
-    it dies (Linux PR_SET_PDEATHSIG); None where there is no prctl. Over pdsh that SIGTERM is the
-    runner's cue to stop every host's ranks; on one node the ranks notice their launchers' end
-    themselves (`lora_dist.supervise`). Resolved here, in the parent: the forked child only calls it."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return functools.partial(prctl, 1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
-
-
 def run_launcher(cmd: Sequence[str], env: Mapping[str, str], log_dir: Path, over_ssh: bool = False,
                  echo: bool = True) -> int:
     """Run a deepspeed runner command to the end, echoing rank 0's log. Returns its exit status.
@@ -551,7 +537,7 @@ def run_launcher(cmd: Sequence[str], env: Mapping[str, str], log_dir: Path, over
         # requeue me). The training job installs its own SIGUSR1 handler over the inherited SIG_IGN.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         proc = subprocess.Popen(list(cmd), env=dict(env), start_new_session=True,
-                                preexec_fn=_terminate_with_parent())  # noqa: PLW1509 (a bare C call)
+                                preexec_fn=terminate_with_parent())  # noqa: PLW1509 (a bare C call)
         signal.signal(signal.SIGUSR1, stop)
         if kill_at:  # a signal came while it was starting
             _stop_ranks(proc, signal.SIGTERM, over_ssh)

@@ -20,10 +20,13 @@ Imports only the standard library: the launcher-side modules and the CLI may imp
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +119,22 @@ def descendants(pid: int) -> dict[int, int]:
                 found[child] = started
                 todo.append(child)
     return found
+
+
+def terminate_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` for `subprocess`: the child gets SIGTERM when the thread that started it ends, however
+    it ends, SIGKILL included (Linux PR_SET_PDEATHSIG); None where there is no prctl. Resolved here, in
+    the parent: the forked child only calls it.
+
+    DeepSpeed's runner under `lora_dist.launch` (over pdsh that SIGTERM is its cue to stop every host's
+    ranks); the bench's peer processes (Unsloth), which would otherwise keep a GPU busy under the next
+    command after the bench was stopped.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return functools.partial(prctl, 1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
 
 
 def watch_launcher(timeout_s: float, poll_s: float = 1.0) -> threading.Thread | None:

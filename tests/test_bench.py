@@ -8,11 +8,13 @@ import json
 import math
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from lora_dist import bench
+from lora_dist import bench, supervise
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -209,6 +211,35 @@ def test_peer_process_failures_become_error_rows(peer, mode, message):
 def test_peer_process_past_its_timeout_is_stopped(peer):
     row = peer("sleep", timeout=1.0)
     assert "ran past --peer-timeout 1 s" in row["error"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits to be read
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table in /proc (Linux)")
+def test_peer_process_ends_when_the_bench_is_killed(tmp_path):
+    # `timeout 300 lora-dist bench --vs unsloth` at its limit: the bench dies, its Unsloth process must not go on
+    # holding the GPU under the next command (SIGKILL: no handler of the bench's can run)
+    script = tmp_path / "peer.py"
+    script.write_text(PEER)
+    code = ("import sys; from lora_dist import bench; "
+            f"bench.run_peer_process([sys.executable, {str(script)!r}], {{'mode': 'sleep'}}, 60)")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 120
+    while not (children := supervise.descendants(parent.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert children, "the peer process never started"
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in children)
 
 
 def test_unsloth_side_without_gpu_comes_back_as_an_error_row(tmp_path):
