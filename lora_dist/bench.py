@@ -15,8 +15,10 @@ can offload too (`--activation-offload`, lora_dist/offload.py).
 Each side builds the same random-weight model (same seed, so the same base bytes), quantizes the
 same seven linears per layer (NF4 + double quant by default), puts LoRA on them with the same
 adapter init, and runs N warm-up plus N timed AdamW steps on the same batch (labels = inputs,
-no padding, no packing, no dropout). Ours is `LoRAModel` + `families.patch_model_for_speed`; PEFT's
-is `get_peft_model` over the Hugging Face model as PEFT users run it. Peak memory is measured over
+no padding, no packing; no adapter dropout unless `--lora-dropout P`, as the shipped recipes train
+with 0.05: each side then draws its own masks, so their losses part by more than rounding). Ours
+is `LoRAModel` + `families.patch_model_for_speed`; PEFT's is `get_peft_model` over the Hugging Face
+model as PEFT users run it. Peak memory is measured over
 the training steps only (after the model is built).
 
 FLOPs. N counts the weights of every matmul linear (the seven per layer and the output head; not
@@ -77,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 4; 2 for tiny)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=None, help="default 2 * rank")
+    p.add_argument("--lora-dropout", type=float, default=0.0, metavar="P",
+                   help="dropout on every adapter's input, every side (default 0; the shipped recipes use 0.05)")
     p.add_argument("--quant", choices=("nf4", "fp4", "none"), default="nf4")
     p.add_argument("--no-double-quant", action="store_true")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -148,6 +152,7 @@ class Setup:
     seed: int
     device: str
     dtype: torch.dtype = field(repr=False, default=torch.bfloat16)
+    dropout: float = 0.0  # on each adapter's input (lora.dropout)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -236,7 +241,7 @@ def build_ours(setup: Setup, checkpointing: bool, fast: bool = True, block: bool
     from lora_dist.offload import enable_activation_offload
 
     base = build_base(setup)
-    config = LoRAConfig(rank=setup.rank, alpha=setup.alpha, dropout=0.0, target_modules=targets(base))
+    config = LoRAConfig(rank=setup.rank, alpha=setup.alpha, dropout=setup.dropout, target_modules=targets(base))
     model = LoRAModel(base, config)
     _init_adapters([(n, l.lora_A.weight, l.lora_B.weight) for n, l in model.lora_layers.items()], setup.seed)
     block = block and fast and checkpointing and not offload
@@ -279,7 +284,7 @@ def build_peft(setup: Setup, checkpointing: bool, liger: bool = False) -> Side:
     if checkpointing:  # as PEFT's docs and the measured peer run it
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    config = LoraConfig(r=setup.rank, lora_alpha=setup.alpha, lora_dropout=0.0, target_modules=targets(base))
+    config = LoraConfig(r=setup.rank, lora_alpha=setup.alpha, lora_dropout=setup.dropout, target_modules=targets(base))
     model = get_peft_model(base, config)
     _init_adapters(peft_adapter_pairs(model), setup.seed)
     model.train()
@@ -818,6 +823,7 @@ def _setup_from_args(args: argparse.Namespace) -> Setup:
         device=device,
         # bitsandbytes' CPU kernels and CPU bf16 matmuls are slow: CPU runs train in fp32
         dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
+        dropout=args.lora_dropout,
     )
 
 
@@ -829,6 +835,8 @@ def _check_args(args: argparse.Namespace) -> list[str]:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {v}")
     if args.steps < 1 or args.warmup < 0:
         problems.append("--steps must be >= 1 and --warmup >= 0")
+    if not 0.0 <= args.lora_dropout < 1.0:  # also NaN
+        problems.append(f"--lora-dropout is a probability in [0, 1), got {args.lora_dropout}")
     if "peft+liger" in args.vs:
         try:
             import liger_kernel  # noqa: F401

@@ -53,7 +53,7 @@ def train(spec: dict[str, Any], stage: list[str]) -> dict[str, Any]:
     )
     stage[0] = "get_peft_model"
     model = FastLanguageModel.get_peft_model(
-        model, r=setup.rank, lora_alpha=alpha, lora_dropout=0, target_modules=spec["targets"], bias="none",
+        model, r=setup.rank, lora_alpha=alpha, lora_dropout=setup.dropout, target_modules=spec["targets"], bias="none",
         use_gradient_checkpointing=mode, random_state=setup.seed, use_rslora=False, max_seq_length=setup.seq,
     )
     FastLanguageModel.for_training(model)

@@ -78,6 +78,37 @@ def test_bench_rejects_bad_arguments_with_one_line_each(capsys):
     assert any("--extrapolate-layers takes two depths" in line for line in err)
 
 
+def test_lora_dropout_is_refused_outside_0_to_1(capsys):
+    for bad in ("1", "-0.1", "nan"):
+        rc = bench.main(_args("--shape", "tiny", "--lora-dropout", bad, "--device", "cpu"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "--lora-dropout is a probability in [0, 1)" in err[0], err
+
+
+def test_lora_dropout_reaches_every_adapter_of_ours_and_peft():
+    setup = bench._setup_from_args(_args("--shape", "tiny", "--device", "cpu", "--lora-dropout", "0.05"))
+    ours = bench.build_ours(setup, checkpointing=False)
+    assert {layer.lora_dropout.p for layer in ours.model.lora_layers.values()} == {0.05}
+    peft = bench.build_peft(setup, checkpointing=False)
+    drops = [m.lora_dropout["default"] for m in peft.model.modules() if hasattr(m, "lora_dropout")]
+    assert len(drops) == len(ours.model.lora_layers) and {d.p for d in drops} == {0.05}
+
+
+def test_lora_dropout_leaves_the_first_loss_and_changes_the_second(tiny_run, tmp_path):
+    # B starts at 0, so the first forward is the base model's whatever the masks; the first update of
+    # B reads the dropped adapter inputs, so the second loss moves (fp32 on the CPU: by far more than
+    # rounding, at p = 0.5)
+    path = tmp_path / "bench.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = bench.main(_args("--shape", "tiny", "--vs", "peft", "--gradient-checkpointing", "off", "--warmup", "0",
+                              "--steps", "2", "--lora-dropout", "0.5", "--json", str(path)))
+    report = json.loads(path.read_text())
+    assert rc == 0 and report["setup"]["dropout"] == 0.5
+    for plain, dropped in zip(tiny_run[2]["results"], report["results"], strict=True):
+        assert dropped["losses"][0] == pytest.approx(plain["losses"][0], abs=1e-5), dropped["side"]
+        assert abs(dropped["losses"][1] - plain["losses"][1]) > 1e-4, dropped["side"]
+
+
 def test_memory_studies_refuse_to_run_without_cuda(capsys):
     rc = bench.main(_args("--shape", "tiny", "--fit-memory", "24", "--device", "cpu"))
     assert rc == 2
