@@ -1,7 +1,5 @@
 """`python -m lora_dist ...` is `lora-dist ...` (the form the deepspeed launcher can run)."""
 
-import sys
+from lora_dist.cli import entry
 
-from lora_dist.cli import main
-
-sys.exit(main())
+entry()

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
+from typing import NoReturn
 
 from lora_dist.choices import DTYPES
 from lora_dist.errors import EXIT_USAGE, OneLineParser, UserError
@@ -114,6 +116,33 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def entry() -> NoReturn:
+    """The `lora-dist` console script and `python -m lora_dist` (what the deepspeed launcher runs)."""
+    exit_with(main())
+
+
+def exit_with(code: int) -> NoReturn:
+    """End this process with `code`, past the interpreter's teardown where that teardown can only do harm.
+
+    A rank of a multi-process job that finished (0) or stopped after a complete checkpoint (75) has
+    written everything: the adapter, the checkpoint, metrics.jsonl (closed), W&B (finished). Python's
+    teardown of DeepSpeed's engine and gloo's threads after that can still abort ("terminate called
+    without an active exception": SIGABRT, status -6, seen on 2 CPU ranks under ZeRO-3), and a
+    launcher or SLURM would then report the complete run as failed. Such a rank flushes its output and
+    leaves through os._exit; every other exit (one process, errors, Ctrl-C) is the normal one.
+    """
+    if code in (0, EXIT_PREEMPTED) and _in_process_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _in_process_group() -> bool:
+    dist = sys.modules.get("torch.distributed")  # never imported: no process group (and no torch import here)
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
 def _without_local_rank(argv: list[str]) -> list[str]:
     """Drop the `--local_rank=N` the deepspeed launcher inserts (LOCAL_RANK in the environment says the same).
 
@@ -195,4 +224,4 @@ def _fail(message: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

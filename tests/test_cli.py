@@ -249,3 +249,36 @@ def test_help_still_prints_the_usage_and_exits_0(capsys):
         cli.main(["merge", "--help"])
     assert stop.value.code == 0
     assert capsys.readouterr().out.startswith("usage: lora-dist merge [-h] --base BASE")
+
+
+EXIT_PROBE = """
+import atexit, sys
+import torch.distributed as dist
+from lora_dist import cli
+if sys.argv[1] == "group":
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=0, world_size=1)
+atexit.register(lambda: print(" teardown ran", flush=True))
+print("written", end="")  # left in stdout's buffer (a pipe): the exit must flush it
+cli.exit_with(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("group, code, teardown", [
+    ("group", 0, False),  # a finished rank: past the teardown that can abort after everything is written
+    ("group", 75, False),  # a preempted rank, its checkpoint complete
+    ("group", 2, True),  # an error: the normal exit
+    ("none", 0, True),  # one process: the normal exit
+])
+def test_a_finished_rank_exits_with_its_status_past_the_interpreters_teardown(group, code, teardown):
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE, group, str(code), str(free_port())], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == "written" + (" teardown ran\n" if teardown else ""), proc.stdout
+
+
+def test_the_console_script_and_python_m_go_through_the_exit_path():
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["lora-dist"] == "lora_dist.cli:entry"
+    assert "entry()" in (REPO / "lora_dist" / "__main__.py").read_text()

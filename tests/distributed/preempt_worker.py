@@ -3,7 +3,7 @@
     python preempt_worker.py SIGNAL_RANK FORWARD SIGNAL [lora-dist train arguments...]
 
 FORWARD 0 sends nothing. Run by test_zero_preemption.py on plain processes with torch.distributed's
-environment variables; exits with the CLI's status (75 when preempted).
+environment variables; exits with the CLI's status (75 when preempted), the way `lora-dist` does.
 """
 
 import os
@@ -24,4 +24,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main())
