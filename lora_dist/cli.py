@@ -85,7 +85,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
+    parser.add_argument("overrides", nargs="*", default=(), metavar="section.key=value",
                         help="override a config value, e.g. train.lr=2e-4 lora.target_modules=[q_proj,v_proj]")
 
 
@@ -129,7 +129,8 @@ def exit_with(code: int) -> NoReturn:
     teardown of DeepSpeed's engine and gloo's threads after that can still abort ("terminate called
     without an active exception": SIGABRT, status -6, seen on 2 CPU ranks under ZeRO-3), and a
     launcher or SLURM would then report the complete run as failed. Such a rank flushes its output and
-    leaves through os._exit; every other exit (one process, errors, Ctrl-C) is the normal one.
+    leaves through os._exit; every other exit (errors, Ctrl-C, a process outside a process group: no
+    launcher) is the normal one.
     """
     if code in (0, EXIT_PREEMPTED) and _in_process_group():
         sys.stdout.flush()

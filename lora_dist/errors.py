@@ -76,9 +76,15 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **{**kwargs, "allow_abbrev": False})
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
-        namespace, extras = self.parse_known_args(args, namespace)
+        argv = sys.argv[1:] if args is None else list(args)
+        namespace, extras = self.parse_known_args(argv, namespace)
         if extras:  # named by the subcommand they were given to, whose --help lists what it takes
-            self._chosen(namespace).error(f"unrecognized arguments: {' '.join(extras)}")
+            chosen = self._chosen(namespace)
+            command = chosen.prog.rsplit(" ", 1)[-1]
+            before = argv[: argv.index(command)] if chosen is not self and command in argv else []
+            if any(extra in before for extra in extras):  # typed before the subcommand: the program's own
+                chosen = self
+            chosen.error(f"unrecognized arguments: {' '.join(extras)}")
         return namespace
 
     def _chosen(self, namespace: argparse.Namespace) -> argparse.ArgumentParser:

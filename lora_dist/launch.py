@@ -701,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     def run_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
         p.add_argument("config", help="YAML config")
-        p.add_argument("overrides", nargs="*", default=[], help="section.key=value ...")
+        p.add_argument("overrides", nargs="*", default=(), help="section.key=value ...")
 
     p = sub.add_parser("check-hostfile", help="validate a hostfile")
     p.add_argument("hostfile")

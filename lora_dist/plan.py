@@ -934,7 +934,7 @@ def format_plan(plan: Plan, others: list[Plan] = ()) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `lora-dist plan`'s options to `parser`."""
     parser.add_argument("config", nargs="?", help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help="override a config value")
+    parser.add_argument("overrides", nargs="*", default=(), metavar="section.key=value", help="override a config value")
     parser.add_argument("--gpu-mem", type=float, default=None, metavar="GiB",
                         help="the card's memory: say whether it fits, and the fastest change that makes it fit")
     parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (ZeRO shards the adapters)")

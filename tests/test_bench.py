@@ -94,6 +94,12 @@ def test_lora_dropout_reaches_every_adapter_of_ours_and_peft():
     assert len(drops) == len(ours.model.lora_layers) and {d.p for d in drops} == {0.05}
 
 
+def test_lora_dropout_travels_to_the_unsloth_process_in_the_setup_summary():
+    setup = bench._setup_from_args(_args("--shape", "tiny", "--device", "cpu", "--lora-dropout", "0.05"))
+    assert bench.Setup.from_summary(json.loads(json.dumps(setup.summary()))) == setup
+    assert setup.summary()["dropout"] == 0.05
+
+
 def test_lora_dropout_leaves_the_first_loss_and_changes_the_second(tiny_run, tmp_path):
     # B starts at 0, so the first forward is the base model's whatever the masks; the first update of
     # B reads the dropped adapter inputs, so the second loss moves (fp32 on the CPU: by far more than

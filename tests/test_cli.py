@@ -229,6 +229,9 @@ BAD_ARGUMENTS = [
     (["bench", "--offload-attention", "maybe"], "bench: argument --offload-attention: invalid choice: 'maybe'"),
     (["bench", "--stpes", "3"], "bench: unrecognized arguments: --stpes 3 (usage: lora-dist bench --help)"),
     (["bench", "--step", "3"], "bench: unrecognized arguments: --step 3"),  # no abbreviations: a typo
+    # merge takes --overwrite, but not before its name: the program's own usage, not merge's
+    (["--overwrite", "merge", "--base", "b", "--adapter", "a", "--out", "o"],
+     "lora-dist: error: unrecognized arguments: --overwrite (usage: lora-dist --help)"),
     (["generate"], "generate: the following arguments are required: --base"),
 ]
 
