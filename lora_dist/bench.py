@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_dist.errors import EXIT_USAGE, OneLineParser
 from lora_dist.shapes import SHAPES
 from lora_dist.supervise import terminate_with_parent
 
@@ -916,7 +917,7 @@ def main(args: argparse.Namespace) -> int:
     if problems:
         for p in problems:
             print(f"lora-dist bench: {p}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from lora_dist import kernels
 
     kernels.set_compile(not args.no_compile)
@@ -980,8 +981,6 @@ def _progress(args: argparse.Namespace, line: str) -> None:
 
 
 if __name__ == "__main__":
-    from lora_dist.errors import OneLineParser
-
     parser = OneLineParser(prog="lora-dist bench", description=__doc__.split("\n")[0])
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

@@ -29,7 +29,7 @@ import sys
 from typing import NoReturn
 
 from lora_dist.choices import DTYPES
-from lora_dist.errors import EXIT_USAGE, OneLineParser, UserError
+from lora_dist.errors import EXIT_USAGE, OneLineParser, UserError, print_error
 from lora_dist.preemption import EXIT_PREEMPTED, Preempted
 
 EXIT_FAILED = 1  # training stopped or crashed
@@ -221,7 +221,7 @@ def _user_errors():
 
 def _fail(message: str) -> None:
     # One line, no traceback: the message itself names the problem and the fix.
-    print(f"lora-dist: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    print_error("lora-dist", message)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,11 @@ def read_text(path: str | Path, what: str, error: type[UserError] = UserError) -
         raise error(f"{what} {path} cannot be read ({err.strerror}): check its permissions") from None
 
 
+def print_error(program: str, message: str) -> None:
+    """`program: error: message` on stderr, on one line (the message's whitespace, newlines too, folded)."""
+    print(f"{program}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with a usage error on one line and exit 2, and no abbreviated options.
 
@@ -99,6 +104,5 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         program, _, command = self.prog.partition(" ")
         where = f"{command}: " if command else ""
-        line = " ".join(f"{where}{message} (usage: {self.prog} --help)".split())
-        print(f"{program}: error: {line}", file=sys.stderr, flush=True)
+        print_error(program, f"{where}{message} (usage: {self.prog} --help)")
         raise SystemExit(EXIT_USAGE)

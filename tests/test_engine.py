@@ -71,7 +71,6 @@ def test_a_non_finite_window_is_skipped_without_touching_weights_or_schedule(poi
     assert all(p.grad is None for p in engine.module.get_trainable_parameters())
 
 
-
 def test_an_infinite_loss_with_finite_gradients_early_in_the_window_skips_the_update():
     # The loss's finiteness is kept on its device per micro batch and read at the boundary: an inf in
     # the first of two micro batches (a constant, so its gradient stays finite) still skips the window.
@@ -89,6 +88,7 @@ def test_an_infinite_loss_with_finite_gradients_early_in_the_window_skips_the_up
     engine.backward(_loss(engine, 4))
     engine.step()
     assert engine.was_step_applied() and engine.lr_scheduler.last_epoch == 1
+
 
 def test_checkpoints_keep_the_single_process_format():
     engine = _engine()
